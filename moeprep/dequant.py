@@ -1,0 +1,54 @@
+"""``moeprep dequant``: every quantized linear of a checkpoint, dequantized, in HF orientation."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .canonical import dequantize
+from .errors import OutputError
+from .io.checkpoint import Checkpoint
+from .io.safetensors_writer import SafetensorsWriter, TensorSpec, atomic_path, write_error
+from .model import ModelMap, layer_of
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dequantize_checkpoint(
+    model: ModelMap,
+    out: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    progress: Optional[Callable[[str], None]] = None,
+) -> int:
+    """Write ``<module>.weight`` for every quantized linear into one safetensors file.
+
+    Modules are read one at a time, so memory holds one linear plus the file being written.
+    Returns the number of tensors written.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise OutputError("is a directory; give a .safetensors file path", path=str(out))
+    linears = model.linears()
+    specs = [TensorSpec(f"{r.module}.weight", dtype, (r.out_features, r.in_features)) for r in linears]
+    meta = {"format": "pt", "moeprep": f"dequant of {model.fmt.name} checkpoint {model.ckpt.root.name}"}
+    try:
+        with atomic_path(out) as tmp:
+            writer = SafetensorsWriter(tmp, specs, meta)
+            try:
+                layer = None
+                for ref, spec in zip(linears, specs):
+                    if layer_of(ref.module) != layer:
+                        model.ckpt.release()  # keep resident memory to the layer at hand
+                        layer = layer_of(ref.module)
+                    writer.write(spec.name, dequantize(model.read(ref), dtype))
+                    if progress:
+                        progress(spec.name)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+    except OSError as e:
+        raise write_error(out, e) from None
+    return len(specs)

@@ -1,0 +1,191 @@
+"""What every source-format reader provides, and the helpers they share."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Mapping, Optional
+
+import torch
+
+from ..canonical import Kind, QuantLinear
+from ..errors import BadInputError, UnsupportedError
+from ..io.checkpoint import Checkpoint
+from . import packing
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    bits: int
+    group_size: int  # -1: one group per row (per-channel)
+    symmetric: bool
+    desc_act: bool
+
+
+@dataclass(frozen=True)
+class LinearRef:
+    """Where one quantized linear lives in a checkpoint (header facts only)."""
+
+    module: str
+    parts: Mapping[str, str]  # role ("qweight", "scales", "bias", ...) -> tensor name
+    out_features: int
+    in_features: int
+    expert: Optional[int] = None  # index into stacked-experts tensors (gpt-oss)
+    rows: Optional[str] = None  # "even"/"odd": rows taken from an interleaved gate/up tensor
+
+
+@dataclass
+class RawLinear:
+    """One linear as stored: codes in the source packing, everything else already canonical."""
+
+    kind: Kind
+    packing: str  # see formats.packing.PACKINGS
+    packed: torch.Tensor
+    scales: torch.Tensor
+    group_size: int
+    zeros: Optional[torch.Tensor] = None
+    g_idx: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+
+    def to_canonical(self) -> QuantLinear:
+        return QuantLinear(
+            kind=self.kind,
+            codes=packing.to_canonical(self.packed, self.packing),
+            scales=self.scales,
+            group_size=self.group_size,
+            zeros=self.zeros,
+            g_idx=self.g_idx,
+            bias=self.bias,
+        )
+
+
+class SourceFormat(ABC):
+    """One quantized checkpoint format: detection, parameters, and per-linear reading."""
+
+    name: ClassVar[str]
+    kind: ClassVar[Kind]
+    quant_methods: ClassVar[tuple[str, ...]]
+    # The default `linears` finds a quantized module by this tensor suffix and collects the
+    # companion suffixes present beside it.
+    weight_suffix: ClassVar[str] = ""
+    companion_suffixes: ClassVar[tuple[str, ...]] = ()
+
+    params: QuantParams
+
+    def __init__(self, qcfg: dict):
+        self.qcfg = qcfg
+
+    # Readers that share a quant_method tell their schemes apart (compressed-tensors formats).
+    schemes: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def scheme(cls, qcfg: dict) -> str:
+        return str(qcfg.get("quant_method"))
+
+    @classmethod
+    def claims(cls, qcfg: dict) -> bool:
+        return not cls.schemes or cls.scheme(qcfg) in cls.schemes
+
+    def describe(self) -> dict:
+        return {
+            "format": self.name,
+            "bits": self.params.bits,
+            "group_size": self.params.group_size,
+            "symmetric": self.params.symmetric,
+            "desc_act": self.params.desc_act,
+        }
+
+    def describe_extra(self, model) -> dict:
+        """Format-specific facts for ``inspect`` beyond the common parameters."""
+        return {}
+
+    def is_weight(self, ckpt: Checkpoint, name: str) -> bool:
+        return name.endswith("." + self.weight_suffix)
+
+    def linears(self, ckpt: Checkpoint) -> list[LinearRef]:
+        refs = []
+        for name in ckpt.names():
+            if not self.is_weight(ckpt, name):
+                continue
+            module = name[: -len(self.weight_suffix) - 1]
+            parts = {self.weight_suffix: name}
+            for suffix in self.companion_suffixes + ("bias",):
+                other = f"{module}.{suffix}"
+                if other in ckpt:
+                    parts[suffix] = other
+            out_f, in_f = self.shape(ckpt, parts)
+            refs.append(LinearRef(module, parts, out_f, in_f))
+        return refs
+
+    @abstractmethod
+    def shape(self, ckpt: Checkpoint, parts: Mapping[str, str]) -> tuple[int, int]:
+        """``(out_features, in_features)`` from headers alone."""
+
+    @abstractmethod
+    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
+        """Read one linear's tensors, validated, codes left in their source packing."""
+
+    def read(self, ckpt: Checkpoint, ref: LinearRef) -> QuantLinear:
+        return self.read_raw(ckpt, ref).to_canonical()
+
+
+# --- helpers shared by the readers -------------------------------------------------------------
+
+
+def require(ckpt: Checkpoint, ref_or_parts, role: str, module: str | None = None) -> str:
+    parts = ref_or_parts.parts if isinstance(ref_or_parts, LinearRef) else ref_or_parts
+    name = parts.get(role)
+    if name is None:
+        mod = module or (ref_or_parts.module if isinstance(ref_or_parts, LinearRef) else "?")
+        raise BadInputError(f"missing tensor {role!r} of quantized module", path=str(ckpt.root), tensor=f"{mod}.{role}")
+    return name
+
+
+def check_tensor(ckpt: Checkpoint, name: str, dtypes: tuple[str, ...], shape: tuple[int, ...]) -> None:
+    """Header-level check of one tensor's dtype and shape, naming file and tensor on failure."""
+    info = ckpt.info(name)
+    if info.dtype not in dtypes:
+        want = " or ".join(dtypes)
+        raise BadInputError(f"dtype {info.dtype}, expected {want}", path=str(ckpt.file_of(name)), tensor=name)
+    if tuple(info.shape) != tuple(shape):
+        raise BadInputError(
+            f"shape {list(info.shape)}, expected {list(shape)}", path=str(ckpt.file_of(name)), tensor=name
+        )
+
+
+def group_count(ckpt: Checkpoint, name: str, in_features: int, group_size: int) -> int:
+    """Number of groups along K, refusing a group size that does not divide K."""
+    g = in_features if group_size == -1 else group_size
+    if g <= 0 or in_features % g:
+        raise BadInputError(
+            f"group size {group_size} does not divide in_features {in_features}", path=str(ckpt.file_of(name)), tensor=name
+        )
+    return in_features // g
+
+
+def checked_g_idx(ckpt: Checkpoint, name: str, in_features: int, group_size: int) -> Optional[torch.Tensor]:
+    """Read and validate a g_idx; ``None`` when it is the trivial ``k // G`` map."""
+    check_tensor(ckpt, name, ("I32", "I64"), (in_features,))
+    g_idx = ckpt.get_tensor(name).to(torch.int32)
+    g = in_features if group_size == -1 else group_size
+    groups = in_features // g
+    where = dict(path=str(ckpt.file_of(name)), tensor=name)
+    if in_features and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise BadInputError(f"not a valid group map: values outside [0, {groups})", **where)
+    counts = torch.bincount(g_idx.to(torch.int64), minlength=groups)
+    if not bool((counts == g).all()):
+        bad = int((counts != g).nonzero()[0, 0])
+        raise BadInputError(f"not a valid group map: group {bad} has {int(counts[bad])} channels, expected {g}", **where)
+    if torch.equal(g_idx, torch.arange(in_features, dtype=torch.int32) // g):
+        return None
+    return g_idx
+
+
+def param(qcfg: dict, *keys: str, default=None):
+    for key in keys:
+        if key in qcfg and qcfg[key] is not None:
+            return qcfg[key]
+    return default
+
+
+def refuse(what: str) -> UnsupportedError:
+    return UnsupportedError(what, path="config.json")

@@ -1,0 +1,96 @@
+"""compressed-tensors ``pack-quantized`` int4 (symmetric and asymmetric).
+
+``weight_packed`` int32 ``[N, K/8]``, element j in nibble j % 8 of word j // 8, stored as q + 8
+(q signed in [-8, 7]); so the stored nibble is already the unsigned code. ``weight_scale``
+``[N, K/G]``; ``weight_shape`` int64 ``[2]``; asymmetric ``weight_zero_point`` int32
+``[N/8, K/G]`` packed along the output dim, stored as z + 8; optional ``weight_g_idx``.
+"""
+from __future__ import annotations
+
+from ..errors import BadInputError
+from ..io.checkpoint import Checkpoint
+from .base import (
+    LinearRef,
+    QuantParams,
+    RawLinear,
+    SourceFormat,
+    check_tensor,
+    checked_g_idx,
+    group_count,
+    refuse,
+    require,
+)
+from .compressed_tensors import weights_scheme
+from .packing import unpack_nibbles
+from .registry import register
+
+
+class _CompressedTensorsFormat(SourceFormat):
+    quant_methods = ("compressed-tensors",)
+    weight_suffix = "weight_packed"
+
+    @classmethod
+    def scheme(cls, qcfg: dict) -> str:
+        return weights_scheme(qcfg)[0]
+
+
+@register
+class CompressedTensorsInt4(_CompressedTensorsFormat):
+    name = "compressed-tensors-int4"
+    kind = "int4"
+    schemes = ("pack-quantized",)
+    companion_suffixes = ("weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+
+    def __init__(self, qcfg: dict):
+        super().__init__(qcfg)
+        _, w = weights_scheme(qcfg)
+        if w.get("num_bits") != 4 or w.get("type") != "int":
+            raise refuse(f"compressed-tensors pack-quantized with num_bits={w.get('num_bits')} type={w.get('type')!r} is not supported (supported: 4-bit int)")
+        strategy = w.get("strategy")
+        if strategy == "group":
+            group_size = w.get("group_size")
+            if not isinstance(group_size, int) or group_size <= 0:
+                raise refuse(f"compressed-tensors group_size {group_size!r} is not supported")
+        elif strategy == "channel":
+            group_size = -1
+        else:
+            raise refuse(f"compressed-tensors strategy {strategy!r} is not supported (supported: group, channel)")
+        actorder = w.get("actorder")
+        self.params = QuantParams(4, group_size, bool(w.get("symmetric", True)), actorder in ("group", "weight"))
+
+    def shape(self, ckpt: Checkpoint, parts) -> tuple[int, int]:
+        info = ckpt.info(parts["weight_packed"])
+        if len(info.shape) != 2:
+            raise BadInputError(f"weight_packed must be 2-D, got shape {list(info.shape)}", path=str(ckpt.file_of(info.name)), tensor=info.name)
+        return info.shape[0], info.shape[1] * 8
+
+    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
+        n, k = ref.out_features, ref.in_features
+        packed, scale = require(ckpt, ref, "weight_packed"), require(ckpt, ref, "weight_scale")
+        groups = group_count(ckpt, packed, k, self.params.group_size)
+        check_tensor(ckpt, packed, ("I32",), (n, k // 8))
+        check_tensor(ckpt, scale, ("F16", "BF16", "F32"), (n, groups))
+        if "weight_shape" in ref.parts:
+            shape_name = ref.parts["weight_shape"]
+            check_tensor(ckpt, shape_name, ("I64", "I32"), (2,))
+            stored = [int(v) for v in ckpt.get_tensor(shape_name)]
+            if stored != [n, k]:
+                raise BadInputError(f"weight_shape {stored} disagrees with weight_packed (implies [{n}, {k}])", path=str(ckpt.file_of(shape_name)), tensor=shape_name)
+        zeros = None
+        if not self.params.symmetric:
+            zp = require(ckpt, ref, "weight_zero_point")
+            check_tensor(ckpt, zp, ("I32",), ((n + 7) // 8, groups))
+            zeros = unpack_nibbles(ckpt.get_tensor(zp).t())[:, :n].t().contiguous()  # [N, groups]
+        g_idx = None
+        if "weight_g_idx" in ref.parts:
+            g_idx = checked_g_idx(ckpt, ref.parts["weight_g_idx"], k, self.params.group_size)
+        return RawLinear(
+            kind="int4",
+            packing="ct_int32",
+            packed=ckpt.get_tensor(packed),
+            scales=ckpt.get_tensor(scale),
+            group_size=k // groups,
+            zeros=zeros,
+            g_idx=g_idx,
+            bias=ckpt.get_tensor(ref.parts["bias"]) if "bias" in ref.parts else None,
+        )

@@ -1,0 +1,92 @@
+"""GPTQ (AutoGPTQ / GPTQModel): ``qweight`` / ``qzeros`` / ``scales`` / ``g_idx``.
+
+``qweight`` int32 ``[K/8, N]`` packs 8 consecutive input rows per word; ``qzeros`` int32
+``[K/G, N/8]`` packs 8 output columns per word; ``scales`` ``[K/G, N]``; ``g_idx`` int32 ``[K]``.
+``checkpoint_format: gptq`` (v1) stores every zero point minus one. GPTQModel converts v1 to v2
+by adding 0x11111111 to each whole int32 word (the carry crosses nibbles when a zero is 0), and
+writes v1 by the same word-level subtraction, so reading with the word-level add is the exact
+inverse of what it wrote.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import BadInputError
+from ..io.checkpoint import Checkpoint
+from .base import (
+    LinearRef,
+    QuantParams,
+    RawLinear,
+    SourceFormat,
+    check_tensor,
+    checked_g_idx,
+    group_count,
+    param,
+    refuse,
+    require,
+)
+from .packing import unpack_nibbles
+from .registry import register
+
+SCALE_DTYPES = ("F16", "BF16", "F32")
+_V1_ZERO_OFFSET = 0x11111111
+
+
+@register
+class GPTQ(SourceFormat):
+    name = "gptq"
+    kind = "int4"
+    quant_methods = ("gptq",)
+    weight_suffix = "qweight"
+    companion_suffixes = ("qzeros", "scales", "g_idx")
+
+    def __init__(self, qcfg: dict):
+        super().__init__(qcfg)
+        bits = param(qcfg, "bits", "w_bit")
+        if bits != 4:
+            raise refuse(f"GPTQ with bits={bits} is not supported (moeprep reads 4-bit weights only)")
+        fmt = str(param(qcfg, "checkpoint_format", "format", default="gptq")).lower()
+        if fmt not in ("gptq", "gptq_v2"):
+            raise refuse(f"GPTQ checkpoint_format {fmt!r} is not supported (supported: gptq, gptq_v2)")
+        self.v1 = fmt == "gptq"
+        group_size = param(qcfg, "group_size", default=-1)
+        if not isinstance(group_size, int) or (group_size <= 0 and group_size != -1):
+            raise refuse(f"GPTQ group_size {group_size!r} is not supported")
+        self.params = QuantParams(4, group_size, bool(param(qcfg, "sym", default=True)), bool(param(qcfg, "desc_act", default=False)))
+        self.checkpoint_format = fmt
+
+    def describe(self) -> dict:
+        return {**super().describe(), "checkpoint_format": self.checkpoint_format}
+
+    def shape(self, ckpt: Checkpoint, parts) -> tuple[int, int]:
+        qweight = ckpt.info(parts["qweight"])
+        if len(qweight.shape) != 2:
+            raise BadInputError(f"qweight must be 2-D, got shape {list(qweight.shape)}", path=str(ckpt.file_of(parts["qweight"])), tensor=parts["qweight"])
+        return qweight.shape[1], qweight.shape[0] * 8
+
+    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
+        n, k = ref.out_features, ref.in_features
+        qweight, qzeros, scales = (require(ckpt, ref, r) for r in ("qweight", "qzeros", "scales"))
+        groups = group_count(ckpt, qweight, k, self.params.group_size)
+        if n % 8:
+            raise BadInputError(f"out_features {n} is not a multiple of 8", path=str(ckpt.file_of(qweight)), tensor=qweight)
+        check_tensor(ckpt, qweight, ("I32",), (k // 8, n))
+        check_tensor(ckpt, qzeros, ("I32",), (groups, n // 8))
+        check_tensor(ckpt, scales, SCALE_DTYPES, (groups, n))
+        g_idx = None
+        if "g_idx" in ref.parts:
+            g_idx = checked_g_idx(ckpt, ref.parts["g_idx"], k, self.params.group_size)
+        words = ckpt.get_tensor(qzeros)
+        if self.v1:
+            words = words.to(torch.int64) + _V1_ZERO_OFFSET
+        zeros = unpack_nibbles(words).t().contiguous()  # [N, groups]
+        return RawLinear(
+            kind="int4",
+            packing="gptq_int32",
+            packed=ckpt.get_tensor(qweight),
+            scales=ckpt.get_tensor(scales).t().contiguous(),
+            group_size=k // groups,
+            zeros=zeros,
+            g_idx=g_idx,
+            bias=ckpt.get_tensor(ref.parts["bias"]) if "bias" in ref.parts else None,
+        )

@@ -1,0 +1,1 @@
+"""File-level I/O: safetensors headers, checkpoint discovery, streaming writers."""

@@ -1,0 +1,200 @@
+"""A Hugging Face checkpoint on disk or in the hub cache: config, shards, headers, lazy tensors.
+
+Nothing here reads tensor data until ``get_tensor``/``get_expert`` is called, and then only the
+requested tensor (through ``safe_open``'s memory map). ``release()`` drops the open maps so a
+streaming caller keeps its resident memory bounded by what it is working on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import BadInputError
+from .safetensors_header import Header, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+# Hub repos often carry other copies of the weights (PyTorch bins, gpt-oss's original/ and metal/).
+_HUB_IGNORE = ["*.bin", "*.pt", "*.pth", "*.gguf", "*.onnx", "*.msgpack", "*.h5", "original/*", "metal/*"]
+
+
+def resolve(source: str | os.PathLike) -> Path:
+    """A local checkpoint directory, or a hub repo id fetched (or found in the cache when offline)."""
+    path = Path(source)
+    if path.exists():
+        if not path.is_dir():
+            raise BadInputError("not a checkpoint directory (give the directory that holds config.json)", path=str(path))
+        return path
+    text = os.fspath(source)
+    if not _REPO_ID.match(text) or text.startswith((".", "/")):
+        raise BadInputError("no such directory", path=text)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(text, ignore_patterns=_HUB_IGNORE))
+    except HFValidationError as e:
+        raise BadInputError(f"not a directory, nor a valid hub repo id ({e})", path=text) from None
+    except Exception as e:  # hub errors come in many classes: offline, missing, gated, network
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = " (HF_HUB_OFFLINE is set: only the local hub cache was searched)" if offline else ""
+        raise BadInputError(f"not a directory, and the hub repo could not be fetched{hint}: {type(e).__name__}", path=text) from None
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except OSError as e:
+        raise BadInputError(f"cannot read: {e.strerror or e}", path=str(path)) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInputError(f"invalid JSON: {e}", path=str(path)) from None
+    if not isinstance(obj, dict):
+        raise BadInputError("invalid JSON: expected an object", path=str(path))
+    return obj
+
+
+class Checkpoint:
+    """Read-only view of one checkpoint directory."""
+
+    def __init__(self, source: str | os.PathLike):
+        self.root = resolve(source)
+        config_path = self.root / "config.json"
+        if not config_path.is_file():
+            raise BadInputError("not a checkpoint: no config.json", path=str(self.root))
+        self.config = _load_json(config_path)
+        qc_path = self.root / "quantize_config.json"
+        self.quantize_config = _load_json(qc_path) if qc_path.is_file() else None
+        self.shard_files = self._find_shards()
+        self.headers: dict[str, Header] = {f: read_header(self.root / f) for f in self.shard_files}
+        self.tensors: dict[str, tuple[str, TensorInfo]] = {}
+        for fname, header in self.headers.items():
+            for name, info in header.tensors.items():
+                if name in self.tensors:
+                    raise BadInputError(
+                        f"tensor stored twice, also in {self.tensors[name][0]}", path=str(self.root / fname), tensor=name
+                    )
+                self.tensors[name] = (fname, info)
+        if self.index is not None:
+            self._check_index()
+        self._handles: dict[str, object] = {}
+
+    @property
+    def quantization_config(self) -> dict | None:
+        qc = self.config.get("quantization_config")
+        if qc is None and self.quantize_config is not None:
+            return self.quantize_config
+        return qc
+
+    def _find_shards(self) -> list[str]:
+        index_path = self.root / INDEX_NAME
+        self.index = None
+        if index_path.is_file():
+            self.index = _load_json(index_path)
+            weight_map = self.index.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+            ):
+                raise BadInputError("invalid index: weight_map must map tensor names to file names", path=str(index_path))
+            files = sorted(set(weight_map.values()))
+            for f in files:
+                if Path(f).name != f:
+                    raise BadInputError(f"invalid index: shard name {f!r} is not a plain file name", path=str(index_path))
+                if not (self.root / f).is_file():
+                    raise BadInputError(f"shard listed in the index is missing: {f}", path=str(index_path))
+            return files
+        if (self.root / SINGLE_NAME).is_file():
+            return [SINGLE_NAME]
+        found = sorted(p.name for p in self.root.glob("*.safetensors"))
+        if len(found) == 1:
+            return found
+        if found:
+            raise BadInputError(f"{len(found)} safetensors files but no {INDEX_NAME}", path=str(self.root))
+        raise BadInputError("not a checkpoint: no *.safetensors weights", path=str(self.root))
+
+    def _check_index(self) -> None:
+        index_path = str(self.root / INDEX_NAME)
+        weight_map = self.index["weight_map"]
+        for name, fname in weight_map.items():
+            if name not in self.tensors:
+                raise BadInputError(f"tensor listed in the index is not in its shard {fname}", path=index_path, tensor=name)
+            actual = self.tensors[name][0]
+            if actual != fname:
+                raise BadInputError(f"index says shard {fname} but the tensor is in {actual}", path=index_path, tensor=name)
+        for name, (fname, _) in self.tensors.items():
+            if name not in weight_map:
+                raise BadInputError("tensor is in a shard but not in the index", path=str(self.root / fname), tensor=name)
+
+    # --- metadata -----------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name][1]
+        except KeyError:
+            raise BadInputError("missing tensor", path=str(self.root), tensor=name) from None
+
+    def file_of(self, name: str) -> Path:
+        return self.root / self.tensors[name][0]
+
+    def metadata(self, fname: str) -> dict[str, str]:
+        return self.headers[fname].metadata
+
+    # --- data ---------------------------------------------------------------------------------
+
+    def _handle(self, fname: str):
+        h = self._handles.get(fname)
+        if h is None:
+            try:
+                h = safe_open(str(self.root / fname), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise BadInputError(f"cannot open: {e}", path=str(self.root / fname)) from None
+            self._handles[fname] = h
+        return h
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        fname, _ = self.tensors.get(name, (None, None))
+        if fname is None:
+            raise BadInputError("missing tensor", path=str(self.root), tensor=name)
+        try:
+            return self._handle(fname).get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise BadInputError(f"cannot read tensor data: {e}", path=str(self.root / fname), tensor=name) from None
+
+    def get_expert(self, name: str, expert: int) -> torch.Tensor:
+        """``tensor[expert]`` of a stacked-experts tensor, reading only that slice."""
+        fname, _ = self.tensors.get(name, (None, None))
+        if fname is None:
+            raise BadInputError("missing tensor", path=str(self.root), tensor=name)
+        try:
+            return self._handle(fname).get_slice(name)[expert]
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise BadInputError(f"cannot read tensor data: {e}", path=str(self.root / fname), tensor=name) from None
+
+    def release(self) -> None:
+        """Drop the memory maps of all shards (tensors already returned stay valid)."""
+        self._handles.clear()
+
+    def iter_files(self) -> Iterator[Path]:
+        """Every non-weight file of the checkpoint (config, tokenizer, ...), for copying."""
+        weights = set(self.shard_files) | {INDEX_NAME}
+        for p in sorted(self.root.iterdir()):
+            if p.is_file() and p.name not in weights and not p.name.endswith(".safetensors"):
+                yield p
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

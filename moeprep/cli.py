@@ -21,6 +21,10 @@ def _clean_errors(fn):
         except MoeprepError as e:
             click.echo(f"moeprep: error: {e}", err=True)
             sys.exit(e.exit_code)
+        except BrokenPipeError:  # `moeprep ... | head`: the reader left, not an error
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(0)
         except KeyboardInterrupt:
             click.echo("moeprep: interrupted; nothing was written", err=True)
             sys.exit(130)
@@ -70,3 +74,103 @@ def dequant(ckpt: str, out: str, dtype: str) -> None:
 
     n = dequantize_checkpoint(build_model_map(Checkpoint(ckpt)), out, DTYPES[dtype])
     click.echo(f"wrote {n} tensors to {out}")
+
+
+def _targets_help() -> str:
+    from .formats import FORMATS
+    from .targets import PREFERENCE, TARGETS
+
+    by_kind: dict[str, list[str]] = {}
+    for cls in FORMATS:
+        if cls.name != "moeprep":
+            by_kind.setdefault(cls.kind, []).append(cls.name)
+    lines = ["Targets (--target) and the source formats each can take:"]
+    for name, target in TARGETS.items():
+        sources = ", ".join(f for k in target.kinds for f in by_kind.get(k, []))
+        lines += [f"  {name:<20} {target.summary}", f"  {'':<20} sources: {sources}"]
+    lines.append("Default: the first of these that can hold the source exactly:")
+    for kind, order in PREFERENCE.items():
+        lines.append(f"  {kind} sources ({', '.join(by_kind.get(kind, []))}): {' > '.join(order)}")
+    return "\n".join(lines)
+
+
+class _ConvertCommand(click.Command):
+    def format_epilog(self, ctx, formatter) -> None:
+        formatter.write_paragraph()
+        for line in _targets_help().splitlines():
+            formatter.write(f"{'':>{formatter.current_indent}}{line}\n")
+
+
+@main.command(cls=_ConvertCommand)
+@click.argument("src")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--target", "target", default=None, help="Target layout (shuffle_kind); default: the best for the source format.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--dry-run", is_flag=True, help="Print what would be written, write nothing.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="MoE layers converted in parallel.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
+@_clean_errors
+def convert(src: str, out: str, target: str | None, max_shard_size: str, overwrite: bool, dry_run: bool, workers: int, quiet: bool) -> None:
+    """Convert the quantized MoE checkpoint SRC (directory or hub repo id) into OUT."""
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .convert import check_paths, choose_target, describe_plan, execute, parse_size, plan_conversion
+    from .io.checkpoint import Checkpoint
+    from .model import build_model_map
+
+    limit = parse_size(max_shard_size)
+    model = build_model_map(Checkpoint(src))
+    chosen = choose_target(model, target)
+    out_path = Path(out)
+    check_paths(model.ckpt.root, out_path, overwrite)
+    plan = plan_conversion(model, chosen, limit)
+    if dry_run:
+        click.echo(describe_plan(plan))
+        click.echo("dry run: nothing was written")
+        return
+    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
+    layers_done = [0]
+
+    def progress(nbytes: int, layer_done: bool) -> None:
+        if layer_done:
+            layers_done[0] += 1
+            bar.set_description(f"layers {layers_done[0]}/{len(plan.layers)}")
+        bar.update(nbytes)
+
+    start = time.perf_counter()
+    try:
+        execute(plan, out_path, overwrite, workers, progress)
+    finally:
+        bar.close()
+    secs = time.perf_counter() - start
+    if not quiet:
+        gb = plan.total_bytes / 1e9
+        click.echo(
+            f"converted {len(plan.layers)} MoE layers to {chosen.name}: {gb:.3f} GB in {secs:.2f} s "
+            f"({gb / max(secs, 1e-9):.2f} GB/s) -> {out_path}"
+        )
+
+
+@main.command()
+@click.argument("src")
+@click.argument("out")
+@click.option("--quiet", "-q", is_flag=True, help="Print only failures.")
+@_clean_errors
+def verify(src: str, out: str, quiet: bool) -> None:
+    """Prove that OUT is an exact conversion of SRC; exit 0 only if every check holds."""
+    from .verify import MAX_REPORTED, verify as run_verify
+
+    report = run_verify(src, out)
+    if report.ok:
+        if not quiet:
+            click.echo(f"verified: {report.checked} tensors exact, index and metadata consistent")
+        return
+    for line in report.failures[:MAX_REPORTED]:
+        click.echo(f"moeprep: verify: {line}", err=True)
+    more = len(report.failures) - MAX_REPORTED
+    click.echo(f"moeprep: verify FAILED: {len(report.failures)} problem(s){f' ({more} more not shown)' if more > 0 else ''}", err=True)
+    sys.exit(1)

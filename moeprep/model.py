@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from .canonical import QuantLinear
 from .arch import EXPERT_MODULE, PROJ_ROLE, ROLES, Architecture, detect_architecture
 from .errors import BadInputError
-from .formats import LinearRef, SourceFormat, detect
+from .formats import LinearFacts, LinearRef, RawLinear, SourceFormat, detect
 from .io.checkpoint import Checkpoint
 
 
@@ -64,6 +64,12 @@ class ModelMap:
 
     def read(self, ref: LinearRef) -> QuantLinear:
         return self.fmt.read(self.ckpt, ref)
+
+    def read_raw(self, ref: LinearRef) -> RawLinear:
+        return self.fmt.read_raw(self.ckpt, ref)
+
+    def facts(self, ref: LinearRef) -> LinearFacts:
+        return self.fmt.facts(self.ckpt, ref)
 
     def linears(self) -> list[LinearRef]:
         """Every quantized linear, experts first within each layer, in natural name order."""

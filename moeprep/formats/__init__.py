@@ -1,6 +1,6 @@
 """Source formats: one reader module each, behind a registry (``detect``)."""
-from . import awq, ct_int4, gptq, mxfp4  # noqa: F401  (importing registers the readers)
-from .base import LinearRef, QuantParams, RawLinear, SourceFormat
+from . import awq, converted, ct_int4, gptq, mxfp4  # noqa: F401  (importing registers the readers)
+from .base import LinearFacts, LinearRef, QuantParams, RawLinear, SourceFormat
 from .registry import FORMATS, detect
 
-__all__ = ["FORMATS", "LinearRef", "QuantParams", "RawLinear", "SourceFormat", "detect"]
+__all__ = ["FORMATS", "LinearFacts", "LinearRef", "QuantParams", "RawLinear", "SourceFormat", "detect"]

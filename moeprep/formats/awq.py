@@ -19,6 +19,7 @@ class AWQ(SourceFormat):
     quant_methods = ("awq",)
     weight_suffix = "qweight"
     companion_suffixes = ("qzeros", "scales")
+    zeros_role = "qzeros"
 
     def __init__(self, qcfg: dict):
         super().__init__(qcfg)

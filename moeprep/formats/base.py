@@ -33,6 +33,17 @@ class LinearRef:
     rows: Optional[str] = None  # "even"/"odd": rows taken from an interleaved gate/up tensor
 
 
+@dataclass(frozen=True)
+class LinearFacts:
+    """What the canonical form of one linear will hold, known from headers alone."""
+
+    scale_dtype: torch.dtype
+    has_zeros: bool
+    has_g_idx: bool
+    has_bias: bool
+    bias_dtype: Optional[torch.dtype] = None
+
+
 @dataclass
 class RawLinear:
     """One linear as stored: codes in the source packing, everything else already canonical."""
@@ -68,6 +79,10 @@ class SourceFormat(ABC):
     # companion suffixes present beside it.
     weight_suffix: ClassVar[str] = ""
     companion_suffixes: ClassVar[tuple[str, ...]] = ()
+    # Roles (keys of LinearRef.parts) of the scale, zero-point and group-index tensors.
+    scale_role: ClassVar[str] = "scales"
+    zeros_role: ClassVar[Optional[str]] = None
+    g_idx_role: ClassVar[Optional[str]] = None
 
     params: QuantParams
 
@@ -115,6 +130,17 @@ class SourceFormat(ABC):
             out_f, in_f = self.shape(ckpt, parts)
             refs.append(LinearRef(module, parts, out_f, in_f))
         return refs
+
+    def facts(self, ckpt: Checkpoint, ref: LinearRef) -> LinearFacts:
+        scale = ckpt.info(require(ckpt, ref, self.scale_role))
+        bias = ref.parts.get("bias")
+        return LinearFacts(
+            scale_dtype=torch_dtype(scale.torch_dtype_name),
+            has_zeros=self.zeros_role is not None and self.zeros_role in ref.parts,
+            has_g_idx=self.g_idx_role is not None and self.g_idx_role in ref.parts,
+            has_bias=bias is not None,
+            bias_dtype=torch_dtype(ckpt.info(bias).torch_dtype_name) if bias else None,
+        )
 
     @abstractmethod
     def shape(self, ckpt: Checkpoint, parts: Mapping[str, str]) -> tuple[int, int]:
@@ -178,6 +204,10 @@ def checked_g_idx(ckpt: Checkpoint, name: str, in_features: int, group_size: int
     if torch.equal(g_idx, torch.arange(in_features, dtype=torch.int32) // g):
         return None
     return g_idx
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
 
 
 def param(qcfg: dict, *keys: str, default=None):

@@ -40,6 +40,9 @@ class CompressedTensorsInt4(_CompressedTensorsFormat):
     kind = "int4"
     schemes = ("pack-quantized",)
     companion_suffixes = ("weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+    scale_role = "weight_scale"
+    zeros_role = "weight_zero_point"
+    g_idx_role = "weight_g_idx"
 
     def __init__(self, qcfg: dict):
         super().__init__(qcfg)

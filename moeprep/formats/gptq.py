@@ -39,6 +39,8 @@ class GPTQ(SourceFormat):
     quant_methods = ("gptq",)
     weight_suffix = "qweight"
     companion_suffixes = ("qzeros", "scales", "g_idx")
+    zeros_role = "qzeros"
+    g_idx_role = "g_idx"
 
     def __init__(self, qcfg: dict):
         super().__init__(qcfg)

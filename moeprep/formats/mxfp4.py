@@ -30,6 +30,7 @@ class _PerModuleMXFP4(SourceFormat):
     kind = "mxfp4"
     params = MXFP4_PARAMS
     companion_suffixes = ("weight_scale",)
+    scale_role = "weight_scale"
 
     def shape(self, ckpt: Checkpoint, parts) -> tuple[int, int]:
         info = ckpt.info(parts[self.weight_suffix])

@@ -151,6 +151,20 @@ class Checkpoint:
     def metadata(self, fname: str) -> dict[str, str]:
         return self.headers[fname].metadata
 
+    def tensor_metadata(self, name: str) -> dict | None:
+        """The JSON object a shard's ``__metadata__`` keeps under this tensor's name, if any."""
+        fname = self.tensors[name][0]
+        text = self.headers[fname].metadata.get(name)
+        if text is None:
+            return None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadInputError(f"metadata of the tensor is not valid JSON: {e}", path=str(self.root / fname), tensor=name) from None
+        if not isinstance(value, dict):
+            raise BadInputError("metadata of the tensor is not a JSON object", path=str(self.root / fname), tensor=name)
+        return value
+
     # --- data ---------------------------------------------------------------------------------
 
     def _handle(self, fname: str):

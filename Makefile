@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine (Debian, Python 3.11, no GPU): `make demo` and `make test`.
+# torch is pinned to the CPU build so that nothing pulls GBs of CUDA wheels.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO := examples/demo-qwen3moe-ct-w4a16
+DEMO_OUT := build/demo-preshuffled
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0 setuptools wheel ninja
+	$(BIN)/pip install -q --no-build-isolation -e '.[test,hf]'
+	touch $@
+
+demo: setup
+	$(BIN)/moeprep inspect $(DEMO)
+	$(BIN)/moeprep convert $(DEMO) $(DEMO_OUT) --overwrite
+	$(BIN)/moeprep verify $(DEMO) $(DEMO_OUT)
+	$(BIN)/moeprep inspect $(DEMO_OUT)
+	$(BIN)/moeprep generate $(DEMO_OUT) --prompt "Return the" --max-new-tokens 16
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) build *.egg-info moeprep/*.so

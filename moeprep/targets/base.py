@@ -1,0 +1,373 @@
+"""What a conversion target provides, and the per-layer conversion every target shares.
+
+A target fixes, for the stacked expert tensors of one MoE layer (``w13`` = ``[gate; up]`` rows,
+``w2`` = down), how codes, scales and zero points are laid out. The shared flow here reads each
+expert once from its source packing and writes it straight into the target layout through the
+fused ``moeprep.ops.repack_into``; scales, zero points and biases are small and go through the
+target's ``encode_*`` hooks. ``unpack_layer`` is the exact inverse, back to the canonical form
+in the source's own order, for ``verify``, ``dequant`` and the reference serving path.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from abc import ABC
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+
+from .. import ops
+from ..canonical import SYMMETRIC_ZERO, QuantLinear, pack_codes, unpack_codes
+from ..errors import TargetError
+from ..formats import LinearFacts, RawLinear
+from ..io.safetensors_writer import TensorSpec
+from ..model import MoELayer, ModelMap
+
+PROJS = ("w13", "w2")
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ProjShape:
+    """Logical (unpadded) shape of one stacked projection: E experts of [N, K], G groups."""
+
+    experts: int
+    rows: int
+    cols: int
+    groups: int
+
+    @property
+    def group_size(self) -> int:
+        return self.cols // self.groups
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Everything about a layer's output known before reading data."""
+
+    layer: MoELayer
+    shapes: dict[str, ProjShape]
+    facts: dict[str, LinearFacts]  # per projection, from expert 0 (gate for w13, down for w2)
+    kind: str
+    desc_act: bool
+
+
+def layer_plan(model: ModelMap, layer: MoELayer) -> LayerPlan:
+    e0 = layer.experts[0]
+    shapes, facts = {}, {}
+    for proj, ref in (("w13", e0["gate"]), ("w2", e0["down"])):
+        raw_group = model.fmt.params.group_size
+        group = ref.in_features if raw_group == -1 else raw_group
+        rows = ref.out_features * (2 if proj == "w13" else 1)
+        shapes[proj] = ProjShape(layer.num_experts, rows, ref.in_features, ref.in_features // group)
+        facts[proj] = model.facts(ref)
+    desc_act = model.fmt.params.desc_act and facts["w13"].has_g_idx
+    return LayerPlan(layer, shapes, facts, model.fmt.kind, desc_act)
+
+
+def tensor_name(layer: MoELayer, role: str) -> str:
+    return f"{layer.prefix}.experts.{role}"
+
+
+def b64_int32(t: torch.Tensor) -> str:
+    return base64.b64encode(t.to(torch.int32).contiguous().numpy().tobytes()).decode()
+
+
+def int32_from_b64(text: str, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.int32).reshape(shape).clone()
+
+
+class Target(ABC):
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    kinds: ClassVar[tuple[str, ...]]
+    # repack_into layout and gate_up flag per projection
+    weight_layout: ClassVar[dict[str, tuple[str, bool]]]
+    keeps_g_idx: ClassVar[bool] = False
+
+    # --- what the target accepts ----------------------------------------------------------------
+
+    def problems(self, model: ModelMap) -> list[str]:
+        """Why this target cannot hold the source exactly (empty when it can). Headers only."""
+        if model.fmt.kind not in self.kinds:
+            return [f"{self.name} holds {'/'.join(self.kinds)} weights, the source is {model.fmt.kind}"]
+        found = []
+        for layer in model.moe_layers:
+            plan = layer_plan(model, layer)
+            for proj in PROJS:
+                for msg in self.shape_problems(proj, plan.shapes[proj], plan.facts[proj], model):
+                    found.append(f"layer {layer.index} {proj}: {msg}")
+            if found:
+                break
+        return found
+
+    def shape_problems(self, proj: str, shape: ProjShape, facts: LinearFacts, model: ModelMap) -> list[str]:
+        return []
+
+    # --- planning -----------------------------------------------------------------------------
+
+    def scale_stored_shape(self, proj: str, s: ProjShape) -> tuple[int, ...]:
+        return (s.experts, s.rows, s.groups)
+
+    def has_zeros(self, plan: LayerPlan, proj: str) -> bool:
+        return plan.facts[proj].has_zeros
+
+    def layout_params(self, role: str, proj: str, plan: LayerPlan) -> dict:
+        return {"op": "none"}
+
+    def plan_layer(self, plan: LayerPlan) -> list[tuple[TensorSpec, dict]]:
+        """Output tensors of one layer, in write order, each with its metadata."""
+        out = []
+        for proj in PROJS:
+            s, f = plan.shapes[proj], plan.facts[proj]
+            entries = [
+                (f"{proj}_weight", torch.uint8, (s.experts, s.rows, s.cols // 2), (s.experts, s.rows, s.cols // 2)),
+                (f"{proj}_weight_scale", f.scale_dtype, self.scale_stored_shape(proj, s), (s.experts, s.rows, s.groups)),
+            ]
+            if self.has_zeros(plan, proj):
+                entries.append((f"{proj}_weight_zero_point", torch.uint8, self.scale_stored_shape(proj, s), (s.experts, s.rows, s.groups)))
+            if f.has_bias:
+                entries.append((f"{proj}_bias", f.bias_dtype, (s.experts, s.rows), (s.experts, s.rows)))
+            if plan.desc_act and self.keeps_g_idx:
+                entries.append((f"{proj}_g_idx", torch.int32, (s.experts, s.cols), (s.experts, s.cols)))
+            elif plan.desc_act and proj == "w13":
+                entries.append(("w13_input_perm", torch.int32, (s.experts, s.cols), (s.experts, s.cols)))
+            for role, dtype, stored, logical in entries:
+                meta = {
+                    "shuffle_kind": self.name,
+                    "role": role,
+                    "shape": list(logical),
+                    "layout": self.layout_params(role, proj, plan),
+                    "group_size": s.group_size,
+                    "format_version": FORMAT_VERSION,
+                }
+                out.append((TensorSpec(tensor_name(plan.layer, role), dtype, tuple(stored)), meta))
+        return out
+
+    # --- conversion ---------------------------------------------------------------------------
+
+    def encode_scales(self, proj: str, s: torch.Tensor, shape: ProjShape) -> torch.Tensor:
+        """Canonical stacked scales ``[E, N, G]`` -> stored form."""
+        return s
+
+    def decode_scales(self, proj: str, t: torch.Tensor, shape: ProjShape) -> torch.Tensor:
+        return t
+
+    def encode_zeros(self, proj: str, z: torch.Tensor, shape: ProjShape) -> torch.Tensor:
+        return self.encode_scales(proj, z, shape)
+
+    def decode_zeros(self, proj: str, t: torch.Tensor, shape: ProjShape) -> torch.Tensor:
+        return self.decode_scales(proj, t, shape)
+
+    def check_expert(self, proj: str, raw: RawLinear, where: str) -> None:
+        """Data-level checks a target needs beyond the headers (e.g. symmetric zero points)."""
+
+    def convert_layer(self, model: ModelMap, plan: LayerPlan) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Read every expert of the layer once and build its output tensors.
+
+        Returns the tensors by name and extra metadata for ``w13_weight`` (the folded row order).
+        """
+        layer = plan.layer
+        out: dict[str, torch.Tensor] = {}
+        parts = {proj: {"scales": [], "zeros": [], "bias": [], "g_idx": [], "perm": []} for proj in PROJS}
+        weights = {proj: torch.empty((s.experts, s.rows, s.cols // 2), dtype=torch.uint8) for proj, s in plan.shapes.items()}
+        for e, expert in enumerate(layer.experts):
+            raws = {role: model.read_raw(expert[role]) for role in ("gate", "up", "down")}
+            for role, raw in raws.items():
+                self.check_expert("w2" if role == "down" else "w13", raw, expert[role].module)
+            perm13, perm2 = self._expert_perms(plan, raws, expert)
+            rows13 = None if perm2 is None else perm2
+            inter = plan.shapes["w13"].rows // 2
+            for role, offset in (("gate", 0), ("up", inter)):
+                self._repack(weights["w13"], raws[role], "w13", e, offset, rows13, perm13)
+            self._repack(weights["w2"], raws["down"], "w2", e, 0, None, perm2)
+            for proj, members in (("w13", ("gate", "up")), ("w2", ("down",))):
+                row_perm = rows13 if proj == "w13" else None
+                p = parts[proj]
+                p["scales"].append(_rows(torch.cat([raws[m].scales for m in members]), row_perm))
+                if self.has_zeros(plan, proj):
+                    p["zeros"].append(_rows(torch.cat([_zeros_of(raws[m]) for m in members]), row_perm))
+                if plan.facts[proj].has_bias:
+                    p["bias"].append(_rows(torch.cat([raws[m].bias for m in members]), row_perm))
+                if plan.desc_act:
+                    p["g_idx"].append(_g_idx_of(raws[members[0]], plan.shapes[proj]))
+            parts["w13"]["perm"].append(perm13)
+            parts["w2"]["perm"].append(perm2)
+        extra_meta = {}
+        for proj in PROJS:
+            s, p = plan.shapes[proj], parts[proj]
+            out[tensor_name(layer, f"{proj}_weight")] = weights[proj]
+            out[tensor_name(layer, f"{proj}_weight_scale")] = self.encode_scales(proj, torch.stack(p["scales"]), s)
+            if p["zeros"]:
+                out[tensor_name(layer, f"{proj}_weight_zero_point")] = self.encode_zeros(proj, torch.stack(p["zeros"]), s)
+            if p["bias"]:
+                out[tensor_name(layer, f"{proj}_bias")] = torch.stack(p["bias"])
+            if plan.desc_act and self.keeps_g_idx:
+                out[tensor_name(layer, f"{proj}_g_idx")] = torch.stack(p["g_idx"])
+        if plan.desc_act and not self.keeps_g_idx:
+            out[tensor_name(layer, "w13_input_perm")] = torch.stack(parts["w13"]["perm"]).to(torch.int32)
+            extra_meta["row_perm"] = b64_int32(torch.stack(parts["w2"]["perm"]))
+        return out, extra_meta
+
+    def _expert_perms(self, plan: LayerPlan, raws: dict[str, RawLinear], expert) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Input permutations that make every group contiguous (desc_act), or ``None``."""
+        if not plan.desc_act or self.keeps_g_idx:
+            for role, raw in raws.items():
+                if raw.g_idx is not None and not plan.desc_act:
+                    raise TargetError(
+                        "g_idx is not k // group_size although the config says desc_act is false",
+                        tensor=expert[role].module,
+                    )
+            return None, None
+        gate, up = raws["gate"].g_idx, raws["up"].g_idx
+        if not _same_g_idx(gate, up):
+            raise TargetError(
+                "gate and up have different g_idx, so their input permutation cannot be shared; use --target canonical",
+                tensor=expert["gate"].module,
+            )
+        return _sorting_perm(gate, plan.shapes["w13"]), _sorting_perm(raws["down"].g_idx, plan.shapes["w2"])
+
+    def _repack(self, dst, raw: RawLinear, proj: str, expert: int, row_offset: int, row_index, col_index) -> None:
+        layout, gate_up = self.weight_layout[proj]
+        ops.repack_into(
+            dst,
+            raw.packed,
+            src_packing=raw.packing,
+            layout=layout,
+            expert=expert,
+            row_offset=row_offset,
+            gate_up=gate_up,
+            row_index=row_index,
+            col_index=col_index,
+        )
+
+    # --- the inverse ----------------------------------------------------------------------------
+
+    def decode_weight(self, proj: str, t: torch.Tensor) -> torch.Tensor:
+        """Stored codes ``[E, N, K/2]`` -> canonical codes ``[E, N, K/2]``."""
+        layout, gate_up = self.weight_layout[proj]
+        if layout == "canonical":
+            return t
+        if layout == "shuffle":
+            return ops.unshuffle_weight(t)
+        if layout == "guinterleave":
+            return ops.unshuffle_weight(t, is_guinterleave=True, gate_up=gate_up)
+        return ops.unpreshuffle_int4(t, signed=layout == "w4a16_signed")
+
+    def unpack_layer(
+        self,
+        plan: LayerPlan,
+        tensors: dict[str, torch.Tensor],
+        row_perm: Optional[torch.Tensor] = None,
+    ) -> list[dict[str, QuantLinear]]:
+        """Stored tensors of one layer -> per expert ``{"gate", "up", "down"}`` canonical linears,
+        in the source's own row and column order."""
+        layer = plan.layer
+
+        def get(role: str) -> Optional[torch.Tensor]:
+            return tensors.get(tensor_name(layer, role))
+
+        kind = plan.kind
+        decoded = {}
+        for proj in PROJS:
+            s = plan.shapes[proj]
+            codes = self.decode_weight(proj, get(f"{proj}_weight"))
+            scales = self.decode_scales(proj, get(f"{proj}_weight_scale"), s)
+            zp = get(f"{proj}_weight_zero_point")
+            zeros = self.decode_zeros(proj, zp, s) if zp is not None else None
+            g_idx = get(f"{proj}_g_idx") if self.keeps_g_idx else None
+            decoded[proj] = (codes, scales, zeros, get(f"{proj}_bias"), g_idx)
+        in_perm = get("w13_input_perm")
+        experts = []
+        inter = plan.shapes["w13"].rows // 2
+        for e in range(plan.shapes["w13"].experts):
+            linears = {}
+            for proj, roles in (("w13", (("gate", 0), ("up", inter))), ("w2", (("down", 0),))):
+                s = plan.shapes[proj]
+                codes, scales, zeros, bias, g_idx = decoded[proj]
+                n = inter if proj == "w13" else s.rows
+                for role, r0 in roles:
+                    rows = slice(r0, r0 + n)
+                    ql = QuantLinear(
+                        kind=kind,
+                        codes=codes[e, rows],
+                        scales=scales[e, rows],
+                        group_size=s.group_size,
+                        zeros=None if zeros is None else zeros[e, rows],
+                        g_idx=None if g_idx is None else _nontrivial(g_idx[e], s),
+                        bias=None if bias is None else bias[e, rows],
+                    )
+                    if row_perm is not None and proj == "w13":
+                        ql = _unpermute_rows(ql, row_perm[e])
+                    col_perm = in_perm[e] if (in_perm is not None and proj == "w13") else None
+                    if row_perm is not None and proj == "w2":
+                        col_perm = row_perm[e]
+                    if col_perm is not None:
+                        ql = _unpermute_cols(ql, col_perm, s)
+                    linears[role] = ql
+            experts.append(linears)
+        return experts
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _rows(t: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
+    return t if perm is None else t[perm]
+
+
+def _zeros_of(raw: RawLinear) -> torch.Tensor:
+    if raw.zeros is not None:
+        return raw.zeros
+    return torch.full(raw.scales.shape, SYMMETRIC_ZERO, dtype=torch.uint8)
+
+
+def _g_idx_of(raw: RawLinear, shape: ProjShape) -> torch.Tensor:
+    if raw.g_idx is not None:
+        return raw.g_idx.to(torch.int32)
+    return (torch.arange(shape.cols) // shape.group_size).to(torch.int32)
+
+
+def _same_g_idx(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return torch.equal(a, b)
+
+
+def _sorting_perm(g_idx: Optional[torch.Tensor], shape: ProjShape) -> torch.Tensor:
+    """Stable sort of input channels by group: column j of the result is source column perm[j]."""
+    if g_idx is None:
+        return torch.arange(shape.cols, dtype=torch.int64)
+    return torch.sort(g_idx.to(torch.int64), stable=True).indices
+
+
+def _nontrivial(g_idx: torch.Tensor, shape: ProjShape) -> Optional[torch.Tensor]:
+    trivial = (torch.arange(shape.cols) // shape.group_size).to(g_idx.dtype)
+    return None if torch.equal(g_idx, trivial) else g_idx.to(torch.int32)
+
+
+def _unpermute_rows(ql: QuantLinear, perm: torch.Tensor) -> QuantLinear:
+    """Stored row j came from source row perm[j]: put it back."""
+    inv = torch.argsort(perm.to(torch.int64))
+    return ql.with_(
+        codes=ql.codes[inv],
+        scales=ql.scales[inv],
+        zeros=None if ql.zeros is None else ql.zeros[inv],
+        bias=None if ql.bias is None else ql.bias[inv],
+    )
+
+
+def _unpermute_cols(ql: QuantLinear, perm: torch.Tensor, shape: ProjShape) -> QuantLinear:
+    """Stored column j came from source column perm[j], and sits in group j // G."""
+    perm = perm.to(torch.int64)
+    q = unpack_codes(ql.codes)
+    restored = torch.empty_like(q)
+    restored[:, perm] = q
+    g_idx = torch.empty(shape.cols, dtype=torch.int32)
+    g_idx[perm] = (torch.arange(shape.cols) // shape.group_size).to(torch.int32)
+    return ql.with_(codes=pack_codes(restored), g_idx=_nontrivial(g_idx, shape))
+
+
+def metadata_json(meta: dict) -> str:
+    return json.dumps(meta, separators=(",", ":"), sort_keys=True)

@@ -1,0 +1,198 @@
+"""``moeprep verify SRC OUT``: prove a conversion exact, tensor by tensor, streaming both.
+
+* every MoE layer of OUT, unshuffled through its target's inverse, equals SRC's canonical form
+  (codes, scales, zero points, g_idx, biases), read by the source format's own reader;
+* re-encoding those canonical tensors reproduces OUT's stored scale tensors byte for byte,
+  pad bytes included;
+* every other SRC tensor is in OUT, byte-identical;
+* OUT's index lists every tensor once, no shard is missing or extra, sizes add up, and every
+  converted tensor's metadata agrees with its header (checked when OUT is opened).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .canonical import QuantLinear
+from .errors import UnsupportedError
+from .formats.converted import Converted
+from .io.checkpoint import INDEX_NAME, Checkpoint
+from .model import ModelMap, build_model_map
+
+_CHUNK = 16 << 20
+MAX_REPORTED = 10
+
+
+@dataclass
+class Report:
+    checked: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def fail(self, msg: str) -> None:
+        self.failures.append(msg)
+
+
+def _first_diff(a: torch.Tensor, b: torch.Tensor) -> str:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return f"{a.dtype} {list(a.shape)} vs {b.dtype} {list(b.shape)}"
+    av, bv = a.contiguous().reshape(-1), b.contiguous().reshape(-1)
+    diff = (av.view(torch.uint8) != bv.view(torch.uint8)).nonzero()
+    if not diff.numel():
+        return "identical"
+    first = int(diff[0]) // a.element_size()
+    at = [int(i) for i in np.unravel_index(first, tuple(a.shape))]
+    return f"{diff.shape[0]} byte(s) differ, first at {at}: {av[first].item()} in SRC vs {bv[first].item()} in OUT"
+
+
+def _same(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def compare_linear(src: QuantLinear, out: QuantLinear, where: str, report: Report) -> None:
+    for field_name in ("codes", "scales", "zeros", "g_idx", "bias"):
+        a, b = getattr(src, field_name), getattr(out, field_name)
+        if field_name == "zeros" and a is None and b is not None:
+            a = torch.full_like(b, 8)  # a symmetric source held by a zero-point target
+        if not _same(a, b):
+            how = "present in one only" if (a is None) != (b is None) else _first_diff(a, b)
+            report.fail(f"{where} {field_name} differ: {how}")
+    if src.group_size != out.group_size:
+        report.fail(f"{where} group size {src.group_size} vs {out.group_size}")
+
+
+def _bytes_equal(a: Path, a_off: int, b: Path, b_off: int, n: int) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        fa.seek(a_off)
+        fb.seek(b_off)
+        while n:
+            k = min(n, _CHUNK)
+            if fa.read(k) != fb.read(k):
+                return False
+            n -= k
+    return True
+
+
+def check_index(out: Checkpoint, report: Report) -> None:
+    index_path = out.root / INDEX_NAME
+    if out.index is None:
+        report.fail(f"{index_path}: missing")
+        return
+    on_disk = {p.name for p in out.root.glob("*.safetensors")}
+    extra = on_disk - set(out.shard_files)
+    if extra:
+        report.fail(f"{index_path}: shard(s) not in the index: {sorted(extra)}")
+    total = out.index.get("metadata", {}).get("total_size")
+    actual = sum(info.nbytes for _, info in out.tensors.values())
+    if total != actual:
+        report.fail(f"{index_path}: total_size {total} but the tensors hold {actual} bytes")
+
+
+def verify(src: str, out: str, progress: Optional[Callable[[str], None]] = None) -> Report:
+    source = build_model_map(Checkpoint(src))
+    converted = build_model_map(Checkpoint(out))
+    if not isinstance(converted.fmt, Converted):
+        raise UnsupportedError("not a checkpoint written by moeprep convert", path=str(converted.ckpt.root / "config.json"))
+    if isinstance(source.fmt, Converted):
+        raise UnsupportedError("SRC is itself a converted checkpoint; give the original", path=str(source.ckpt.root / "config.json"))
+    report = Report()
+    check_index(converted.ckpt, report)
+    _check_config(source, converted, report)
+    _check_experts(source, converted, report, progress)
+    _check_copied(source, converted, report)
+    return report
+
+
+def _check_config(source: ModelMap, converted: ModelMap, report: Report) -> None:
+    qc = converted.ckpt.quantization_config
+    if qc.get("source_format") != source.fmt.name:
+        report.fail(f"config.json: source_format {qc.get('source_format')!r}, SRC is {source.fmt.name!r}")
+    if json.dumps(qc.get("source_quantization_config"), sort_keys=True) != json.dumps(source.ckpt.quantization_config, sort_keys=True):
+        report.fail("config.json: source_quantization_config differs from SRC's quantization_config")
+    rest_src = {k: v for k, v in source.ckpt.config.items() if k != "quantization_config"}
+    rest_out = {k: v for k, v in converted.ckpt.config.items() if k != "quantization_config"}
+    if rest_src != rest_out:
+        keys = sorted(k for k in set(rest_src) | set(rest_out) if rest_src.get(k) != rest_out.get(k))
+        report.fail(f"config.json: model settings differ: {keys[:5]}")
+
+
+def _check_experts(source: ModelMap, converted: ModelMap, report: Report, progress) -> None:
+    out_layers = {layer.prefix: layer for layer in converted.moe_layers}
+    for layer in source.moe_layers:
+        out_layer = out_layers.pop(layer.prefix, None)
+        if out_layer is None:
+            report.fail(f"{layer.prefix}: MoE layer missing from OUT")
+            continue
+        if out_layer.num_experts != layer.num_experts:
+            report.fail(f"{layer.prefix}: {out_layer.num_experts} experts in OUT, {layer.num_experts} in SRC")
+            continue
+        out_experts = converted.fmt.read_layer(converted.ckpt, layer.prefix)
+        for e, expert in enumerate(layer.experts):
+            for role, ref in expert.items():
+                compare_linear(source.read(ref), out_experts[e][role], f"{ref.module}:", report)
+                report.checked += 1
+        _check_reencoding(converted, layer.prefix, out_experts, report)
+        source.ckpt.release()
+        converted.ckpt.release()
+        if progress:
+            progress(layer.prefix)
+    for prefix in out_layers:
+        report.fail(f"{prefix}: MoE layer in OUT but not in SRC")
+
+
+def _check_reencoding(converted: ModelMap, prefix: str, experts: list[dict[str, QuantLinear]], report: Report) -> None:
+    """Stored scale/zero tensors must be exactly the target's encoding, pads included."""
+    fmt: Converted = converted.fmt
+    layer = fmt._layers[prefix]
+    plan, target = layer.plan, fmt.target
+    for proj, roles in (("w13", ("gate", "up")), ("w2", ("down",))):
+        shape = plan.shapes[proj]
+        perm = layer.row_perm if proj == "w13" else None
+        for kind, field_name in (("weight_scale", "scales"), ("weight_zero_point", "zeros")):
+            name = layer.tensors.get(f"{proj}_{kind}")
+            if name is None:
+                continue
+            stacked = []
+            for e, ex in enumerate(experts):
+                t = torch.cat([_field(ex[r], field_name, ex[r].scales) for r in roles])
+                stacked.append(t if perm is None else t[perm[e].to(torch.int64)])
+            encode = target.encode_scales if kind == "weight_scale" else target.encode_zeros
+            expected = encode(proj, torch.stack(stacked), shape)
+            stored = converted.ckpt.get_tensor(name)
+            if not _same(expected, stored):
+                report.fail(f"{name}: stored bytes are not the {target.name} encoding: {_first_diff(expected, stored)}")
+
+
+def _field(ql: QuantLinear, name: str, like: torch.Tensor) -> torch.Tensor:
+    value = getattr(ql, name)
+    return value if value is not None else torch.full(like.shape, 8, dtype=torch.uint8)
+
+
+def _check_copied(source: ModelMap, converted: ModelMap, report: Report) -> None:
+    expert_tensors = set(source.expert_tensors())
+    out_expert_tensors = set(converted.expert_tensors())
+    for name in source.ckpt.names():
+        if name in expert_tensors:
+            continue
+        if name not in converted.ckpt:
+            report.fail(f"{name}: missing from OUT")
+            continue
+        a, b = source.ckpt.info(name), converted.ckpt.info(name)
+        if (a.dtype, a.shape) != (b.dtype, b.shape):
+            report.fail(f"{name}: {a.dtype} {list(a.shape)} in SRC but {b.dtype} {list(b.shape)} in OUT")
+        elif not _bytes_equal(source.ckpt.file_of(name), a.begin, converted.ckpt.file_of(name), b.begin, a.nbytes):
+            report.fail(f"{name}: bytes differ from SRC")
+        report.checked += 1
+    for name in converted.ckpt.names():
+        if name not in out_expert_tensors and name not in source.ckpt:
+            report.fail(f"{name}: in OUT but not in SRC")

@@ -1,0 +1,62 @@
+"""Shared test fixtures: the real quantizer fixtures from ../shared, unpacked once per session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MOEPREP_SHARED", REPO.parent / "shared"))
+FIXTURE_TAR = SHARED / "fixtures" / "qwen3moe-quantized.tar.xz"
+REAL_FIXTURES = {
+    "awq_gemm_g32_qwen3moe": "awq",
+    "ct_w4a16_g32_sym_qwen3moe": "compressed-tensors-int4",
+    "gptq_g32_descact0_qwen3moe": "gptq",
+    "quark_mxfp4_qwen3moe": "quark-mxfp4",
+}
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir(tmp_path_factory) -> Path:
+    if not FIXTURE_TAR.is_file():
+        pytest.skip(f"shared fixtures not found at {FIXTURE_TAR} (set MOEPREP_SHARED)")
+    dest = tmp_path_factory.mktemp("fixtures")
+    with tarfile.open(FIXTURE_TAR, "r:xz") as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+def run_cli_subprocess(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real ``moeprep`` entry point in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, "-m", "moeprep", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """Run the CLI in-process (fast); same exit code, stdout and stderr as the real command."""
+    from click.testing import CliRunner
+
+    from moeprep.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str, code: int = 2) -> None:
+    """One line on stderr, the expected exit code, no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])

@@ -322,15 +322,11 @@ def execute(
                     next_layer += 1
                 return pending[i].result()
 
-            converted: dict[int, tuple[dict, dict]] = {}
+            converted: dict[int, dict] = {}
             weight_map: dict[str, str] = {}
             for shard in plan.shards:
-                # A shard's header needs the desc_act row order of the layers it holds.
                 layers_here = sorted({t.layer for t in shard.tensors if t.layer is not None})
-                for i in layers_here:
-                    if i not in converted:
-                        converted[i] = layer_result(i)
-                extra = {i: converted[i][1] for i in layers_here}
+                extra = {i: target.extra_metadata(model, plan.layers[i]) for i in layers_here}
                 writer = _Writer(tmp / shard.file, [t.spec for t in shard.tensors], shard_metadata(plan, shard, extra))
                 try:
                     for t in shard.tensors:
@@ -338,10 +334,12 @@ def execute(
                             info = model.ckpt.info(t.source)
                             writer.copy(t.spec.name, model.ckpt.file_of(t.source), info.begin, info.nbytes)
                         else:
-                            tensors = converted[t.layer][0]
+                            if t.layer not in converted:
+                                converted[t.layer] = layer_result(t.layer)
+                            tensors = converted[t.layer]
                             writer.write(t.spec.name, tensors.pop(t.spec.name))
                             if not tensors:  # the layer is fully written: free it
-                                del converted[t.layer], pending[t.layer]
+                                del converted[t.layer], pending[t.layer], tensors
                                 model.ckpt.release()
                                 if progress:
                                     progress(0, True)

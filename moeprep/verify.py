@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .canonical import QuantLinear
+from .canonical import SYMMETRIC_ZERO, QuantLinear
 from .errors import UnsupportedError
 from .formats.converted import Converted
 from .io.checkpoint import INDEX_NAME, Checkpoint
@@ -62,8 +62,10 @@ def _same(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
 def compare_linear(src: QuantLinear, out: QuantLinear, where: str, report: Report) -> None:
     for field_name in ("codes", "scales", "zeros", "g_idx", "bias"):
         a, b = getattr(src, field_name), getattr(out, field_name)
-        if field_name == "zeros" and a is None and b is not None:
-            a = torch.full_like(b, 8)  # a symmetric source held by a zero-point target
+        if field_name == "zeros" and (a is None) != (b is None):
+            # implicit symmetric zero points are the explicit value 8 (e.g. GPTQ sym <-> signed int4)
+            a = torch.full_like(b, SYMMETRIC_ZERO) if a is None else a
+            b = torch.full_like(a, SYMMETRIC_ZERO) if b is None else b
         if not _same(a, b):
             how = "present in one only" if (a is None) != (b is None) else _first_diff(a, b)
             report.fail(f"{where} {field_name} differ: {how}")
@@ -164,8 +166,9 @@ def _check_reencoding(converted: ModelMap, prefix: str, experts: list[dict[str, 
                 continue
             stacked = []
             for e, ex in enumerate(experts):
-                t = torch.cat([_field(ex[r], field_name, ex[r].scales) for r in roles])
-                stacked.append(t if perm is None else t[perm[e].to(torch.int64)])
+                rows = None if perm is None else perm[e].to(torch.int64)
+                parts = [_field(ex[r], field_name, ex[r].scales) for r in roles]
+                stacked.append(torch.cat([p if rows is None else p[rows] for p in parts]))
             encode = target.encode_scales if kind == "weight_scale" else target.encode_zeros
             expected = encode(proj, torch.stack(stacked), shape)
             stored = converted.ckpt.get_tensor(name)
@@ -175,7 +178,7 @@ def _check_reencoding(converted: ModelMap, prefix: str, experts: list[dict[str, 
 
 def _field(ql: QuantLinear, name: str, like: torch.Tensor) -> torch.Tensor:
     value = getattr(ql, name)
-    return value if value is not None else torch.full(like.shape, 8, dtype=torch.uint8)
+    return value if value is not None else torch.full(like.shape, SYMMETRIC_ZERO, dtype=torch.uint8)
 
 
 def _check_copied(source: ModelMap, converted: ModelMap, report: Report) -> None:

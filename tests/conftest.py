@@ -60,3 +60,26 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str, code:
     assert "Traceback" not in proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture(scope="session")
+def packed(tmp_path_factory):
+    """``packed(case_id)``: the checkpoint of a tests/cases.py case, built once per session."""
+    from cases import BY_ID
+    from packers import build_checkpoint
+
+    built: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("packed")
+
+    def get(case_id: str) -> Path:
+        if case_id not in built:
+            case = BY_ID[case_id]
+            built[case_id] = build_checkpoint(root / case_id, case.fmt, case.arch, **case.options)
+        return built[case_id]
+
+    return get
+
+
+def source_dir(fixtures_dir: Path, packed, name: str) -> Path:
+    """A real fixture by directory name, or a packed case by id."""
+    return fixtures_dir / name if name in REAL_FIXTURES else packed(name)

@@ -19,8 +19,9 @@ import torch
 
 from .. import ops
 from ..canonical import SYMMETRIC_ZERO, QuantLinear, pack_codes, unpack_codes
-from ..errors import TargetError
+from ..errors import BadInputError, TargetError
 from ..formats import LinearFacts, RawLinear
+from ..formats.base import checked_g_idx
 from ..io.safetensors_writer import TensorSpec
 from ..model import MoELayer, ModelMap
 
@@ -163,14 +164,21 @@ class Target(ABC):
     def check_expert(self, proj: str, raw: RawLinear, where: str) -> None:
         """Data-level checks a target needs beyond the headers (e.g. symmetric zero points)."""
 
-    def convert_layer(self, model: ModelMap, plan: LayerPlan) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Read every expert of the layer once and build its output tensors.
+    def extra_metadata(self, model: ModelMap, plan: LayerPlan) -> dict[str, str]:
+        """Metadata of ``w13_weight`` that depends on data: the w2 input order folded into the
+        gate/up rows (desc_act). Reads only the small ``g_idx`` tensors, so a shard header can be
+        written before its layers are converted."""
+        if not plan.desc_act or self.keeps_g_idx:
+            return {}
+        perms = [_sorting_perm(_read_g_idx(model, expert["down"]), plan.shapes["w2"]) for expert in plan.layer.experts]
+        return {"row_perm": b64_int32(torch.stack(perms))}
 
-        Returns the tensors by name and extra metadata for ``w13_weight`` (the folded row order).
-        """
+    def convert_layer(self, model: ModelMap, plan: LayerPlan) -> dict[str, torch.Tensor]:
+        """Read every expert of the layer once and build its output tensors, by name."""
         layer = plan.layer
         out: dict[str, torch.Tensor] = {}
         parts = {proj: {"scales": [], "zeros": [], "bias": [], "g_idx": [], "perm": []} for proj in PROJS}
+        # The canonical target keeps g_idx as it is; the others fold it into permutations.
         weights = {proj: torch.empty((s.experts, s.rows, s.cols // 2), dtype=torch.uint8) for proj, s in plan.shapes.items()}
         for e, expert in enumerate(layer.experts):
             raws = {role: model.read_raw(expert[role]) for role in ("gate", "up", "down")}
@@ -185,16 +193,14 @@ class Target(ABC):
             for proj, members in (("w13", ("gate", "up")), ("w2", ("down",))):
                 row_perm = rows13 if proj == "w13" else None
                 p = parts[proj]
-                p["scales"].append(_rows(torch.cat([raws[m].scales for m in members]), row_perm))
+                p["scales"].append(torch.cat([_rows(raws[m].scales, row_perm) for m in members]))
                 if self.has_zeros(plan, proj):
-                    p["zeros"].append(_rows(torch.cat([_zeros_of(raws[m]) for m in members]), row_perm))
+                    p["zeros"].append(torch.cat([_rows(_zeros_of(raws[m]), row_perm) for m in members]))
                 if plan.facts[proj].has_bias:
-                    p["bias"].append(_rows(torch.cat([raws[m].bias for m in members]), row_perm))
+                    p["bias"].append(torch.cat([_rows(raws[m].bias, row_perm) for m in members]))
                 if plan.desc_act:
                     p["g_idx"].append(_g_idx_of(raws[members[0]], plan.shapes[proj]))
             parts["w13"]["perm"].append(perm13)
-            parts["w2"]["perm"].append(perm2)
-        extra_meta = {}
         for proj in PROJS:
             s, p = plan.shapes[proj], parts[proj]
             out[tensor_name(layer, f"{proj}_weight")] = weights[proj]
@@ -207,8 +213,7 @@ class Target(ABC):
                 out[tensor_name(layer, f"{proj}_g_idx")] = torch.stack(p["g_idx"])
         if plan.desc_act and not self.keeps_g_idx:
             out[tensor_name(layer, "w13_input_perm")] = torch.stack(parts["w13"]["perm"]).to(torch.int32)
-            extra_meta["row_perm"] = b64_int32(torch.stack(parts["w2"]["perm"]))
-        return out, extra_meta
+        return out
 
     def _expert_perms(self, plan: LayerPlan, raws: dict[str, RawLinear], expert) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Input permutations that make every group contiguous (desc_act), or ``None``."""
@@ -335,6 +340,13 @@ def _same_g_idx(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
     return torch.equal(a, b)
 
 
+def _read_g_idx(model: ModelMap, ref) -> Optional[torch.Tensor]:
+    role = model.fmt.g_idx_role
+    if role is None or role not in ref.parts:
+        return None
+    return checked_g_idx(model.ckpt, ref.parts[role], ref.in_features, model.fmt.params.group_size)
+
+
 def _sorting_perm(g_idx: Optional[torch.Tensor], shape: ProjShape) -> torch.Tensor:
     """Stable sort of input channels by group: column j of the result is source column perm[j]."""
     if g_idx is None:
@@ -361,6 +373,8 @@ def _unpermute_rows(ql: QuantLinear, perm: torch.Tensor) -> QuantLinear:
 def _unpermute_cols(ql: QuantLinear, perm: torch.Tensor, shape: ProjShape) -> QuantLinear:
     """Stored column j came from source column perm[j], and sits in group j // G."""
     perm = perm.to(torch.int64)
+    if not torch.equal(torch.sort(perm).values, torch.arange(shape.cols)):
+        raise BadInputError("w13_input_perm is not a permutation of the input channels")
     q = unpack_codes(ql.codes)
     restored = torch.empty_like(q)
     restored[:, perm] = q

@@ -1,0 +1,116 @@
+"""``moeprep.load``: open a converted checkpoint for serving.
+
+Tensors come straight from the shards' memory maps (``safe_open``), one transfer per tensor to
+the device, and stay in their stored, preshuffled layout. Opening checks the whole checkpoint's
+metadata against its headers (format version, ``shuffle_kind``, layout parameters, unpadded
+shapes) and refuses anything that is not a moeprep checkpoint it can serve.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from ..errors import BadInputError, UnsupportedError
+from ..formats.converted import Converted
+from ..io.checkpoint import Checkpoint
+from ..model import ModelMap, build_model_map
+from ..targets import LayerPlan, Target, tensor_name
+from .tags import tag
+
+
+@dataclass
+class ExpertWeights:
+    """The stored tensors of one MoE layer (``role`` -> tensor, e.g. ``"w13_weight"``), as loaded."""
+
+    prefix: str
+    plan: LayerPlan
+    target: Target
+    tensors: dict[str, torch.Tensor]
+    row_perm: Optional[torch.Tensor]
+
+    def get(self, role: str) -> Optional[torch.Tensor]:
+        return self.tensors.get(role)
+
+    @property
+    def num_experts(self) -> int:
+        return self.plan.shapes["w13"].experts
+
+    @property
+    def hidden_size(self) -> int:
+        return self.plan.shapes["w13"].cols
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.plan.shapes["w13"].rows // 2
+
+    def canonical(self):
+        """Per expert ``{"gate", "up", "down"}`` canonical linears in the source's order (exact)."""
+        stored = {tensor_name(self.plan.layer, role): t.as_subclass(torch.Tensor) for role, t in self.tensors.items()}
+        return self.target.unpack_layer(self.plan, stored, self.row_perm)
+
+
+class LoadedCheckpoint:
+    """A converted checkpoint opened for serving; tensors load on first access and are cached."""
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        ckpt = Checkpoint(path)
+        model = build_model_map(ckpt)
+        if not isinstance(model.fmt, Converted):
+            raise UnsupportedError(
+                f"not a converted checkpoint ({model.fmt.name}); run `moeprep convert` on it first",
+                path=str(ckpt.root / "config.json"),
+            )
+        self.model: ModelMap = model
+        self.fmt: Converted = model.fmt
+        self.config = ckpt.config
+        self.target = self.fmt.target
+        self.shuffle_kind = self.target.name
+        self._expert_tensor_names = set(model.expert_tensors())
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def root(self):
+        return self.model.ckpt.root
+
+    def keys(self) -> list[str]:
+        return self.model.ckpt.names()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.model.ckpt
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self._cache.get(name)
+        if t is None:
+            t = self.model.ckpt.get_tensor(name).to(self.device)
+            if name in self._expert_tensor_names:
+                t = tag(t, self.shuffle_kind)
+            self._cache[name] = t
+        return t
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.keys():
+            yield name, self[name]
+
+    def moe_layer_indices(self) -> list[int]:
+        return [layer.index for layer in self.model.moe_layers]
+
+    def experts(self, layer_idx: int) -> ExpertWeights:
+        layer = next((l for l in self.model.moe_layers if l.index == layer_idx), None)
+        if layer is None:
+            raise BadInputError(f"no MoE layer {layer_idx} (MoE layers: {self.moe_layer_indices()})", path=str(self.root))
+        info = self.fmt._layers[layer.prefix]
+        tensors = {role: self[name] for role, name in info.tensors.items()}
+        return ExpertWeights(layer.prefix, info.plan, self.target, tensors, info.row_perm)
+
+    def release(self) -> None:
+        self._cache.clear()
+        self.model.ckpt.release()
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Open a checkpoint written by ``moeprep convert`` (directory or hub repo id)."""
+    return LoadedCheckpoint(path, device)

@@ -1,0 +1,73 @@
+"""The pure-torch reference MoE: exact dequantized experts, the architecture's own math.
+
+It works for every target (the stored tensors are first brought back to the canonical form by
+the target's exact inverse) on any device, and is what the fused kernels are tested against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..canonical import QuantLinear, dequantize
+from .routing import Routing, route
+
+
+@dataclass(frozen=True)
+class Activation:
+    """``silu``: ``down(silu(gate x) * up x)``; ``swiglu_oai``: gpt-oss's clamped SwiGLU with biases."""
+
+    kind: str
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    @classmethod
+    def for_arch(cls, arch_activation: str, config: dict) -> "Activation":
+        if arch_activation == "swiglu_oai":
+            return cls("swiglu_oai", float(config.get("swiglu_alpha", 1.702)), float(config.get("swiglu_limit") or 7.0))
+        return cls("silu")
+
+
+def _linear(x: torch.Tensor, ql: QuantLinear) -> torch.Tensor:
+    w = dequantize(ql, x.dtype).to(x.device)
+    bias = None if ql.bias is None else ql.bias.to(device=x.device, dtype=x.dtype)
+    return F.linear(x, w, bias)
+
+
+def expert_forward(x: torch.Tensor, expert: dict[str, QuantLinear], act: Activation) -> torch.Tensor:
+    gate, up = _linear(x, expert["gate"]), _linear(x, expert["up"])
+    if act.kind == "swiglu_oai":
+        gate = gate.clamp(max=act.limit)
+        up = up.clamp(min=-act.limit, max=act.limit)
+        h = (up + 1) * (gate * torch.sigmoid(gate * act.alpha))
+    else:
+        h = F.silu(gate) * up
+    return _linear(h, expert["down"])
+
+
+def experts_reference(
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    experts: list[dict[str, QuantLinear]],
+    act: Activation,
+) -> torch.Tensor:
+    """Sum over each token's chosen experts of ``weight * expert(x)``, accumulated in ``hidden.dtype``."""
+    out = torch.zeros_like(hidden)
+    for e in torch.unique(topk_ids).tolist():
+        tokens, slot = torch.where(topk_ids == e)
+        y = expert_forward(hidden[tokens], experts[e], act) * topk_weights[tokens, slot, None]
+        out.index_add_(0, tokens, y.to(out.dtype))
+    return out
+
+
+def moe_reference(
+    hidden: torch.Tensor,
+    router_logits: torch.Tensor,
+    routing: Routing,
+    experts: list[dict[str, QuantLinear]],
+    act: Activation,
+) -> torch.Tensor:
+    weights, ids = route(router_logits, routing)
+    return experts_reference(hidden, weights, ids, experts, act)

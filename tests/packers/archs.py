@@ -1,0 +1,170 @@
+"""Per-architecture facts: config.json contents and tensor/module names on disk.
+
+Internally every model uses canonical (Qwen3-MoE style) names:
+`model.layers.L.self_attn.{q,k,v,o}_proj`, `model.layers.L.mlp.gate` (router) and
+`model.layers.L.mlp.experts.E.{gate,up,down}_proj`. `Naming` maps them to what a given
+producer writes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+ARCHS = ("qwen3_moe", "mixtral", "gpt_oss")
+MIXTRAL_NAMINGS = ("original", "llmcompressor", "gptqmodel")
+PROJS = ("gate", "up", "down")
+ATTN_PROJS = ("q", "k", "v", "o")
+TRANSFORMERS_VERSION = "5.23.0"
+# The shared fixture tokenizer: <|endoftext|> = 0 (bos/eos), <|pad|> = 1.
+BOS_ID, EOS_ID, PAD_ID = 0, 0, 1
+
+_MIXTRAL_ORIGINAL_PROJ = {"gate": "w1", "up": "w3", "down": "w2"}
+
+
+@dataclass(frozen=True)
+class Naming:
+    """Module names of one architecture as one producer writes them."""
+
+    arch: str
+    mixtral_naming: str = "original"
+
+    def moe_prefix(self, layer: int) -> str:
+        block = "block_sparse_moe" if (
+            self.arch == "mixtral" and self.mixtral_naming in ("original", "llmcompressor")
+        ) else "mlp"
+        return f"model.layers.{layer}.{block}"
+
+    def expert(self, layer: int, expert: int, proj: str) -> str:
+        if self.arch == "mixtral" and self.mixtral_naming == "original":
+            name = _MIXTRAL_ORIGINAL_PROJ[proj]
+        else:
+            name = f"{proj}_proj"
+        return f"{self.moe_prefix(layer)}.experts.{expert}.{name}"
+
+    def router(self, layer: int) -> str:
+        leaf = "router" if self.arch == "gpt_oss" else "gate"
+        return f"{self.moe_prefix(layer)}.{leaf}"
+
+    def rename(self, canonical: str) -> str:
+        """Canonical tensor name -> on-disk name."""
+        m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.(\w+)", canonical)
+        if m:
+            return f"{self.expert(int(m[1]), int(m[2]), m[3])}.{m[4]}"
+        m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.gate\.(\w+)", canonical)
+        if m:
+            return f"{self.router(int(m[1]))}.{m[2]}"
+        return canonical
+
+    def canonical(self, name: str) -> str:
+        """On-disk name (any Mixtral naming, gpt-oss router) -> canonical name."""
+        name = re.sub(r"\.block_sparse_moe\.", ".mlp.", name)
+        name = re.sub(r"\.mlp\.router\.", ".mlp.gate.", name)
+        for proj, w in _MIXTRAL_ORIGINAL_PROJ.items():
+            name = re.sub(rf"(\.experts\.\d+)\.{w}\.", rf"\1.{proj}_proj.", name)
+        return name
+
+
+def attention_module(layer: int, proj: str) -> str:
+    return f"model.layers.{layer}.self_attn.{proj}_proj"
+
+
+def _common(o: Any, dtype: str) -> dict[str, Any]:
+    return {
+        "attention_dropout": 0.0,
+        "bos_token_id": BOS_ID,
+        "dtype": dtype,
+        "eos_token_id": EOS_ID,
+        "head_dim": o.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": o.hidden,
+        "initializer_range": 0.02,
+        "num_attention_heads": o.heads,
+        "num_experts_per_tok": o.top_k,
+        "num_hidden_layers": o.num_layers,
+        "num_key_value_heads": o.kv_heads,
+        "num_local_experts": o.num_experts,
+        "output_router_logits": False,
+        "pad_token_id": PAD_ID,
+        "router_aux_loss_coef": 0.001,
+        "tie_word_embeddings": False,
+        "transformers_version": TRANSFORMERS_VERSION,
+        "use_cache": True,
+        "vocab_size": o.vocab,
+    }
+
+
+def model_config(arch: str, o: Any, dtype: str) -> dict[str, Any]:
+    """config.json (without quantization_config) as transformers 5.23 saves it."""
+    cfg = _common(o, dtype)
+    if arch == "qwen3_moe":
+        # Surprise 3: transformers 5 writes num_local_experts, rope_parameters and dtype.
+        cfg.update({
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "attention_bias": False,
+            "decoder_sparse_step": 1,
+            "intermediate_size": 4 * o.intermediate,
+            "max_position_embeddings": 512,
+            "mlp_only_layers": [],
+            "model_type": "qwen3_moe",
+            "moe_intermediate_size": o.intermediate,
+            "norm_topk_prob": True,
+            "rms_norm_eps": 1e-06,
+            "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+            "sliding_window": None,
+            "use_sliding_window": False,
+        })
+    elif arch == "mixtral":
+        cfg.update({
+            "architectures": ["MixtralForCausalLM"],
+            "intermediate_size": o.intermediate,
+            "max_position_embeddings": 131072,
+            "model_type": "mixtral",
+            "rms_norm_eps": 1e-05,
+            "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+            "router_jitter_noise": 0.0,
+            "sliding_window": None,
+        })
+    elif arch == "gpt_oss":
+        cfg.update({
+            "architectures": ["GptOssForCausalLM"],
+            "attention_bias": True,
+            "intermediate_size": o.intermediate,
+            "layer_types": [("sliding_attention", "full_attention")[i % 2] for i in range(o.num_layers)],
+            "max_position_embeddings": 131072,
+            "model_type": "gpt_oss",
+            "rms_norm_eps": 1e-05,
+            "rope_parameters": {
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "factor": 32.0,
+                "original_max_position_embeddings": 4096,
+                "rope_theta": 150000.0,
+                "rope_type": "yarn",
+                "truncate": False,
+            },
+            "sliding_window": 128,
+            "swiglu_alpha": 1.702,
+            "swiglu_limit": 7.0,
+        })
+    else:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    return cfg
+
+
+def generation_config(sampling: bool) -> dict[str, Any]:
+    """GPTQModel's save adds do_sample (seen in the GPTQ and AWQ fixtures)."""
+    cfg: dict[str, Any] = {
+        "_from_model_config": True,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "output_attentions": False,
+        "output_hidden_states": False,
+        "pad_token_id": PAD_ID,
+        "transformers_version": TRANSFORMERS_VERSION,
+        "use_cache": True,
+    }
+    if sampling:
+        cfg["do_sample"] = True
+    return dict(sorted(cfg.items()))

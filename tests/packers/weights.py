@@ -1,0 +1,131 @@
+"""The float model every format is quantized from: seeded random weights, or a given base.
+
+Tensors are float32 numpy arrays under canonical names (see archs.py), in on-disk order:
+embeddings, then layer by layer (attention, router, experts), then the final norm and lm_head.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from . import st_io
+from .archs import ATTN_PROJS, PROJS, Naming
+from .oracle import widen
+
+
+def expected_shapes(arch: str, o: Any) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape, in on-disk order."""
+    h, i, e = o.hidden, o.intermediate, o.num_experts
+    q_out, kv_out = o.heads * o.head_dim, o.kv_heads * o.head_dim
+    attn_shapes = {"q": (q_out, h), "k": (kv_out, h), "v": (kv_out, h), "o": (h, q_out)}
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (o.vocab, h)}
+    for layer in range(o.num_layers):
+        p = f"model.layers.{layer}"
+        shapes[f"{p}.input_layernorm.weight"] = (h,)
+        for proj in ATTN_PROJS:
+            shapes[f"{p}.self_attn.{proj}_proj.weight"] = attn_shapes[proj]
+            if arch == "gpt_oss":
+                shapes[f"{p}.self_attn.{proj}_proj.bias"] = attn_shapes[proj][:1]
+        if arch == "qwen3_moe":
+            shapes[f"{p}.self_attn.q_norm.weight"] = (o.head_dim,)
+            shapes[f"{p}.self_attn.k_norm.weight"] = (o.head_dim,)
+        if arch == "gpt_oss":
+            shapes[f"{p}.self_attn.sinks"] = (o.heads,)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
+        shapes[f"{p}.mlp.gate.weight"] = (e, h)
+        if arch == "gpt_oss":
+            shapes[f"{p}.mlp.gate.bias"] = (e,)
+        for expert in range(e):
+            for proj in PROJS:
+                shape = (h, i) if proj == "down" else (i, h)
+                shapes[f"{p}.mlp.experts.{expert}.{proj}_proj.weight"] = shape
+                if arch == "gpt_oss":
+                    shapes[f"{p}.mlp.experts.{expert}.{proj}_proj.bias"] = shape[:1]
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (o.vocab, h)
+    return shapes
+
+
+def is_linear_weight(name: str) -> bool:
+    """The modules a quantizer quantizes: attention projections and expert projections."""
+    return bool(re.search(r"\.(self_attn\.[qkvo]_proj|experts\.\d+\.(\w+_proj|w[123]))\.weight$", name))
+
+
+def random_model(arch: str, o: Any) -> dict[str, np.ndarray]:
+    """Seeded weights shaped like a trained model: rows scaled by exp(0.5 N(0,1)) (as the
+    fixtures do) so scales vary per row, plus a per-(row, 32 inputs) offset so asymmetric
+    zero points spread over many values."""
+    rng = np.random.default_rng(o.seed)
+    out: dict[str, np.ndarray] = {}
+    for name, shape in expected_shapes(arch, o).items():
+        if name.endswith("norm.weight"):
+            w = 1.0 + 0.05 * rng.standard_normal(shape)
+        elif name.endswith("sinks"):
+            w = rng.standard_normal(shape)
+        elif len(shape) == 1:
+            w = 0.02 * rng.standard_normal(shape)
+        elif is_linear_weight(name):
+            rows, cols = shape
+            row_factor = np.exp(0.5 * rng.standard_normal((rows, 1)))
+            offset = 0.01 * rng.standard_normal((rows, cols // 32, 1))
+            noise = 0.02 * rng.standard_normal((rows, cols // 32, 32))
+            w = ((noise + offset).reshape(rows, cols)) * row_factor
+        else:
+            w = 0.02 * rng.standard_normal(shape)
+        out[name] = w.astype(np.float32)
+    return out
+
+
+def _as_float32(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return widen(value) if value.dtype == np.uint16 else value.astype(np.float32)
+    return value.detach().float().cpu().numpy()  # a torch tensor
+
+
+def _load_dir(path: Path) -> dict[str, np.ndarray]:
+    ckpt = st_io.Checkpoint(path)
+    return {k: ckpt.get(k) for k in ckpt.keys()}
+
+
+def _unfuse_gptoss(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """transformers' fused bf16 gpt-oss experts (`gate_up_proj [E, in, 2I]` with interleaved
+    gate/up columns, `down_proj [E, I, out]`) -> per-expert `[out, in]` canonical tensors."""
+    out = {}
+    for name, t in tensors.items():
+        m = re.fullmatch(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)(_bias)?", name)
+        if not m:
+            out[name] = t
+            continue
+        for e in range(t.shape[0]):
+            base = f"{m[1]}.{e}"
+            if m[2] == "down_proj":
+                out[f"{base}.down_proj.{'bias' if m[3] else 'weight'}"] = t[e] if m[3] else t[e].T
+            elif m[3]:
+                out[f"{base}.gate_proj.bias"], out[f"{base}.up_proj.bias"] = t[e, 0::2], t[e, 1::2]
+            else:
+                out[f"{base}.gate_proj.weight"] = t[e][:, 0::2].T
+                out[f"{base}.up_proj.weight"] = t[e][:, 1::2].T
+    return out
+
+
+def base_model(arch: str, o: Any, base: Mapping[str, Any] | str | Path) -> dict[str, np.ndarray]:
+    """A given base checkpoint (directory or name -> tensor mapping, with the architecture's
+    on-disk names) as canonical float32 tensors, checked against the requested shapes."""
+    raw = _load_dir(Path(base)) if isinstance(base, (str, Path)) else dict(base)
+    tensors = _unfuse_gptoss({k: _as_float32(v) for k, v in raw.items()})
+    naming = Naming(arch)
+    tensors = {naming.canonical(k): np.ascontiguousarray(v) for k, v in tensors.items()}
+    out = {}
+    for name, shape in expected_shapes(arch, o).items():
+        if name not in tensors:
+            raise ValueError(f"base_weights has no tensor for {name}")
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(
+                f"base_weights {name} has shape {tuple(tensors[name].shape)}, options need {shape}")
+        out[name] = tensors[name]
+    return out

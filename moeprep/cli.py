@@ -174,3 +174,16 @@ def verify(src: str, out: str, quiet: bool) -> None:
     more = len(report.failures) - MAX_REPORTED
     click.echo(f"moeprep: verify FAILED: {len(report.failures)} problem(s){f' ({more} more not shown)' if more > 0 else ''}", err=True)
     sys.exit(1)
+
+
+@main.command()
+@click.argument("ckpt")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--device", default="cpu", show_default=True)
+@_clean_errors
+def generate(ckpt: str, prompt: str, max_new_tokens: int, device: str) -> None:
+    """Greedy text generation from a converted checkpoint through transformers."""
+    from .hf import generate as run_generate
+
+    click.echo(run_generate(ckpt, prompt, max_new_tokens, device=device))

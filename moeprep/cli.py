@@ -41,6 +41,14 @@ def _clean_errors(fn):
     return wrapper
 
 
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="moeprep")
 def main() -> None:
@@ -148,11 +156,8 @@ def convert(src: str, out: str, target: str | None, max_shard_size: str, overwri
         bar.close()
     secs = time.perf_counter() - start
     if not quiet:
-        gb = plan.total_bytes / 1e9
-        click.echo(
-            f"converted {len(plan.layers)} MoE layers to {chosen.name}: {gb:.3f} GB in {secs:.2f} s "
-            f"({gb / max(secs, 1e-9):.2f} GB/s) -> {out_path}"
-        )
+        size, rate = _human_bytes(plan.total_bytes), _human_bytes(plan.total_bytes / max(secs, 1e-9))
+        click.echo(f"converted {len(plan.layers)} MoE layers to {chosen.name}: {size} in {secs:.2f} s ({rate}/s) -> {out_path}")
 
 
 @main.command()

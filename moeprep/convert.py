@@ -12,10 +12,10 @@ import errno
 import json
 import math
 import os
+import queue
 import shutil
 import signal
-import time
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -23,10 +23,9 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .errors import OutputError, TargetError, UnsupportedError
-from .formats import detect
 from .formats.base import torch_dtype
 from .io.checkpoint import INDEX_NAME, Checkpoint
-from .io.safetensors_writer import SafetensorsWriter, TensorSpec, header_bytes
+from .io.safetensors_writer import SafetensorsWriter, TensorSpec
 from .model import ModelMap, build_model_map, layer_of, natural_key
 from .targets import FORMAT_VERSION, PREFERENCE, TARGETS, LayerPlan, Target, get_target, layer_plan
 from .targets.base import metadata_json
@@ -301,6 +300,92 @@ class _Writer(SafetensorsWriter):
         self._next += 1
 
 
+class _LayerStream:
+    """One layer's output pieces, produced by a background thread a bounded queue ahead of the
+    writer, so reading and repacking overlap with writing. Pieces arrive in plan order.
+
+    Weight blocks are recycled through a small pool: fresh pages cost more than the repack
+    itself on small machines, and the pool bounds memory to ``depth + 2`` expert blocks.
+    """
+
+    _DONE = object()
+
+    def __init__(self, target: Target, model: ModelMap, layer: LayerPlan, depth: int = 4):
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(depth + 2):
+            self._free.put(torch.empty(0, dtype=torch.uint8))
+        self._leased: dict[int, torch.Tensor] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(target.layer_pieces(model, layer, self._alloc),), daemon=True)
+        self._thread.start()
+        self._held = None
+
+    def _alloc(self, shape: tuple[int, ...]) -> torch.Tensor:
+        need = math.prod(shape)
+        while True:
+            try:
+                buf = self._free.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._stop.is_set():
+                    raise _Stopped from None
+        if buf.numel() < need:
+            buf = torch.empty(need, dtype=torch.uint8)
+        self._leased[buf.data_ptr()] = buf
+        return buf[:need].view(shape)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, pieces) -> None:
+        try:
+            for item in pieces:
+                if not self._put(item):
+                    return
+            self._put(self._DONE)
+        except _Stopped:
+            return
+        except BaseException as e:  # handed to the writer thread, which raises it
+            self._put(e)
+
+    def _next(self):
+        if self._held is not None:
+            item, self._held = self._held, None
+            return item
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def tensor(self, name: str) -> Iterator[torch.Tensor]:
+        """The pieces of ``name``, the next tensor of the layer."""
+        while True:
+            item = self._next()
+            if item is self._DONE or item[0] != name:
+                self._held = item
+                return
+            piece = item[1]
+            yield piece
+            leased = self._leased.pop(piece.data_ptr(), None)
+            if leased is not None:  # written: its block can be refilled
+                self._free.put(leased)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _Stopped(Exception):
+    """The writer gave up on this layer (an error elsewhere): stop producing."""
+
+
 def execute(
     plan: ConversionPlan,
     out: Path,
@@ -308,21 +393,26 @@ def execute(
     workers: int = 1,
     progress: Optional[Callable[[int, bool], None]] = None,
 ) -> None:
-    """Write the planned checkpoint into ``out`` atomically. ``progress(bytes, layer_done)``."""
+    """Write the planned checkpoint into ``out`` atomically. ``progress(bytes, layer_done)``.
+
+    Up to ``workers`` MoE layers are produced in background threads ahead of the writer.
+    """
     model, target = plan.model, plan.target
+    streams: dict[int, _LayerStream] = {}
+    last_of_layer = {}
+    for shard in plan.shards:
+        for t in shard.tensors:
+            if t.layer is not None:
+                last_of_layer[t.layer] = t.spec.name
+
+    def stream(i: int) -> _LayerStream:
+        for j in range(i, min(i + max(1, workers), len(plan.layers))):
+            if j not in streams and j >= i:
+                streams[j] = _LayerStream(target, model, plan.layers[j])
+        return streams[i]
+
     try:
-        with sigterm_as_interrupt(), atomic_dir(out, overwrite) as tmp, ThreadPoolExecutor(max(1, workers)) as pool:
-            pending: dict[int, object] = {}
-            next_layer = 0
-
-            def layer_result(i: int):
-                nonlocal next_layer
-                while next_layer < len(plan.layers) and next_layer < i + max(1, workers):
-                    pending[next_layer] = pool.submit(target.convert_layer, model, plan.layers[next_layer])
-                    next_layer += 1
-                return pending[i].result()
-
-            converted: dict[int, dict] = {}
+        with sigterm_as_interrupt(), atomic_dir(out, overwrite) as tmp:
             weight_map: dict[str, str] = {}
             for shard in plan.shards:
                 layers_here = sorted({t.layer for t in shard.tensors if t.layer is not None})
@@ -334,12 +424,9 @@ def execute(
                             info = model.ckpt.info(t.source)
                             writer.copy(t.spec.name, model.ckpt.file_of(t.source), info.begin, info.nbytes)
                         else:
-                            if t.layer not in converted:
-                                converted[t.layer] = layer_result(t.layer)
-                            tensors = converted[t.layer]
-                            writer.write(t.spec.name, tensors.pop(t.spec.name))
-                            if not tensors:  # the layer is fully written: free it
-                                del converted[t.layer], pending[t.layer], tensors
+                            writer.write_pieces(t.spec.name, stream(t.layer).tensor(t.spec.name))
+                            if last_of_layer[t.layer] == t.spec.name:
+                                streams.pop(t.layer).close()
                                 model.ckpt.release()
                                 if progress:
                                     progress(0, True)
@@ -355,6 +442,9 @@ def execute(
         if e.errno == errno.ENOSPC:
             raise OutputError("no space left on device; nothing was written", path=str(out)) from None
         raise OutputError(f"cannot write: {e.strerror or e}", path=str(out)) from None
+    finally:
+        for s in streams.values():
+            s.close()
 
 
 def _write_small_files(plan: ConversionPlan, tmp: Path, weight_map: dict[str, str]) -> None:
@@ -365,11 +455,6 @@ def _write_small_files(plan: ConversionPlan, tmp: Path, weight_map: dict[str, st
     (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
     index = {"metadata": {"total_size": plan.total_bytes, "format": "moeprep", "target": plan.target.name}, "weight_map": weight_map}
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def convert(

@@ -90,6 +90,7 @@ def build_model_map(ckpt: Checkpoint, fmt: SourceFormat | None = None) -> ModelM
     layers: dict[int, tuple[str, dict[int, dict[str, LinearRef]]]] = {}
     others: list[LinearRef] = []
     for ref in fmt.linears(ckpt):
+        fmt.check(ckpt, ref)
         m = EXPERT_MODULE.match(ref.module)
         if not m:
             others.append(ref)

@@ -82,22 +82,22 @@ def test_full_disk_is_reported_and_leaves_nothing(multi_layer, tmp_path, monkeyp
     """A write that fails with ENOSPC part-way through (simulated by a write wrapper)."""
     from moeprep.io import safetensors_writer
 
-    real_write = safetensors_writer.SafetensorsWriter.write
+    real_write = safetensors_writer.SafetensorsWriter._write_bytes
     calls = {"n": 0}
 
-    def failing_write(self, name, tensor):
+    def failing_write(self, data):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 50:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(self, name, tensor)
+        return real_write(self, data)
 
-    monkeypatch.setattr(safetensors_writer.SafetensorsWriter, "write", failing_write)
+    monkeypatch.setattr(safetensors_writer.SafetensorsWriter, "_write_bytes", failing_write)
     out = tmp_path / "out"
     proc = run_cli("convert", str(multi_layer), str(out))
     assert proc.returncode == 1
     assert "no space left on device" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists() and leftovers(tmp_path) == []
-    monkeypatch.setattr(safetensors_writer.SafetensorsWriter, "write", real_write)
+    monkeypatch.setattr(safetensors_writer.SafetensorsWriter, "_write_bytes", real_write)
     assert run_cli("convert", str(multi_layer), str(out)).returncode == 0
     assert run_cli("verify", str(multi_layer), str(out)).returncode == 0
 
@@ -105,40 +105,40 @@ def test_full_disk_is_reported_and_leaves_nothing(multi_layer, tmp_path, monkeyp
 def test_crash_inside_a_layer_leaves_nothing(multi_layer, tmp_path, monkeypatch):
     from moeprep.targets.base import Target
 
-    real = Target.convert_layer
+    real = Target.layer_pieces
     seen = []
 
-    def crash_on_third_layer(self, model, plan):
+    def crash_in_third_layer(self, model, plan):
         seen.append(plan.layer.index)
-        if len(seen) == 3:
-            raise RuntimeError("simulated crash")
-        return real(self, model, plan)
+        for i, piece in enumerate(real(self, model, plan)):
+            if len(seen) == 3 and i == 5:
+                raise RuntimeError("simulated crash")
+            yield piece
 
-    monkeypatch.setattr(Target, "convert_layer", crash_on_third_layer)
+    monkeypatch.setattr(Target, "layer_pieces", crash_in_third_layer)
     out = tmp_path / "out"
     proc = run_cli("convert", str(multi_layer), str(out))
     assert proc.returncode == 1 and "simulated crash" in proc.stderr
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-def test_streams_one_layer_at_a_time(multi_layer, tmp_path, monkeypatch):
-    """At most `workers` converted layers are alive at once: memory does not grow with depth."""
+def test_streams_one_expert_at_a_time(multi_layer, tmp_path, monkeypatch):
+    """Weights leave the converter one expert block at a time and at most `workers` layers are
+    in flight: memory does not grow with the number of experts or layers."""
     from moeprep.targets.base import Target
 
-    real = Target.convert_layer
-    alive = set()
-    peak = [0]
-
-    class Tracked(dict):
-        def __del__(self):
-            alive.discard(id(self))
+    real = Target.layer_pieces
+    in_flight, peak, biggest = set(), [0], [0]
 
     def tracked(self, model, plan):
-        t = Tracked(real(self, model, plan))
-        alive.add(id(t))
-        peak[0] = max(peak[0], len(alive))
-        return t
+        in_flight.add(plan.layer.index)
+        peak[0] = max(peak[0], len(in_flight))
+        for name, piece in real(self, model, plan):
+            if name.endswith("_weight"):
+                biggest[0] = max(biggest[0], piece.shape[0])
+            yield name, piece
+        in_flight.discard(plan.layer.index)
 
-    monkeypatch.setattr(Target, "convert_layer", tracked)
+    monkeypatch.setattr(Target, "layer_pieces", tracked)
     assert run_cli("convert", str(multi_layer), str(tmp_path / "out")).returncode == 0
-    assert peak[0] == 1
+    assert peak[0] <= 2 and biggest[0] == 1

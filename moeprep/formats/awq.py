@@ -7,7 +7,19 @@ from __future__ import annotations
 
 from ..errors import BadInputError
 from ..io.checkpoint import Checkpoint
-from .base import LinearRef, QuantParams, RawLinear, SourceFormat, check_tensor, group_count, param, refuse, require
+from .base import (
+    LinearRef,
+    QuantParams,
+    RawLinear,
+    SourceFormat,
+    check_bias,
+    check_tensor,
+    group_count,
+    param,
+    read_bias,
+    refuse,
+    require,
+)
 from .packing import awq_natural_order, unpack_nibbles
 from .registry import register
 
@@ -42,7 +54,7 @@ class AWQ(SourceFormat):
             raise BadInputError(f"qweight must be 2-D, got shape {list(qweight.shape)}", path=str(ckpt.file_of(parts["qweight"])), tensor=parts["qweight"])
         return qweight.shape[1] * 8, qweight.shape[0]
 
-    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
+    def check(self, ckpt: Checkpoint, ref: LinearRef) -> None:
         n, k = ref.out_features, ref.in_features
         qweight, qzeros, scales = (require(ckpt, ref, r) for r in ("qweight", "qzeros", "scales"))
         groups = group_count(ckpt, qweight, k, self.params.group_size)
@@ -51,13 +63,17 @@ class AWQ(SourceFormat):
         check_tensor(ckpt, qweight, ("I32",), (k, n // 8))
         check_tensor(ckpt, qzeros, ("I32",), (groups, n // 8))
         check_tensor(ckpt, scales, ("F16", "BF16", "F32"), (groups, n))
-        zeros = awq_natural_order(unpack_nibbles(ckpt.get_tensor(qzeros)))  # [groups, N]
+        check_bias(ckpt, ref)
+
+    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
+        groups = ckpt.info(ref.parts["scales"]).shape[0]
+        zeros = awq_natural_order(unpack_nibbles(ckpt.get_tensor(ref.parts["qzeros"])))  # [groups, N]
         return RawLinear(
             kind="int4",
             packing="awq_int32",
-            packed=ckpt.get_tensor(qweight),
-            scales=ckpt.get_tensor(scales).t().contiguous(),
-            group_size=k // groups,
+            packed=ckpt.get_tensor(ref.parts["qweight"]),
+            scales=ckpt.get_tensor(ref.parts["scales"]).t().contiguous(),
+            group_size=ref.in_features // groups,
             zeros=zeros.t().contiguous(),
-            bias=ckpt.get_tensor(ref.parts["bias"]) if "bias" in ref.parts else None,
+            bias=read_bias(ckpt, ref),
         )

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Mapping, Optional
 
 import torch
@@ -147,8 +147,14 @@ class SourceFormat(ABC):
         """``(out_features, in_features)`` from headers alone."""
 
     @abstractmethod
+    def check(self, ckpt: Checkpoint, ref: LinearRef) -> None:
+        """Header-level consistency of one linear: every tensor present, dtypes, shapes, group
+        size. Run for every linear when a checkpoint is opened, so even ``inspect`` refuses."""
+
+    @abstractmethod
     def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
-        """Read one linear's tensors, validated, codes left in their source packing."""
+        """Read one (checked) linear's tensors, codes left in their source packing; data-level
+        checks (g_idx maps, stored shapes) happen here."""
 
     def read(self, ckpt: Checkpoint, ref: LinearRef) -> QuantLinear:
         return self.read_raw(ckpt, ref).to_canonical()
@@ -188,9 +194,17 @@ def group_count(ckpt: Checkpoint, name: str, in_features: int, group_size: int) 
     return in_features // g
 
 
+def check_bias(ckpt: Checkpoint, ref: LinearRef) -> None:
+    if "bias" in ref.parts:
+        check_tensor(ckpt, ref.parts["bias"], ("BF16", "F16", "F32"), (ref.out_features,))
+
+
+def read_bias(ckpt: Checkpoint, ref: LinearRef) -> Optional[torch.Tensor]:
+    return ckpt.get_tensor(ref.parts["bias"]) if "bias" in ref.parts else None
+
+
 def checked_g_idx(ckpt: Checkpoint, name: str, in_features: int, group_size: int) -> Optional[torch.Tensor]:
     """Read and validate a g_idx; ``None`` when it is the trivial ``k // G`` map."""
-    check_tensor(ckpt, name, ("I32", "I64"), (in_features,))
     g_idx = ckpt.get_tensor(name).to(torch.int32)
     g = in_features if group_size == -1 else group_size
     groups = in_features // g

@@ -182,6 +182,10 @@ class Converted(SourceFormat):
             return self.source.read_raw(ckpt, ref)
         raise UnsupportedError("experts of a converted checkpoint have no source packing; convert the original checkpoint", path=str(ckpt.root))
 
+    def check(self, ckpt: Checkpoint, ref: LinearRef) -> None:
+        if ref.expert is None:
+            self.source.check(ckpt, ref)  # experts were checked against their metadata in linears()
+
     def facts(self, ckpt: Checkpoint, ref: LinearRef) -> LinearFacts:
         return self.source.facts(ckpt, ref)
 

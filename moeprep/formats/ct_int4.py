@@ -14,9 +14,11 @@ from .base import (
     QuantParams,
     RawLinear,
     SourceFormat,
+    check_bias,
     check_tensor,
     checked_g_idx,
     group_count,
+    read_bias,
     refuse,
     require,
 )
@@ -67,33 +69,42 @@ class CompressedTensorsInt4(_CompressedTensorsFormat):
             raise BadInputError(f"weight_packed must be 2-D, got shape {list(info.shape)}", path=str(ckpt.file_of(info.name)), tensor=info.name)
         return info.shape[0], info.shape[1] * 8
 
-    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
+    def check(self, ckpt: Checkpoint, ref: LinearRef) -> None:
         n, k = ref.out_features, ref.in_features
         packed, scale = require(ckpt, ref, "weight_packed"), require(ckpt, ref, "weight_scale")
         groups = group_count(ckpt, packed, k, self.params.group_size)
         check_tensor(ckpt, packed, ("I32",), (n, k // 8))
         check_tensor(ckpt, scale, ("F16", "BF16", "F32"), (n, groups))
         if "weight_shape" in ref.parts:
+            check_tensor(ckpt, ref.parts["weight_shape"], ("I64", "I32"), (2,))
+        if not self.params.symmetric:
+            check_tensor(ckpt, require(ckpt, ref, "weight_zero_point"), ("I32",), ((n + 7) // 8, groups))
+        if "weight_g_idx" in ref.parts:
+            check_tensor(ckpt, ref.parts["weight_g_idx"], ("I32", "I64"), (k,))
+        check_bias(ckpt, ref)
+
+    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
+        n, k = ref.out_features, ref.in_features
+        groups = ckpt.info(ref.parts["weight_scale"]).shape[1]
+        if "weight_shape" in ref.parts:
             shape_name = ref.parts["weight_shape"]
-            check_tensor(ckpt, shape_name, ("I64", "I32"), (2,))
             stored = [int(v) for v in ckpt.get_tensor(shape_name)]
             if stored != [n, k]:
                 raise BadInputError(f"weight_shape {stored} disagrees with weight_packed (implies [{n}, {k}])", path=str(ckpt.file_of(shape_name)), tensor=shape_name)
         zeros = None
         if not self.params.symmetric:
-            zp = require(ckpt, ref, "weight_zero_point")
-            check_tensor(ckpt, zp, ("I32",), ((n + 7) // 8, groups))
-            zeros = unpack_nibbles(ckpt.get_tensor(zp).t())[:, :n].t().contiguous()  # [N, groups]
+            zp = ckpt.get_tensor(ref.parts["weight_zero_point"])
+            zeros = unpack_nibbles(zp.t())[:, :n].t().contiguous()  # [N, groups]
         g_idx = None
         if "weight_g_idx" in ref.parts:
             g_idx = checked_g_idx(ckpt, ref.parts["weight_g_idx"], k, self.params.group_size)
         return RawLinear(
             kind="int4",
             packing="ct_int32",
-            packed=ckpt.get_tensor(packed),
-            scales=ckpt.get_tensor(scale),
+            packed=ckpt.get_tensor(ref.parts["weight_packed"]),
+            scales=ckpt.get_tensor(ref.parts["weight_scale"]),
             group_size=k // groups,
             zeros=zeros,
             g_idx=g_idx,
-            bias=ckpt.get_tensor(ref.parts["bias"]) if "bias" in ref.parts else None,
+            bias=read_bias(ckpt, ref),
         )

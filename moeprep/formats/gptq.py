@@ -18,10 +18,12 @@ from .base import (
     QuantParams,
     RawLinear,
     SourceFormat,
+    check_bias,
     check_tensor,
     checked_g_idx,
     group_count,
     param,
+    read_bias,
     refuse,
     require,
 )
@@ -66,7 +68,7 @@ class GPTQ(SourceFormat):
             raise BadInputError(f"qweight must be 2-D, got shape {list(qweight.shape)}", path=str(ckpt.file_of(parts["qweight"])), tensor=parts["qweight"])
         return qweight.shape[1], qweight.shape[0] * 8
 
-    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
+    def check(self, ckpt: Checkpoint, ref: LinearRef) -> None:
         n, k = ref.out_features, ref.in_features
         qweight, qzeros, scales = (require(ckpt, ref, r) for r in ("qweight", "qzeros", "scales"))
         groups = group_count(ckpt, qweight, k, self.params.group_size)
@@ -75,20 +77,26 @@ class GPTQ(SourceFormat):
         check_tensor(ckpt, qweight, ("I32",), (k // 8, n))
         check_tensor(ckpt, qzeros, ("I32",), (groups, n // 8))
         check_tensor(ckpt, scales, SCALE_DTYPES, (groups, n))
+        if "g_idx" in ref.parts:
+            check_tensor(ckpt, ref.parts["g_idx"], ("I32", "I64"), (k,))
+        check_bias(ckpt, ref)
+
+    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
+        k = ref.in_features
+        groups = ckpt.info(ref.parts["scales"]).shape[0]
         g_idx = None
         if "g_idx" in ref.parts:
             g_idx = checked_g_idx(ckpt, ref.parts["g_idx"], k, self.params.group_size)
-        words = ckpt.get_tensor(qzeros)
+        words = ckpt.get_tensor(ref.parts["qzeros"])
         if self.v1:
             words = words.to(torch.int64) + _V1_ZERO_OFFSET
-        zeros = unpack_nibbles(words).t().contiguous()  # [N, groups]
         return RawLinear(
             kind="int4",
             packing="gptq_int32",
-            packed=ckpt.get_tensor(qweight),
-            scales=ckpt.get_tensor(scales).t().contiguous(),
+            packed=ckpt.get_tensor(ref.parts["qweight"]),
+            scales=ckpt.get_tensor(ref.parts["scales"]).t().contiguous(),
             group_size=k // groups,
-            zeros=zeros,
+            zeros=unpack_nibbles(words).t().contiguous(),  # [N, groups]
             g_idx=g_idx,
-            bias=ckpt.get_tensor(ref.parts["bias"]) if "bias" in ref.parts else None,
+            bias=read_bias(ckpt, ref),
         )

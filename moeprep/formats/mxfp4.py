@@ -12,7 +12,7 @@ import torch
 from ..canonical import MXFP4_GROUP
 from ..errors import BadInputError
 from ..io.checkpoint import Checkpoint
-from .base import LinearRef, QuantParams, RawLinear, SourceFormat, check_tensor, refuse, require
+from .base import LinearRef, QuantParams, RawLinear, SourceFormat, check_bias, check_tensor, read_bias, refuse, require
 from .compressed_tensors import weights_scheme
 from .ct_int4 import _CompressedTensorsFormat
 from .registry import register
@@ -38,15 +38,18 @@ class _PerModuleMXFP4(SourceFormat):
             raise BadInputError(f"MXFP4 weight must be 2-D, got shape {list(info.shape)}", path=str(ckpt.file_of(info.name)), tensor=info.name)
         return info.shape[0], info.shape[1] * 2
 
-    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
+    def check(self, ckpt: Checkpoint, ref: LinearRef) -> None:
         n, k = ref.out_features, ref.in_features
         weight, scale = require(ckpt, ref, self.weight_suffix), require(ckpt, ref, "weight_scale")
         if k % MXFP4_GROUP:
             raise BadInputError(f"in_features {k} is not a multiple of the MXFP4 block 32", path=str(ckpt.file_of(weight)), tensor=weight)
         check_tensor(ckpt, weight, ("U8",), (n, k // 2))
         check_tensor(ckpt, scale, ("U8", "F8_E8M0"), (n, k // MXFP4_GROUP))
-        bias = ckpt.get_tensor(ref.parts["bias"]) if "bias" in ref.parts else None
-        return _raw(ckpt.get_tensor(weight), ckpt.get_tensor(scale).view(torch.uint8), bias)
+        check_bias(ckpt, ref)
+
+    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
+        scale = ckpt.get_tensor(ref.parts["weight_scale"]).view(torch.uint8)
+        return _raw(ckpt.get_tensor(ref.parts[self.weight_suffix]), scale, read_bias(ckpt, ref))
 
 
 @register
@@ -141,15 +144,18 @@ class GptOssMXFP4(SourceFormat):
         info = ckpt.info(parts["blocks"])
         return info.shape[1], info.shape[2] * 32
 
-    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
+    def check(self, ckpt: Checkpoint, ref: LinearRef) -> None:
         blocks, scales = require(ckpt, ref, "blocks"), require(ckpt, ref, "scales")
         e_count, n_all, kb, _ = ckpt.info(blocks).shape
         check_tensor(ckpt, scales, ("U8",), (e_count, n_all, kb))
-        rows = slice(None) if ref.rows is None else slice(0 if ref.rows == "even" else 1, None, 2)
-        codes = ckpt.get_expert(blocks, ref.expert).reshape(n_all, kb * 16)[rows].contiguous()
-        scale = ckpt.get_expert(scales, ref.expert)[rows].contiguous()
-        bias = None
         if "bias" in ref.parts:
             check_tensor(ckpt, ref.parts["bias"], ("BF16", "F16", "F32"), (e_count, n_all))
-            bias = ckpt.get_expert(ref.parts["bias"], ref.expert)[rows].contiguous()
+
+    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
+        blocks = ref.parts["blocks"]
+        _, n_all, kb, _ = ckpt.info(blocks).shape
+        rows = slice(None) if ref.rows is None else slice(0 if ref.rows == "even" else 1, None, 2)
+        codes = ckpt.get_expert(blocks, ref.expert).reshape(n_all, kb * 16)[rows].contiguous()
+        scale = ckpt.get_expert(ref.parts["scales"], ref.expert)[rows].contiguous()
+        bias = ckpt.get_expert(ref.parts["bias"], ref.expert)[rows].contiguous() if "bias" in ref.parts else None
         return _raw(codes, scale, bias)

@@ -9,9 +9,9 @@ import torch
 
 from ..canonical import pack_codes
 
-# AWQ GEMM stores column 8w + AWQ_ORDER[p] in nibble p of word w.
+# AWQ GEMM stores column 8w + AWQ_ORDER[p] in nibble p of word w: nibble 4a + b holds column
+# 2b + a, so the natural order is the (2, 4) -> (4, 2) transpose of each group of eight.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-_AWQ_NATURAL = torch.tensor([AWQ_ORDER.index(c) for c in range(8)])
 
 PACKINGS = ("canonical", "ct_int32", "gptq_int32", "awq_int32")
 
@@ -26,8 +26,7 @@ def unpack_nibbles(words: torch.Tensor) -> torch.Tensor:
 def awq_natural_order(nibbles: torch.Tensor) -> torch.Tensor:
     """Undo AWQ's interleave on unpacked nibbles ``[..., 8W]`` (groups of 8 along the last dim)."""
     shape = nibbles.shape
-    grouped = nibbles.reshape(*shape[:-1], shape[-1] // 8, 8)
-    return grouped[..., _AWQ_NATURAL.to(nibbles.device)].reshape(shape)
+    return nibbles.reshape(*shape[:-1], shape[-1] // 8, 2, 4).transpose(-1, -2).reshape(shape)
 
 
 def _bytes_of_words(words: torch.Tensor) -> torch.Tensor:

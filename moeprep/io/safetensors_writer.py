@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -20,6 +20,9 @@ from ..errors import OutputError
 from .safetensors_header import TORCH_TO_ST
 
 _ALIGN = 8
+# Writes of a few hundred KB run at memory speed here; single writes of hundreds of MB are
+# several times slower (measured on the 2-core CI machine: 4 GB/s vs 0.4 GB/s).
+_WRITE_CHUNK = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -68,22 +71,45 @@ class SafetensorsWriter:
         self._f = open(self.path, "wb")
         self._f.write(header_bytes(self.specs, metadata))
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _expect(self, name: str) -> TensorSpec:
         if self._next >= len(self.specs):
             raise RuntimeError(f"{self.path}: no more tensors planned, got {name}")
         spec = self.specs[self._next]
-        if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise RuntimeError(
-                f"{self.path}: planned {spec.name} {spec.dtype} {list(spec.shape)}, got {name} {tensor.dtype} {list(tensor.shape)}"
-            )
-        self._f.write(tensor_bytes(tensor))
+        if name != spec.name:
+            raise RuntimeError(f"{self.path}: planned {spec.name} next, got {name}")
+        return spec
+
+    def _write_bytes(self, data: memoryview) -> None:
+        for start in range(0, len(data), _WRITE_CHUNK):
+            self._f.write(data[start : start + _WRITE_CHUNK])
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """One whole planned tensor."""
+        spec = self._expect(name)
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise RuntimeError(f"{self.path}: planned {name} {spec.dtype} {list(spec.shape)}, got {tensor.dtype} {list(tensor.shape)}")
+        self._write_bytes(tensor_bytes(tensor))
+        self._next += 1
+
+    def write_pieces(self, name: str, pieces: Iterable[torch.Tensor]) -> None:
+        """One planned tensor from consecutive pieces of its row-major bytes."""
+        spec = self._expect(name)
+        total = 0
+        for piece in pieces:
+            if piece.dtype != spec.dtype:
+                raise RuntimeError(f"{self.path}: planned {name} {spec.dtype}, got a {piece.dtype} piece")
+            data = tensor_bytes(piece)
+            total += len(data)
+            if total > spec.nbytes:
+                raise RuntimeError(f"{self.path}: pieces of {name} exceed its {spec.nbytes} bytes")
+            self._write_bytes(data)
+        if total != spec.nbytes:
+            raise RuntimeError(f"{self.path}: pieces of {name} hold {total} of its {spec.nbytes} bytes")
         self._next += 1
 
     def close(self) -> None:
         if self._next != len(self.specs):
             raise RuntimeError(f"{self.path}: {len(self.specs) - self._next} planned tensors were not written")
-        self._f.flush()
-        os.fsync(self._f.fileno())
         self._f.close()
 
     def abort(self) -> None:

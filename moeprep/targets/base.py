@@ -13,7 +13,7 @@ import base64
 import json
 from abc import ABC
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Iterator, Optional
 
 import torch
 
@@ -77,6 +77,10 @@ def b64_int32(t: torch.Tensor) -> str:
 
 def int32_from_b64(text: str, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.int32).reshape(shape).clone()
+
+
+def _new_block(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.uint8)
 
 
 class Target(ABC):
@@ -164,83 +168,88 @@ class Target(ABC):
     def check_expert(self, proj: str, raw: RawLinear, where: str) -> None:
         """Data-level checks a target needs beyond the headers (e.g. symmetric zero points)."""
 
-    def extra_metadata(self, model: ModelMap, plan: LayerPlan) -> dict[str, str]:
-        """Metadata of ``w13_weight`` that depends on data: the w2 input order folded into the
-        gate/up rows (desc_act). Reads only the small ``g_idx`` tensors, so a shard header can be
-        written before its layers are converted."""
-        if not plan.desc_act or self.keeps_g_idx:
-            return {}
-        perms = [_sorting_perm(_read_g_idx(model, expert["down"]), plan.shapes["w2"]) for expert in plan.layer.experts]
-        return {"row_perm": b64_int32(torch.stack(perms))}
+    def layer_pieces(
+        self, model: ModelMap, plan: LayerPlan, alloc: Callable[[tuple[int, ...]], torch.Tensor] = _new_block
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The layer's output tensors in plan order, as ``(name, piece)`` pairs.
 
-    def convert_layer(self, model: ModelMap, plan: LayerPlan) -> dict[str, torch.Tensor]:
-        """Read every expert of the layer once and build its output tensors, by name."""
+        The stacked weights come one expert at a time (an expert's block is contiguous in every
+        layout), in uint8 blocks from ``alloc`` (a consumer may recycle them), everything else
+        whole. Each source tensor is read once, and memory holds one expert plus the layer's
+        small scales, zero points and biases.
+        """
         layer = plan.layer
-        out: dict[str, torch.Tensor] = {}
-        parts = {proj: {"scales": [], "zeros": [], "bias": [], "g_idx": [], "perm": []} for proj in PROJS}
-        # The canonical target keeps g_idx as it is; the others fold it into permutations.
-        weights = {proj: torch.empty((s.experts, s.rows, s.cols // 2), dtype=torch.uint8) for proj, s in plan.shapes.items()}
-        for e, expert in enumerate(layer.experts):
-            raws = {role: model.read_raw(expert[role]) for role in ("gate", "up", "down")}
-            for role, raw in raws.items():
-                self.check_expert("w2" if role == "down" else "w13", raw, expert[role].module)
-            perm13, perm2 = self._expert_perms(plan, raws, expert)
-            rows13 = None if perm2 is None else perm2
-            inter = plan.shapes["w13"].rows // 2
-            for role, offset in (("gate", 0), ("up", inter)):
-                self._repack(weights["w13"], raws[role], "w13", e, offset, rows13, perm13)
-            self._repack(weights["w2"], raws["down"], "w2", e, 0, None, perm2)
-            for proj, members in (("w13", ("gate", "up")), ("w2", ("down",))):
-                row_perm = rows13 if proj == "w13" else None
-                p = parts[proj]
-                p["scales"].append(torch.cat([_rows(raws[m].scales, row_perm) for m in members]))
+        down_perms = self._down_perms(model, plan)
+        for proj, members in (("w13", ("gate", "up")), ("w2", ("down",))):
+            s = plan.shapes[proj]
+            rows_each = s.rows // len(members)
+            scales, zeros, bias, g_idx, in_perms = [], [], [], [], []
+            for e, expert in enumerate(layer.experts):
+                raws = {m: model.read_raw(expert[m]) for m in members}
+                for m, raw in raws.items():
+                    self.check_expert(proj, raw, expert[m].module)
+                rows, cols = self._perms(plan, proj, raws, expert, down_perms[e] if down_perms else None)
+                block = alloc((1, s.rows, s.cols // 2))
+                for i, m in enumerate(members):
+                    self._repack(block, raws[m], proj, i * rows_each, rows, cols)
+                yield tensor_name(layer, f"{proj}_weight"), block
+                scales.append(torch.cat([_rows(raws[m].scales, rows) for m in members]))
                 if self.has_zeros(plan, proj):
-                    p["zeros"].append(torch.cat([_rows(_zeros_of(raws[m]), row_perm) for m in members]))
+                    zeros.append(torch.cat([_rows(_zeros_of(raws[m]), rows) for m in members]))
                 if plan.facts[proj].has_bias:
-                    p["bias"].append(torch.cat([_rows(raws[m].bias, row_perm) for m in members]))
-                if plan.desc_act:
-                    p["g_idx"].append(_g_idx_of(raws[members[0]], plan.shapes[proj]))
-            parts["w13"]["perm"].append(perm13)
-        for proj in PROJS:
-            s, p = plan.shapes[proj], parts[proj]
-            out[tensor_name(layer, f"{proj}_weight")] = weights[proj]
-            out[tensor_name(layer, f"{proj}_weight_scale")] = self.encode_scales(proj, torch.stack(p["scales"]), s)
-            if p["zeros"]:
-                out[tensor_name(layer, f"{proj}_weight_zero_point")] = self.encode_zeros(proj, torch.stack(p["zeros"]), s)
-            if p["bias"]:
-                out[tensor_name(layer, f"{proj}_bias")] = torch.stack(p["bias"])
-            if plan.desc_act and self.keeps_g_idx:
-                out[tensor_name(layer, f"{proj}_g_idx")] = torch.stack(p["g_idx"])
-        if plan.desc_act and not self.keeps_g_idx:
-            out[tensor_name(layer, "w13_input_perm")] = torch.stack(parts["w13"]["perm"]).to(torch.int32)
-        return out
+                    bias.append(torch.cat([_rows(raws[m].bias, rows) for m in members]))
+                if plan.desc_act and self.keeps_g_idx:
+                    g_idx.append(_g_idx_of(raws[members[0]], s))
+                in_perms.append(cols)
+            yield tensor_name(layer, f"{proj}_weight_scale"), self.encode_scales(proj, torch.stack(scales), s)
+            if zeros:
+                yield tensor_name(layer, f"{proj}_weight_zero_point"), self.encode_zeros(proj, torch.stack(zeros), s)
+            if bias:
+                yield tensor_name(layer, f"{proj}_bias"), torch.stack(bias)
+            if g_idx:
+                yield tensor_name(layer, f"{proj}_g_idx"), torch.stack(g_idx)
+            if proj == "w13" and down_perms is not None:
+                yield tensor_name(layer, "w13_input_perm"), torch.stack(in_perms).to(torch.int32)
 
-    def _expert_perms(self, plan: LayerPlan, raws: dict[str, RawLinear], expert) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Input permutations that make every group contiguous (desc_act), or ``None``."""
+    def _down_perms(self, model: ModelMap, plan: LayerPlan) -> Optional[list[torch.Tensor]]:
+        """Per expert, the stable sort of the down projection's inputs by group (desc_act), which
+        becomes w2's column order and w13's row order; ``None`` when nothing is folded."""
         if not plan.desc_act or self.keeps_g_idx:
-            for role, raw in raws.items():
-                if raw.g_idx is not None and not plan.desc_act:
-                    raise TargetError(
-                        "g_idx is not k // group_size although the config says desc_act is false",
-                        tensor=expert[role].module,
-                    )
+            return None
+        return [_sorting_perm(_read_g_idx(model, expert["down"]), plan.shapes["w2"]) for expert in plan.layer.experts]
+
+    def extra_metadata(self, model: ModelMap, plan: LayerPlan) -> dict[str, str]:
+        """Metadata of ``w13_weight`` that depends on data: the folded w2 input order (desc_act).
+        Reads only the small ``g_idx`` tensors, so a shard header is written before its layers."""
+        perms = self._down_perms(model, plan)
+        return {} if perms is None else {"row_perm": b64_int32(torch.stack(perms))}
+
+    def _perms(self, plan: LayerPlan, proj: str, raws: dict[str, RawLinear], expert, down_perm):
+        """(row gather, column gather) of one projection of one expert: the folded desc_act orders."""
+        if down_perm is None:
+            if not plan.desc_act:
+                for role, raw in raws.items():
+                    if raw.g_idx is not None:
+                        raise TargetError("g_idx is not k // group_size although the config says desc_act is false", tensor=expert[role].module)
             return None, None
+        if proj == "w2":
+            return None, down_perm
         gate, up = raws["gate"].g_idx, raws["up"].g_idx
         if not _same_g_idx(gate, up):
             raise TargetError(
                 "gate and up have different g_idx, so their input permutation cannot be shared; use --target canonical",
                 tensor=expert["gate"].module,
             )
-        return _sorting_perm(gate, plan.shapes["w13"]), _sorting_perm(raws["down"].g_idx, plan.shapes["w2"])
+        return down_perm, _sorting_perm(gate, plan.shapes["w13"])
 
-    def _repack(self, dst, raw: RawLinear, proj: str, expert: int, row_offset: int, row_index, col_index) -> None:
+    def _repack(self, dst, raw: RawLinear, proj: str, row_offset: int, row_index, col_index) -> None:
         layout, gate_up = self.weight_layout[proj]
         ops.repack_into(
             dst,
             raw.packed,
             src_packing=raw.packing,
             layout=layout,
-            expert=expert,
+            expert=0,
             row_offset=row_offset,
             gate_up=gate_up,
             row_index=row_index,

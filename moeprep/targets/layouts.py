@@ -8,7 +8,7 @@ from ..canonical import SYMMETRIC_ZERO
 from ..formats import LinearFacts, RawLinear
 from ..errors import TargetError
 from ..model import ModelMap
-from .base import LayerPlan, ProjShape, Target
+from .base import ProjShape, Target
 from .registry import register
 
 

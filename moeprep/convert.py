@@ -22,7 +22,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .errors import OutputError, TargetError, UnsupportedError
+from .errors import BadInputError, OutputError, TargetError, UnsupportedError
+from .io.checkpoint import check_outside
 from .formats.base import torch_dtype
 from .io.checkpoint import INDEX_NAME, Checkpoint
 from .io.safetensors_writer import SafetensorsWriter, TensorSpec
@@ -199,15 +200,14 @@ def describe_plan(plan: ConversionPlan) -> str:
 
 
 def check_paths(src: Path, out: Path, overwrite: bool) -> None:
-    src_r, out_r = src.resolve(), out.resolve()
-    if out_r == src_r or src_r in out_r.parents:
-        raise OutputError(f"the output is inside the source checkpoint {src}", path=str(out))
-    if out_r in src_r.parents:
-        raise OutputError(f"the output would contain the source checkpoint {src}", path=str(out))
+    """Refuse, before any work, an output that would touch the source or replace something."""
+    check_outside(src, out)
+    if out.resolve() in src.resolve().parents:
+        raise BadInputError(f"the output would contain the source checkpoint {src}", path=str(out))
     if out.exists() and not overwrite:
-        raise OutputError("already exists (use --overwrite to replace it)", path=str(out))
+        raise BadInputError("already exists (use --overwrite to replace it)", path=str(out))
     if out.exists() and not out.is_dir():
-        raise OutputError("exists and is not a directory", path=str(out))
+        raise BadInputError("exists and is not a directory", path=str(out))
 
 
 def _remove_stale_temps(out: Path) -> None:

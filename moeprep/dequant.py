@@ -8,8 +8,8 @@ from typing import Callable, Optional
 import torch
 
 from .canonical import dequantize
-from .errors import OutputError
-from .io.checkpoint import Checkpoint
+from .errors import BadInputError
+from .io.checkpoint import check_outside
 from .io.safetensors_writer import SafetensorsWriter, TensorSpec, atomic_path, write_error
 from .model import ModelMap, layer_of
 
@@ -28,8 +28,9 @@ def dequantize_checkpoint(
     Returns the number of tensors written.
     """
     out = Path(out)
+    check_outside(model.ckpt.root, out)
     if out.is_dir():
-        raise OutputError("is a directory; give a .safetensors file path", path=str(out))
+        raise BadInputError("is a directory; give a .safetensors file path", path=str(out))
     linears = model.linears()
     specs = [TensorSpec(f"{r.module}.weight", dtype, (r.out_features, r.in_features)) for r in linears]
     meta = {"format": "pt", "moeprep": f"dequant of {model.fmt.name} checkpoint {model.ckpt.root.name}"}

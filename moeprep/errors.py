@@ -12,6 +12,7 @@ class MoeprepError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, *, path: str | None = None, tensor: str | None = None):
+        self.message = message
         self.path = path
         self.tensor = tensor
         where = ""
@@ -23,6 +24,11 @@ class MoeprepError(Exception):
         elif tensor is not None:
             where = f"[{tensor}]: "
         super().__init__(" ".join(f"{where}{message}".split("\n")))
+
+
+    def at(self, path: str) -> "MoeprepError":
+        """The same refusal, located at ``path`` (e.g. the full path of a config file)."""
+        return type(self)(self.message, path=path, tensor=self.tensor)
 
 
 class BadInputError(MoeprepError):
@@ -38,7 +44,7 @@ class TargetError(MoeprepError):
 
 
 class OutputError(MoeprepError):
-    """The output cannot be written (exists, no space, inside the source, ...)."""
+    """Writing the output failed part-way (no space left, I/O error); nothing was left behind."""
 
     exit_code = 1
 

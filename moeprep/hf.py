@@ -82,7 +82,7 @@ def load_model(
         del config.quantization_config  # moeprep serves the weights; transformers must not quantize
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    known = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     moe_paths = {layer.index: _hf_module(model, layer.prefix, arch) for layer in loaded.model.moe_layers}
     for hf_path in moe_paths.values():
         model.set_submodule(hf_path, nn.Identity())

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from .canonical import QuantLinear
 from .arch import EXPERT_MODULE, PROJ_ROLE, ROLES, Architecture, detect_architecture
-from .errors import BadInputError
+from .errors import BadInputError, MoeprepError
 from .formats import LinearFacts, LinearRef, RawLinear, SourceFormat, detect
 from .io.checkpoint import Checkpoint
 
@@ -84,8 +84,14 @@ class ModelMap:
 
 
 def build_model_map(ckpt: Checkpoint, fmt: SourceFormat | None = None) -> ModelMap:
-    arch = detect_architecture(ckpt.config)
-    fmt = fmt or detect(ckpt.quantization_config)
+    try:
+        arch = detect_architecture(ckpt.config)
+        fmt = fmt or detect(ckpt.quantization_config)
+        arch.num_experts(ckpt.config)
+    except MoeprepError as e:
+        if e.path != "config.json":
+            raise
+        raise e.at(str(ckpt.root / "config.json")) from None
     n_experts = arch.num_experts(ckpt.config)
     layers: dict[int, tuple[str, dict[int, dict[str, LinearRef]]]] = {}
     others: list[LinearRef] = []

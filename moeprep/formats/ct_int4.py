@@ -81,6 +81,8 @@ class CompressedTensorsInt4(_CompressedTensorsFormat):
             check_tensor(ckpt, require(ckpt, ref, "weight_zero_point"), ("I32",), ((n + 7) // 8, groups))
         if "weight_g_idx" in ref.parts:
             check_tensor(ckpt, ref.parts["weight_g_idx"], ("I32", "I64"), (k,))
+        elif self.params.desc_act:
+            require(ckpt, ref, "weight_g_idx")  # actorder "group" writes it
         check_bias(ckpt, ref)
 
     def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:

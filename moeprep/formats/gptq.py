@@ -79,6 +79,8 @@ class GPTQ(SourceFormat):
         check_tensor(ckpt, scales, SCALE_DTYPES, (groups, n))
         if "g_idx" in ref.parts:
             check_tensor(ckpt, ref.parts["g_idx"], ("I32", "I64"), (k,))
+        elif self.params.desc_act:
+            require(ckpt, ref, "g_idx")  # desc_act without its input order cannot be read
         check_bias(ckpt, ref)
 
     def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:

@@ -48,6 +48,13 @@ def resolve(source: str | os.PathLike) -> Path:
         raise BadInputError(f"not a directory, and the hub repo could not be fetched{hint}: {type(e).__name__}", path=text) from None
 
 
+def check_outside(src: Path, out: Path) -> None:
+    """Outputs never go inside a source checkpoint: moeprep does not modify its inputs."""
+    src_r, out_r = Path(src).resolve(), Path(out).resolve()
+    if out_r == src_r or src_r in out_r.parents:
+        raise BadInputError(f"the output is inside the source checkpoint {src}; moeprep never writes into its input", path=str(out))
+
+
 def _load_json(path: Path) -> dict:
     try:
         obj = json.loads(path.read_text())
@@ -107,7 +114,8 @@ class Checkpoint:
                 if Path(f).name != f:
                     raise BadInputError(f"invalid index: shard name {f!r} is not a plain file name", path=str(index_path))
                 if not (self.root / f).is_file():
-                    raise BadInputError(f"shard listed in the index is missing: {f}", path=str(index_path))
+                    first = next(name for name, shard in weight_map.items() if shard == f)
+                    raise BadInputError(f"shard listed in the index is missing: {f}", path=str(index_path), tensor=first)
             return files
         if (self.root / SINGLE_NAME).is_file():
             return [SINGLE_NAME]

@@ -26,18 +26,19 @@ class Architecture:
     activation: str  # "silu" or "swiglu_oai" (gpt-oss clamped SwiGLU)
 
     def num_experts(self, config: dict) -> int:
-        for key in ("num_local_experts", "num_experts"):
-            value = config.get(key)
-            if isinstance(value, int) and value > 0:
-                return value
-        raise UnsupportedError(f"{self.name} config.json has neither num_local_experts nor num_experts", path="config.json")
+        return _positive(config, ("num_local_experts", "num_experts"), self.name)
 
     def top_k(self, config: dict) -> int:
-        for key in ("num_experts_per_tok", "experts_per_token"):
-            value = config.get(key)
-            if isinstance(value, int) and value > 0:
-                return value
-        raise UnsupportedError(f"{self.name} config.json has no num_experts_per_tok", path="config.json")
+        return _positive(config, ("num_experts_per_tok", "experts_per_token"), self.name)
+
+
+def _positive(config: dict, keys: tuple[str, ...], arch: str) -> int:
+    """The first of ``keys`` holding a positive integer (producers differ in which they write)."""
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    raise UnsupportedError(f"{arch} config.json has no positive {' or '.join(keys)}", path="config.json")
 
 
 ARCHITECTURES: dict[str, Architecture] = {

@@ -108,9 +108,9 @@ def test_crash_inside_a_layer_leaves_nothing(multi_layer, tmp_path, monkeypatch)
     real = Target.layer_pieces
     seen = []
 
-    def crash_in_third_layer(self, model, plan):
+    def crash_in_third_layer(self, model, plan, *args):
         seen.append(plan.layer.index)
-        for i, piece in enumerate(real(self, model, plan)):
+        for i, piece in enumerate(real(self, model, plan, *args)):
             if len(seen) == 3 and i == 5:
                 raise RuntimeError("simulated crash")
             yield piece
@@ -130,10 +130,10 @@ def test_streams_one_expert_at_a_time(multi_layer, tmp_path, monkeypatch):
     real = Target.layer_pieces
     in_flight, peak, biggest = set(), [0], [0]
 
-    def tracked(self, model, plan):
+    def tracked(self, model, plan, *args):
         in_flight.add(plan.layer.index)
         peak[0] = max(peak[0], len(in_flight))
-        for name, piece in real(self, model, plan):
+        for name, piece in real(self, model, plan, *args):
             if name.endswith("_weight"):
                 biggest[0] = max(biggest[0], piece.shape[0])
             yield name, piece

@@ -15,10 +15,13 @@ from .base import (
     check_bias,
     check_tensor,
     group_count,
+    group_size_param,
     param,
     read_bias,
     refuse,
     require,
+    require_4bit,
+    shape_2d,
 )
 from .packing import awq_natural_order, unpack_nibbles
 from .registry import register
@@ -35,24 +38,17 @@ class AWQ(SourceFormat):
 
     def __init__(self, qcfg: dict):
         super().__init__(qcfg)
-        bits = param(qcfg, "bits", "w_bit")
-        if bits != 4:
-            raise refuse(f"AWQ with bits={bits} is not supported (moeprep reads 4-bit weights only)")
+        require_4bit(qcfg, "AWQ")
         version = str(param(qcfg, "version", "format", "checkpoint_format", default="gemm")).lower()
         if version != "gemm":
             raise refuse(f"AWQ version {version!r} is not supported (supported: gemm)")
         if not param(qcfg, "zero_point", default=True):
             raise refuse("AWQ with zero_point=false is not supported (supported: zero_point=true)")
-        group_size = param(qcfg, "group_size", "q_group_size", default=128)
-        if not isinstance(group_size, int) or (group_size <= 0 and group_size != -1):
-            raise refuse(f"AWQ group_size {group_size!r} is not supported")
-        self.params = QuantParams(4, group_size, False, False)
+        self.params = QuantParams(4, group_size_param(qcfg, "AWQ", "group_size", "q_group_size", default=128), False, False)
 
     def shape(self, ckpt: Checkpoint, parts) -> tuple[int, int]:
-        qweight = ckpt.info(parts["qweight"])
-        if len(qweight.shape) != 2:
-            raise BadInputError(f"qweight must be 2-D, got shape {list(qweight.shape)}", path=str(ckpt.file_of(parts["qweight"])), tensor=parts["qweight"])
-        return qweight.shape[1] * 8, qweight.shape[0]
+        rows, words = shape_2d(ckpt, parts["qweight"])  # [K, N/8]
+        return words * 8, rows
 
     def check(self, ckpt: Checkpoint, ref: LinearRef) -> None:
         n, k = ref.out_features, ref.in_features

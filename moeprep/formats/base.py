@@ -233,3 +233,24 @@ def param(qcfg: dict, *keys: str, default=None):
 
 def refuse(what: str) -> UnsupportedError:
     return UnsupportedError(what, path="config.json")
+
+
+def require_4bit(qcfg: dict, method: str) -> None:
+    bits = param(qcfg, "bits", "w_bit")
+    if bits != 4:
+        raise refuse(f"{method} with bits={bits} is not supported (moeprep reads 4-bit weights only)")
+
+
+def group_size_param(qcfg: dict, method: str, *keys: str, default: int) -> int:
+    """A group size from the config: a positive int, or -1 for one group per row."""
+    group_size = param(qcfg, *keys, default=default)
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or (group_size <= 0 and group_size != -1):
+        raise refuse(f"{method} group_size {group_size!r} is not supported")
+    return group_size
+
+
+def shape_2d(ckpt: Checkpoint, name: str) -> tuple[int, int]:
+    info = ckpt.info(name)
+    if len(info.shape) != 2:
+        raise BadInputError(f"must be 2-D, got shape {list(info.shape)}", path=str(ckpt.file_of(name)), tensor=name)
+    return info.shape

@@ -21,6 +21,7 @@ from .base import (
     read_bias,
     refuse,
     require,
+    shape_2d,
 )
 from .compressed_tensors import weights_scheme
 from .packing import unpack_nibbles
@@ -64,10 +65,8 @@ class CompressedTensorsInt4(_CompressedTensorsFormat):
         self.params = QuantParams(4, group_size, bool(w.get("symmetric", True)), actorder in ("group", "weight"))
 
     def shape(self, ckpt: Checkpoint, parts) -> tuple[int, int]:
-        info = ckpt.info(parts["weight_packed"])
-        if len(info.shape) != 2:
-            raise BadInputError(f"weight_packed must be 2-D, got shape {list(info.shape)}", path=str(ckpt.file_of(info.name)), tensor=info.name)
-        return info.shape[0], info.shape[1] * 8
+        rows, words = shape_2d(ckpt, parts["weight_packed"])  # [N, K/8]
+        return rows, words * 8
 
     def check(self, ckpt: Checkpoint, ref: LinearRef) -> None:
         n, k = ref.out_features, ref.in_features

@@ -22,10 +22,13 @@ from .base import (
     check_tensor,
     checked_g_idx,
     group_count,
+    group_size_param,
     param,
     read_bias,
     refuse,
     require,
+    require_4bit,
+    shape_2d,
 )
 from .packing import unpack_nibbles
 from .registry import register
@@ -46,27 +49,20 @@ class GPTQ(SourceFormat):
 
     def __init__(self, qcfg: dict):
         super().__init__(qcfg)
-        bits = param(qcfg, "bits", "w_bit")
-        if bits != 4:
-            raise refuse(f"GPTQ with bits={bits} is not supported (moeprep reads 4-bit weights only)")
+        require_4bit(qcfg, "GPTQ")
         fmt = str(param(qcfg, "checkpoint_format", "format", default="gptq")).lower()
         if fmt not in ("gptq", "gptq_v2"):
             raise refuse(f"GPTQ checkpoint_format {fmt!r} is not supported (supported: gptq, gptq_v2)")
         self.v1 = fmt == "gptq"
-        group_size = param(qcfg, "group_size", default=-1)
-        if not isinstance(group_size, int) or (group_size <= 0 and group_size != -1):
-            raise refuse(f"GPTQ group_size {group_size!r} is not supported")
-        self.params = QuantParams(4, group_size, bool(param(qcfg, "sym", default=True)), bool(param(qcfg, "desc_act", default=False)))
+        self.params = QuantParams(4, group_size_param(qcfg, "GPTQ", "group_size", default=-1), bool(param(qcfg, "sym", default=True)), bool(param(qcfg, "desc_act", default=False)))
         self.checkpoint_format = fmt
 
     def describe(self) -> dict:
         return {**super().describe(), "checkpoint_format": self.checkpoint_format}
 
     def shape(self, ckpt: Checkpoint, parts) -> tuple[int, int]:
-        qweight = ckpt.info(parts["qweight"])
-        if len(qweight.shape) != 2:
-            raise BadInputError(f"qweight must be 2-D, got shape {list(qweight.shape)}", path=str(ckpt.file_of(parts["qweight"])), tensor=parts["qweight"])
-        return qweight.shape[1], qweight.shape[0] * 8
+        words, cols = shape_2d(ckpt, parts["qweight"])  # [K/8, N]
+        return cols, words * 8
 
     def check(self, ckpt: Checkpoint, ref: LinearRef) -> None:
         n, k = ref.out_features, ref.in_features

@@ -12,7 +12,7 @@ import torch
 from ..canonical import MXFP4_GROUP
 from ..errors import BadInputError
 from ..io.checkpoint import Checkpoint
-from .base import LinearRef, QuantParams, RawLinear, SourceFormat, check_bias, check_tensor, read_bias, refuse, require
+from .base import LinearRef, QuantParams, RawLinear, SourceFormat, check_bias, check_tensor, read_bias, refuse, require, shape_2d
 from .compressed_tensors import weights_scheme
 from .ct_int4 import _CompressedTensorsFormat
 from .registry import register
@@ -33,10 +33,8 @@ class _PerModuleMXFP4(SourceFormat):
     scale_role = "weight_scale"
 
     def shape(self, ckpt: Checkpoint, parts) -> tuple[int, int]:
-        info = ckpt.info(parts[self.weight_suffix])
-        if len(info.shape) != 2:
-            raise BadInputError(f"MXFP4 weight must be 2-D, got shape {list(info.shape)}", path=str(ckpt.file_of(info.name)), tensor=info.name)
-        return info.shape[0], info.shape[1] * 2
+        rows, packed = shape_2d(ckpt, parts[self.weight_suffix])  # [N, K/2]
+        return rows, packed * 2
 
     def check(self, ckpt: Checkpoint, ref: LinearRef) -> None:
         n, k = ref.out_features, ref.in_features

@@ -91,6 +91,7 @@ class Checkpoint:
         if self.index is not None:
             self._check_index()
         self._handles: dict[str, object] = {}
+        self._maps: dict[str, torch.UntypedStorage] = {}
 
     @property
     def quantization_config(self) -> dict | None:
@@ -175,6 +176,19 @@ class Checkpoint:
 
     # --- data ---------------------------------------------------------------------------------
 
+    def _storage(self, fname: str) -> torch.UntypedStorage:
+        """The shard as one private (copy-on-write) memory map: tensors are views into it, so
+        nothing is read until touched, and nothing written through a view reaches the file."""
+        storage = self._maps.get(fname)
+        if storage is None:
+            path = self.root / fname
+            try:
+                storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=self.headers[fname].file_size)
+            except (OSError, RuntimeError) as e:
+                raise BadInputError(f"cannot map: {e}", path=str(path)) from None
+            self._maps[fname] = storage
+        return storage
+
     def _handle(self, fname: str):
         h = self._handles.get(fname)
         if h is None:
@@ -186,27 +200,29 @@ class Checkpoint:
         return h
 
     def get_tensor(self, name: str) -> torch.Tensor:
-        fname, _ = self.tensors.get(name, (None, None))
+        """One tensor, read lazily: a zero-copy view of the shard's memory map (safetensors'
+        ``safe_open`` for a tensor whose offset does not suit its dtype's alignment)."""
+        fname, info = self.tensors.get(name, (None, None))
         if fname is None:
             raise BadInputError("missing tensor", path=str(self.root), tensor=name)
+        dtype = getattr(torch, info.torch_dtype_name)
+        itemsize = torch.empty((), dtype=dtype).element_size()
         try:
+            if info.begin % itemsize == 0:
+                t = torch.empty(0, dtype=dtype)
+                return t.set_(self._storage(fname), info.begin // itemsize, info.shape)
             return self._handle(fname).get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise BadInputError(f"cannot read tensor data: {e}", path=str(self.root / fname), tensor=name) from None
 
     def get_expert(self, name: str, expert: int) -> torch.Tensor:
         """``tensor[expert]`` of a stacked-experts tensor, reading only that slice."""
-        fname, _ = self.tensors.get(name, (None, None))
-        if fname is None:
-            raise BadInputError("missing tensor", path=str(self.root), tensor=name)
-        try:
-            return self._handle(fname).get_slice(name)[expert]
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise BadInputError(f"cannot read tensor data: {e}", path=str(self.root / fname), tensor=name) from None
+        return self.get_tensor(name)[expert]
 
     def release(self) -> None:
-        """Drop the memory maps of all shards (tensors already returned stay valid)."""
+        """Drop the memory maps of all shards (tensors already returned keep theirs alive)."""
         self._handles.clear()
+        self._maps.clear()
 
     def iter_files(self) -> Iterator[Path]:
         """Every non-weight file of the checkpoint (config, tokenizer, ...), for copying."""

@@ -24,6 +24,18 @@ class Canonical(Target):
         return [] if shape.cols % 2 == 0 else [f"in_features {shape.cols} is odd"]
 
 
+def divisibility(proj: str, shape: ProjShape, w13_rows: int, w2_rows: int, cols: int) -> list[str]:
+    """A layout's tile rules: the rows of each projection (gate and up separately for w13) and
+    the input features must be multiples of the tile."""
+    found = []
+    rows, unit = (shape.rows // 2, w13_rows) if proj == "w13" else (shape.rows, w2_rows)
+    if rows % unit:
+        found.append(f"{rows} output rows is not a multiple of {unit}")
+    if shape.cols % cols:
+        found.append(f"in_features {shape.cols} is not a multiple of {cols}")
+    return found
+
+
 class _W4A16(Target):
     """Int4 codes as int8 values, (16,16)-shuffled, packed 8 values per 4 bytes; scales [E, G, N]
     with pairs of groups interleaved per row."""
@@ -31,12 +43,7 @@ class _W4A16(Target):
     kinds = ("int4",)
 
     def shape_problems(self, proj: str, shape: ProjShape, facts: LinearFacts, model: ModelMap) -> list[str]:
-        found = []
-        rows_unit = shape.rows // 2 if proj == "w13" else shape.rows
-        if rows_unit % 16:
-            found.append(f"{rows_unit} output rows is not a multiple of 16")
-        if shape.cols % 32:
-            found.append(f"in_features {shape.cols} is not a multiple of 32")
+        found = divisibility(proj, shape, 16, 16, 32)
         if shape.groups % 2:
             found.append(f"{shape.groups} groups along K is odd (the scale layout pairs groups)")
         return found
@@ -114,13 +121,8 @@ class MXFP4MoE(_MXFP4):
     weight_layout = {"w13": ("guinterleave", True), "w2": ("guinterleave", False)}
 
     def shape_problems(self, proj, shape, facts, model):
-        found = []
-        rows_unit = shape.rows // 2 if proj == "w13" else shape.rows
-        if rows_unit % (16 if proj == "w13" else 32):
-            found.append(f"{rows_unit} output rows is not a multiple of {16 if proj == 'w13' else 32}")
-        if shape.cols % 128:
-            found.append(f"in_features {shape.cols} is not a multiple of 128")
-        return found
+        # 64-byte K blocks of the interleaved shuffle; the scale shuffle pairs 16-row blocks
+        return divisibility(proj, shape, 16, 32, 128)
 
     def scale_stored_shape(self, proj, s):
         return (s.experts, s.rows, -(-s.groups // 8) * 8)
@@ -153,13 +155,7 @@ class MXFP4Preshuffle(_MXFP4):
     weight_layout = {"w13": ("shuffle", False), "w2": ("shuffle", False)}
 
     def shape_problems(self, proj, shape, facts, model):
-        found = []
-        rows_unit = shape.rows // 2 if proj == "w13" else shape.rows
-        if rows_unit % 16:
-            found.append(f"{rows_unit} output rows is not a multiple of 16")
-        if shape.cols % 64:
-            found.append(f"in_features {shape.cols} is not a multiple of 64")
-        return found
+        return divisibility(proj, shape, 16, 16, 64)
 
     def scale_stored_shape(self, proj, s):
         return (-(-(s.experts * s.rows) // 256) * 256, -(-s.groups // 8) * 8)

@@ -83,3 +83,15 @@ def packed(tmp_path_factory):
 def source_dir(fixtures_dir: Path, packed, name: str) -> Path:
     """A real fixture by directory name, or a packed case by id."""
     return fixtures_dir / name if name in REAL_FIXTURES else packed(name)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device; without one they are skipped, with the reason."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,184 @@
+"""``fused_moe``: routing and both expert GEMMs on the stored layouts, three to five launches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from ..errors import MoeprepError, UnsupportedError
+from ..serve.loader import ExpertWeights
+from ..serve.reference import Activation
+from ..serve.routing import Routing
+from . import configs, moe_gemm
+from .routing import RoutedTokens, route
+
+# target -> (stored format, w13 gate/up blocks interleaved)
+FORMATS = {
+    "w4a16_preshuffle": (moe_gemm.W4A16.value, False),
+    "w4a16_preshuffle_zp": (moe_gemm.W4A16_ZP.value, False),
+    "mxfp4_preshuffle": (moe_gemm.MXFP4.value, False),
+    "mxfp4_moe": (moe_gemm.MXFP4.value, True),
+}
+ACTIVATIONS = {"silu": moe_gemm.SILU.value, "swiglu_oai": moe_gemm.SWIGLU_OAI.value}
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class _Proj:
+    """One projection's stored tensors as the kernels take them."""
+
+    words: torch.Tensor  # the packed codes viewed as int32
+    scale: torch.Tensor
+    zero: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    groups: int
+    group_size: int
+    scale_cols: int  # E8M0 groups after padding (MXFP4); unused for int4
+
+
+def problems(experts: ExpertWeights) -> list[str]:
+    """Why the kernels cannot run this layer (empty when they can)."""
+    name = experts.target.name
+    if name not in FORMATS:
+        return [f"target {name} has no fused kernel (supported: {', '.join(FORMATS)})"]
+    found = []
+    for proj in ("w13", "w2"):
+        s = experts.plan.shapes[proj]
+        if name.startswith("mxfp4") and s.group_size != 32:
+            found.append(f"{proj}: MXFP4 group size {s.group_size}, expected 32")
+        if configs.fit_block_k(128, s.cols, s.group_size) == 0:
+            found.append(f"{proj}: no K tile of >= 16 columns fits K={s.cols} with group size {s.group_size}")
+    return found
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A MoE layer's stored tensors as the kernels take them."""
+
+    fmt: int
+    gate_up_interleaved: bool
+    w13: _Proj
+    w2: _Proj
+    input_perm: Optional[torch.Tensor]
+    experts: int
+    hidden: int
+    inter: int
+
+    @property
+    def family(self) -> str:
+        return "mxfp4" if self.fmt == moe_gemm.MXFP4.value else "int4"
+
+
+def prepare(experts: ExpertWeights) -> Layer:
+    found = problems(experts)
+    if found:
+        raise UnsupportedError("; ".join(found))
+    fmt, interleaved = FORMATS[experts.target.name]
+    perm = _plain(experts.get("w13_input_perm"))
+    return Layer(fmt, interleaved, _proj(experts, "w13"), _proj(experts, "w2"), None if perm is None else perm.contiguous(),
+                 experts.num_experts, experts.hidden_size, experts.intermediate_size)
+
+
+def _plain(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.as_subclass(torch.Tensor)
+
+
+def _proj(experts: ExpertWeights, proj: str) -> _Proj:
+    shape = experts.plan.shapes[proj]
+    scale = _plain(experts.get(f"{proj}_weight_scale"))
+    if scale.element_size() == 1:
+        scale = scale.view(torch.uint8)
+    return _Proj(
+        _plain(experts.get(f"{proj}_weight")).contiguous().view(torch.int32),
+        scale.contiguous(),
+        _plain(experts.get(f"{proj}_weight_zero_point")),
+        _plain(experts.get(f"{proj}_bias")),
+        shape.groups,
+        shape.group_size,
+        scale.shape[-1],
+    )
+
+
+def fused_moe(
+    hidden: torch.Tensor,
+    router_logits: torch.Tensor,
+    routing: Routing,
+    experts: ExpertWeights,
+    activation: Activation,
+    config: Optional[configs.MoEConfig] = None,
+) -> torch.Tensor:
+    """The MoE block's output ``[T, H]`` in ``hidden.dtype``: ``sum_j w[t, j] * expert_j(hidden[t])``
+    over the top-k experts of ``router_logits`` (routing as in :func:`moeprep.serve.routing.route`).
+
+    ``config`` overrides the tile configuration (it is still fitted to the shapes).
+    """
+    layer = prepare(experts)
+    if activation.kind not in ACTIVATIONS:
+        raise MoeprepError(f"activation {activation.kind!r} has no fused kernel (supported: {', '.join(ACTIVATIONS)})")
+    if hidden.dtype not in DTYPES:
+        raise MoeprepError(f"hidden states must be bfloat16, float16 or float32, got {hidden.dtype}")
+    H, E = layer.hidden, layer.experts
+    if hidden.dim() != 2 or hidden.shape[1] != H:
+        raise MoeprepError(f"expected hidden states [T, {H}], got {list(hidden.shape)}")
+    T = hidden.shape[0]
+    if router_logits.shape != (T, E):
+        raise MoeprepError(f"expected router logits [{T}, {E}], got {list(router_logits.shape)}")
+    if T == 0:
+        return hidden.new_zeros((0, H))
+    if hidden.stride(1) != 1:
+        hidden = hidden.contiguous()
+    cfg = pick_config(layer, T, routing.top_k, hidden.device, config)
+    r = route(router_logits, routing, cfg.block_m)
+    h = torch.empty((T * routing.top_k, layer.inter), dtype=hidden.dtype, device=hidden.device)
+    out = torch.empty((T, H), dtype=hidden.dtype, device=hidden.device)
+    launch_w13(layer, hidden, r, h, out, activation, cfg)
+    launch_w2(layer, h, r, out, cfg)
+    return out
+
+
+def pick_config(layer: Layer, tokens: int, top_k: int, device: torch.device,
+                config: Optional[configs.MoEConfig] = None) -> configs.MoEConfig:
+    groups = (layer.w13.group_size, layer.w2.group_size)
+    shape = (tokens, top_k, layer.experts, layer.hidden, layer.inter)
+    if config is None:
+        return configs.pick(*shape, layer.family, device, groups)
+    return configs.fit(config, *shape, device, groups)
+
+
+def _or(t: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
+    return placeholder if t is None else t
+
+
+def launch_w13(layer: Layer, hidden: torch.Tensor, r: RoutedTokens, h: torch.Tensor, out: torch.Tensor,
+               activation: Activation, cfg: configs.MoEConfig) -> None:
+    """``h = act(hidden W13^T)`` per routed pair; zeroes ``out``."""
+    w, c, T = layer.w13, cfg.w13, hidden.shape[0]
+    k = r.topk_ids.shape[1]
+    num_m_blocks = r.expert_ids.numel()
+    grid = num_m_blocks * triton.cdiv(layer.inter, c.block_n)
+    moe_gemm.w13_kernel[(grid,)](
+        hidden, hidden.stride(0), _or(layer.input_perm, w.scale), w.words, w.scale, _or(w.zero, w.scale), _or(w.bias, w.scale),
+        h, out, out.numel(), triton.cdiv(out.numel(), grid), r.sorted_ids, r.expert_ids, r.num_padded, T * k, num_m_blocks,
+        layer.hidden, layer.inter, w.groups, w.group_size, w.scale_cols, activation.alpha, activation.limit,
+        TOP_K=k, FMT=layer.fmt, GU_INTERLEAVED=layer.gate_up_interleaved, ACT=ACTIVATIONS[activation.kind],
+        HAS_BIAS=w.bias is not None, HAS_PERM=layer.input_perm is not None,
+        BM=cfg.block_m, BN=c.block_n, BK=c.block_k, NG=max(c.block_k // w.group_size, 1), GROUP_M=c.group_m,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+
+
+def launch_w2(layer: Layer, h: torch.Tensor, r: RoutedTokens, out: torch.Tensor, cfg: configs.MoEConfig) -> None:
+    """``out[t] += w[t, j] * (h[t * k + j] W2^T)``."""
+    w, c = layer.w2, cfg.w2
+    k = r.topk_ids.shape[1]
+    num_m_blocks = r.expert_ids.numel()
+    moe_gemm.w2_kernel[(num_m_blocks * triton.cdiv(layer.hidden, c.block_n), c.split_k)](
+        h, w.words, w.scale, _or(w.zero, w.scale), _or(w.bias, w.scale), out, out.stride(0), r.topk_weights,
+        r.sorted_ids, r.expert_ids, r.num_padded, r.topk_ids.numel(), num_m_blocks,
+        layer.hidden, layer.inter, w.groups, w.group_size, w.scale_cols,
+        TOP_K=k, FMT=layer.fmt, HAS_BIAS=w.bias is not None,
+        BM=cfg.block_m, BN=c.block_n, BK=c.block_k, NG=max(c.block_k // w.group_size, 1), GROUP_M=c.group_m,
+        SPLIT_K=c.split_k, num_warps=c.num_warps, num_stages=c.num_stages,
+    )

@@ -1,0 +1,240 @@
+"""The fused MoE kernels against the pure-torch reference.
+
+Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``) on small shapes;
+with one, the same tests run compiled and the ``gpu``-marked ones cover the benchmarked models'
+real shapes. Every run draws fresh random inputs and poisons every buffer the kernels allocate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit wraps the kernels
+pytest.importorskip("triton")
+
+from moeprep.errors import MoeprepError, UnsupportedError  # noqa: E402
+from moeprep.kernels import available, fused_moe, supports  # noqa: E402
+from moeprep.kernels import configs  # noqa: E402
+from moeprep.kernels.reference import align_reference  # noqa: E402
+from moeprep.kernels.routing import route as route_kernel  # noqa: E402
+from moeprep.kernels.testing import layer_to, linears_to, random_layer  # noqa: E402
+from moeprep.serve.moe_block import MoEBlock  # noqa: E402
+from moeprep.serve.reference import Activation, experts_reference  # noqa: E402
+from moeprep.serve.routing import Routing, route  # noqa: E402
+from moeprep.targets import get_target  # noqa: E402
+
+DEVICE = "cuda" if HAS_GPU else "cpu"
+TOL = 1e-2  # relative error of a bf16/fp16 run against the fp32 reference
+SILU = Activation("silu")
+SWIGLU = Activation("swiglu_oai", alpha=1.702, limit=7.0)
+QWEN3 = Routing("softmax_topk", 8, True, True)
+MIXTRAL = Routing("softmax_topk", 2, True)
+GPT_OSS = Routing("topk_softmax", 4, False)
+
+
+@contextmanager
+def poisoned_allocations():
+    """Every torch.empty / empty_like made inside comes back full of NaN (floats) or 2**30 (ints)."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan") if t.is_floating_point() else 2**30 if t.element_size() >= 4 else 0x5A)
+
+    torch.empty = lambda *a, **kw: poison(real_empty(*a, **kw))
+    torch.empty_like = lambda *a, **kw: poison(real_like(*a, **kw))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_like
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "NaN in the output: an element was left unwritten or read unwritten data"
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def assert_same_routing(r, logits, routing):
+    """The kernel's top-k is torch's up to the order of tied logits, which torch.topk leaves to
+    its implementation (on CPU it picks neither the lowest nor the first indices); the kernel
+    takes ties lowest index first. The weights only depend on the values, so they match slot by slot."""
+    weights, ids = route(logits, routing)
+    got = r.topk_ids.long()
+    vals = logits.gather(1, got)
+    assert torch.equal(vals, logits.gather(1, ids)), "different top-k values"
+    tied_next = vals[:, :-1] == vals[:, 1:]
+    assert bool((got[:, :-1] < got[:, 1:])[tied_next].all()), "ties not in increasing expert order"
+    kth = vals[:, -1:]
+    below = torch.where(logits == kth, torch.arange(logits.shape[1], device=logits.device), logits.shape[1])
+    lowest_tied = below.sort(dim=1).values[:, : routing.top_k]
+    chosen_tied = torch.where(vals == kth, got, logits.shape[1]).sort(dim=1).values
+    first = torch.arange(routing.top_k, device=got.device) < (vals == kth).sum(1, keepdim=True)
+    assert torch.equal(chosen_tied[first], lowest_tied[first]), "a boundary tie not broken towards the lower index"
+    torch.testing.assert_close(r.topk_weights, weights.float(), rtol=weight_rtol(routing), atol=1e-6)
+
+
+def run_and_check(layer, source, routing, act, T, dtype, config=None, tol=TOL):
+    experts = layer_to(layer, DEVICE)
+    H, E = layer.hidden_size, layer.num_experts
+    x = torch.randn(T, H, device=DEVICE).to(dtype)
+    logits = (torch.randn(T, E, device=DEVICE) * 2).to(dtype)
+    with poisoned_allocations():
+        out = fused_moe(x, logits, routing, experts, act, config=config)
+    assert out.shape == (T, H) and out.dtype == dtype
+    r = route_kernel(logits, routing, 16)  # the reference takes the same experts on ties
+    ref = experts_reference(x.float(), r.topk_weights, r.topk_ids.long(), linears_to(source, DEVICE), act)
+    err = rel_err(out, ref)
+    assert err <= tol, err
+    return out
+
+
+# ---- routing --------------------------------------------------------------------------------
+ROUTINGS = [QWEN3, MIXTRAL, GPT_OSS, Routing("softmax_topk", 3, False)]
+
+
+def weight_rtol(routing) -> float:
+    """Weights handed over in bf16 may round the other way after a 1-ulp difference in exp."""
+    return 2.0**-7 if routing.scoring == "topk_softmax" or routing.weights_in_logits_dtype else 1e-5
+
+
+@pytest.mark.parametrize("routing", ROUTINGS, ids=lambda r: f"{r.scoring}-k{r.top_k}-renorm{int(r.renormalize)}")
+@pytest.mark.parametrize("T,fused_max", [(1, 64), (13, 64), (64, 64), (70, 64), (9, 4)])
+def test_routing_matches_torch(routing, T, fused_max):
+    E, block_m = 24, 16
+    # small integer logits: many ties, which torch.topk breaks towards the lower index
+    logits = torch.randint(-4, 5, (T, E), device=DEVICE).to(torch.bfloat16)
+    with poisoned_allocations():
+        r = route_kernel(logits, routing, block_m, fused_max_tokens=fused_max)
+    assert_same_routing(r, logits, routing)
+    sorted_ids, expert_ids, padded = align_reference(r.topk_ids, E, block_m)
+    assert int(r.num_padded) == padded
+    assert torch.equal(r.sorted_ids[:padded].cpu(), sorted_ids)
+    assert torch.equal(r.expert_ids[: padded // block_m].cpu(), expert_ids)
+
+
+def test_routing_fp32_logits_with_distinct_values():
+    T, E = 37, 64
+    logits = torch.randn(T, E, device=DEVICE)
+    for routing in ROUTINGS:
+        assert_same_routing(route_kernel(logits, routing, 32), logits, routing)
+
+
+# ---- fused MoE ------------------------------------------------------------------------------
+CASES = [  # target, E, H, I, routing, activation, group, bias, desc_act, T, dtype
+    ("w4a16_preshuffle", 8, 128, 64, QWEN3, SILU, 32, False, False, 1, torch.bfloat16),
+    ("w4a16_preshuffle", 8, 128, 64, QWEN3, SILU, 32, False, True, 9, torch.bfloat16),
+    ("w4a16_preshuffle", 4, 256, 128, MIXTRAL, SILU, 32, False, False, 300, torch.bfloat16),
+    ("w4a16_preshuffle_zp", 8, 128, 128, QWEN3, SILU, 64, False, False, 5, torch.float16),
+    ("w4a16_preshuffle_zp", 6, 256, 256, MIXTRAL, SILU, 128, True, True, 33, torch.bfloat16),
+    ("mxfp4_preshuffle", 8, 192, 64, GPT_OSS, SWIGLU, 32, True, False, 3, torch.bfloat16),
+    ("mxfp4_preshuffle", 4, 192, 192, GPT_OSS, SWIGLU, 32, True, False, 70, torch.bfloat16),
+    ("mxfp4_moe", 8, 128, 128, GPT_OSS, SWIGLU, 32, True, False, 2, torch.bfloat16),
+    ("mxfp4_moe", 8, 256, 128, QWEN3, SILU, 32, False, False, 17, torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-T{c[9]}-{str(c[10])[6:]}{'-desc_act' if c[8] else ''}")
+def test_fused_moe_matches_reference(case):
+    target, E, H, I, routing, act, group, bias, desc_act, T, dtype = case
+    layer, source = random_layer(target, E, H, I, group_size=group, bias=bias, desc_act=desc_act)
+    assert supports(layer)
+    run_and_check(layer, source, routing, act, T, dtype)
+
+
+@pytest.mark.parametrize("target", ["w4a16_preshuffle_zp", "mxfp4_moe"])
+def test_fp32_is_exact(target):
+    """In fp32 the only differences left are the order of additions."""
+    layer, source = random_layer(target, 4, 128, 128, bias=target == "mxfp4_moe", desc_act=target.startswith("w4a16"))
+    run_and_check(layer, source, GPT_OSS, SWIGLU, 6, torch.float32, tol=1e-5 if not HAS_GPU else 2e-3)
+
+
+def test_split_k_one_row_blocks_and_large_tiles():
+    layer, source = random_layer("w4a16_preshuffle", 4, 256, 256)
+    for cfg in (
+        configs.MoEConfig(16, configs.GemmConfig(32, 64, 4, 2), configs.GemmConfig(32, 32, 4, 2, split_k=4)),
+        configs.MoEConfig(64, configs.GemmConfig(128, 128, 8, 3), configs.GemmConfig(128, 64, 8, 3)),
+        configs.MoEConfig(1, configs.GemmConfig(32, 128, 4, 3), configs.GemmConfig(64, 64, 4, 3, split_k=2)),
+    ):
+        run_and_check(layer, source, MIXTRAL, SILU, 20, torch.bfloat16, config=cfg)
+
+
+def test_moe_block_triton_backend_matches_reference_backend():
+    layer, _ = random_layer("w4a16_preshuffle", 8, 128, 64)
+    router = torch.randn(8, 128) * 0.1
+    x = torch.randn(11, 128).to(torch.bfloat16)
+    fast = MoEBlock(layer_to(layer, DEVICE), router.to(DEVICE), None, QWEN3, SILU, torch.bfloat16, backend="triton")
+    slow = MoEBlock(layer, router, None, QWEN3, SILU, torch.bfloat16, backend="reference")  # CPU: the ops it needs
+    assert rel_err(fast(x.to(DEVICE)).cpu(), slow(x)) <= TOL
+
+
+# ---- the test data and the API ---------------------------------------------------------------
+@pytest.mark.parametrize("target", ["w4a16_preshuffle", "w4a16_preshuffle_zp", "mxfp4_preshuffle", "mxfp4_moe"])
+def test_random_layer_is_what_the_target_reads_back(target):
+    """The stored tensors the kernels are tested on decode, through the target's own inverse, to
+    the canonical experts the reference uses."""
+    int4 = target.startswith("w4a16")
+    layer, source = random_layer(target, 3, 128, 128, group_size=32, bias=True, desc_act=int4)
+    for got, want in zip(layer.canonical(), source):
+        for role in ("gate", "up", "down"):
+            g, w = got[role], want[role]
+            assert torch.equal(g.codes, w.codes) and torch.equal(g.scales, w.scales), role
+            assert (g.zeros is None) == (w.zeros is None) and (g.zeros is None or torch.equal(g.zeros, w.zeros))
+            assert torch.equal(g.bias, w.bias)
+            assert (g.g_idx is None) == (w.g_idx is None) and (g.g_idx is None or torch.equal(g.g_idx, w.g_idx))
+
+
+def test_unsupported_layers_and_inputs_are_refused():
+    layer, _ = random_layer("w4a16_preshuffle", 2, 64, 64)
+    canonical = dataclasses.replace(layer, target=get_target("canonical"))
+    assert supports(layer) and not supports(canonical)
+    x = torch.randn(3, 64, device=DEVICE)
+    with pytest.raises(UnsupportedError, match="canonical"):
+        fused_moe(x, torch.randn(3, 2, device=DEVICE), MIXTRAL, layer_to(canonical, DEVICE), SILU)
+    with pytest.raises(MoeprepError, match=r"hidden states \[T, 64\]"):
+        fused_moe(x[:, :32], torch.randn(3, 2, device=DEVICE), MIXTRAL, layer_to(layer, DEVICE), SILU)
+    with pytest.raises(MoeprepError, match="top_k=3"):
+        fused_moe(x, torch.randn(3, 2, device=DEVICE), Routing("softmax_topk", 3, False), layer_to(layer, DEVICE), SILU)
+    assert fused_moe(x[:0], torch.randn(0, 2, device=DEVICE), MIXTRAL, layer_to(layer, DEVICE), SILU).shape == (0, 64)
+
+
+def test_available_needs_a_gpu():
+    assert available() == HAS_GPU
+
+
+# ---- real shapes (GPU) ---------------------------------------------------------------------
+MODELS = {  # name: (target, E, H, I, routing, activation, bias, Ts)
+    "qwen3-30b-a3b": ("w4a16_preshuffle", 128, 2048, 768, QWEN3, SILU, False, (1, 16, 512, 4096)),
+    "qwen3-30b-a3b-zp": ("w4a16_preshuffle_zp", 128, 2048, 768, QWEN3, SILU, False, (4, 2048)),
+    "qwen3-30b-a3b-mxfp4_moe": ("mxfp4_moe", 128, 2048, 768, QWEN3, SILU, False, (1, 2048)),
+    "gpt-oss-120b": ("mxfp4_preshuffle", 128, 2880, 2880, GPT_OSS, SWIGLU, True, (1, 16, 64, 2048)),
+    "mixtral-8x7b": ("w4a16_preshuffle", 8, 4096, 14336, MIXTRAL, SILU, False, (1, 512)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("model", list(MODELS))
+def test_real_shapes(model):
+    target, E, H, I, routing, act, bias, Ts = MODELS[model]
+    layer, source = random_layer(target, E, H, I, bias=bias, group_size=128 if target.endswith("_zp") else 32)
+    for T in Ts:
+        run_and_check(layer, source, routing, act, T, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("T", [1, 64, 65, 8192])
+def test_routing_real_shapes(T):
+    logits = torch.randn(T, 128, device=DEVICE).to(torch.bfloat16)
+    for routing in (QWEN3, GPT_OSS):
+        with poisoned_allocations():
+            r = route_kernel(logits, routing, 64)
+        assert_same_routing(r, logits, routing)
+        sorted_ids, expert_ids, padded = align_reference(r.topk_ids, 128, 64)
+        assert torch.equal(r.sorted_ids[:padded].cpu(), sorted_ids)
+        assert torch.equal(r.expert_ids[: padded // 64].cpu(), expert_ids)

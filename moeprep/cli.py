@@ -26,7 +26,7 @@ def _clean_errors(fn):
             os.dup2(devnull, sys.stdout.fileno())
             sys.exit(0)
         except KeyboardInterrupt:
-            click.echo("moeprep: interrupted; nothing was written", err=True)
+            click.echo("moeprep: interrupted; no partial output was left behind", err=True)
             sys.exit(130)
         except MemoryError:
             click.echo("moeprep: error: out of memory", err=True)

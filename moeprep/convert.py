@@ -318,8 +318,11 @@ class _LayerStream:
         self._leased: dict[int, torch.Tensor] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(target.layer_pieces(model, layer, self._alloc),), daemon=True)
-        self._thread.start()
         self._held = None
+
+    def start(self) -> "_LayerStream":
+        self._thread.start()
+        return self
 
     def _alloc(self, shape: tuple[int, ...]) -> torch.Tensor:
         need = math.prod(shape)
@@ -378,8 +381,14 @@ class _LayerStream:
                 self._free.put(leased)
 
     def close(self) -> None:
+        """Stop the producer and wait for it, even through another Ctrl-C or SIGTERM: a thread
+        left inside a C++ op when the interpreter exits aborts the process."""
         self._stop.set()
-        self._thread.join()
+        while self._thread.is_alive():
+            try:
+                self._thread.join()
+            except KeyboardInterrupt:
+                continue
 
 
 class _Stopped(Exception):
@@ -407,8 +416,10 @@ def execute(
 
     def stream(i: int) -> _LayerStream:
         for j in range(i, min(i + max(1, workers), len(plan.layers))):
-            if j not in streams and j >= i:
+            if j not in streams:
+                # registered before it starts, so an interrupt at any moment finds it to stop
                 streams[j] = _LayerStream(target, model, plan.layers[j])
+                streams[j].start()
         return streams[i]
 
     try:

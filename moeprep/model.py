@@ -65,8 +65,8 @@ class ModelMap:
     def read(self, ref: LinearRef) -> QuantLinear:
         return self.fmt.read(self.ckpt, ref)
 
-    def read_raw(self, ref: LinearRef) -> RawLinear:
-        return self.fmt.read_raw(self.ckpt, ref)
+    def read_raw_batch(self, refs: list[LinearRef]) -> list[RawLinear]:
+        return self.fmt.read_raw_batch(self.ckpt, refs)
 
     def facts(self, ref: LinearRef) -> LinearFacts:
         return self.fmt.facts(self.ckpt, ref)

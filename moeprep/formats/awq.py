@@ -22,6 +22,7 @@ from .base import (
     require,
     require_4bit,
     shape_2d,
+    stacked,
 )
 from .packing import awq_natural_order, unpack_nibbles
 from .registry import register
@@ -61,15 +62,19 @@ class AWQ(SourceFormat):
         check_tensor(ckpt, scales, ("F16", "BF16", "F32"), (groups, n))
         check_bias(ckpt, ref)
 
-    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
-        groups = ckpt.info(ref.parts["scales"]).shape[0]
-        zeros = awq_natural_order(unpack_nibbles(ckpt.get_tensor(ref.parts["qzeros"])))  # [groups, N]
-        return RawLinear(
-            kind="int4",
-            packing="awq_int32",
-            packed=ckpt.get_tensor(ref.parts["qweight"]),
-            scales=ckpt.get_tensor(ref.parts["scales"]).t().contiguous(),
-            group_size=ref.in_features // groups,
-            zeros=zeros.t().contiguous(),
-            bias=read_bias(ckpt, ref),
-        )
+    def read_raw_batch(self, ckpt: Checkpoint, refs: list[LinearRef]) -> list[RawLinear]:
+        groups = ckpt.info(refs[0].parts["scales"]).shape[0]
+        zeros = awq_natural_order(unpack_nibbles(stacked(ckpt, refs, "qzeros"))).transpose(1, 2).contiguous()  # [B, N, groups]
+        scales = stacked(ckpt, refs, "scales").transpose(1, 2).contiguous()
+        return [
+            RawLinear(
+                kind="int4",
+                packing="awq_int32",
+                packed=ckpt.get_tensor(ref.parts["qweight"]),
+                scales=scales[i],
+                group_size=ref.in_features // groups,
+                zeros=zeros[i],
+                bias=read_bias(ckpt, ref),
+            )
+            for i, ref in enumerate(refs)
+        ]

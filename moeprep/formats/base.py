@@ -152,9 +152,13 @@ class SourceFormat(ABC):
         size. Run for every linear when a checkpoint is opened, so even ``inspect`` refuses."""
 
     @abstractmethod
-    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
-        """Read one (checked) linear's tensors, codes left in their source packing; data-level
+    def read_raw_batch(self, ckpt: Checkpoint, refs: list[LinearRef]) -> list[RawLinear]:
+        """Read (checked) linears of one shape, e.g. one projection of every expert of a layer:
+        codes left in their source packing, the small tensors decoded in one batch. Data-level
         checks (g_idx maps, stored shapes) happen here."""
+
+    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
+        return self.read_raw_batch(ckpt, [ref])[0]
 
     def read(self, ckpt: Checkpoint, ref: LinearRef) -> QuantLinear:
         return self.read_raw(ckpt, ref).to_canonical()
@@ -203,21 +207,35 @@ def read_bias(ckpt: Checkpoint, ref: LinearRef) -> Optional[torch.Tensor]:
     return ckpt.get_tensor(ref.parts["bias"]) if "bias" in ref.parts else None
 
 
-def checked_g_idx(ckpt: Checkpoint, name: str, in_features: int, group_size: int) -> Optional[torch.Tensor]:
-    """Read and validate a g_idx; ``None`` when it is the trivial ``k // G`` map."""
-    g_idx = ckpt.get_tensor(name).to(torch.int32)
+def g_idx_of(ckpt: Checkpoint, refs: list[LinearRef], role: str, in_features: int, group_size: int) -> list[Optional[torch.Tensor]]:
+    if role not in refs[0].parts:
+        return [None] * len(refs)
+    return checked_g_idx(ckpt, [ref.parts[role] for ref in refs], in_features, group_size)
+
+
+def checked_g_idx(ckpt: Checkpoint, names: list[str], in_features: int, group_size: int) -> list[Optional[torch.Tensor]]:
+    """Read and validate g_idx tensors (one per linear, all of one shape) in one batch; each is
+    ``None`` when it is the trivial ``k // G`` map."""
     g = in_features if group_size == -1 else group_size
     groups = in_features // g
-    where = dict(path=str(ckpt.file_of(name)), tensor=name)
-    if in_features and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
-        raise BadInputError(f"not a valid group map: values outside [0, {groups})", **where)
-    counts = torch.bincount(g_idx.to(torch.int64), minlength=groups)
-    if not bool((counts == g).all()):
-        bad = int((counts != g).nonzero()[0, 0])
-        raise BadInputError(f"not a valid group map: group {bad} has {int(counts[bad])} channels, expected {g}", **where)
-    if torch.equal(g_idx, torch.arange(in_features, dtype=torch.int32) // g):
-        return None
-    return g_idx
+    g_idx = torch.stack([ckpt.get_tensor(name) for name in names]).to(torch.int64)
+    in_range = (g_idx >= 0) & (g_idx < groups)
+    counts = torch.zeros(len(names), groups + 1, dtype=torch.int64).scatter_add_(1, torch.where(in_range, g_idx, groups), torch.ones_like(g_idx))
+    bad = (~in_range.all(dim=1)) | (counts[:, :groups] != g).any(dim=1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        where = dict(path=str(ckpt.file_of(names[row])), tensor=names[row])
+        if not bool(in_range[row].all()):
+            raise BadInputError(f"not a valid group map: values outside [0, {groups})", **where)
+        grp = int((counts[row, :groups] != g).nonzero()[0, 0])
+        raise BadInputError(f"not a valid group map: group {grp} has {int(counts[row, grp])} channels, expected {g}", **where)
+    trivial = (g_idx == torch.arange(in_features) // g).all(dim=1)
+    return [None if bool(t) else row.to(torch.int32) for t, row in zip(trivial, g_idx)]
+
+
+def stacked(ckpt: Checkpoint, refs: list[LinearRef], role: str) -> torch.Tensor:
+    """One tensor role of several linears of one shape (the experts of a projection), stacked."""
+    return torch.stack([ckpt.get_tensor(ref.parts[role]) for ref in refs])
 
 
 def torch_dtype(name: str) -> torch.dtype:

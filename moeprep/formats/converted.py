@@ -177,9 +177,9 @@ class Converted(SourceFormat):
         prefix = ref.module.rsplit(".experts.", 1)[0]
         return self.read_layer(ckpt, prefix)[ref.expert][ref.rows]
 
-    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
-        if ref.expert is None:
-            return self.source.read_raw(ckpt, ref)
+    def read_raw_batch(self, ckpt: Checkpoint, refs: list[LinearRef]) -> list[RawLinear]:
+        if all(ref.expert is None for ref in refs):
+            return self.source.read_raw_batch(ckpt, refs)
         raise UnsupportedError("experts of a converted checkpoint have no source packing; convert the original checkpoint", path=str(ckpt.root))
 
     def check(self, ckpt: Checkpoint, ref: LinearRef) -> None:

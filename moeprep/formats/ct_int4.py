@@ -16,12 +16,13 @@ from .base import (
     SourceFormat,
     check_bias,
     check_tensor,
-    checked_g_idx,
+    g_idx_of,
     group_count,
     read_bias,
     refuse,
     require,
     shape_2d,
+    stacked,
 )
 from .compressed_tensors import weights_scheme
 from .packing import unpack_nibbles
@@ -84,28 +85,30 @@ class CompressedTensorsInt4(_CompressedTensorsFormat):
             require(ckpt, ref, "weight_g_idx")  # actorder "group" writes it
         check_bias(ckpt, ref)
 
-    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
-        n, k = ref.out_features, ref.in_features
-        groups = ckpt.info(ref.parts["weight_scale"]).shape[1]
-        if "weight_shape" in ref.parts:
-            shape_name = ref.parts["weight_shape"]
-            stored = [int(v) for v in ckpt.get_tensor(shape_name)]
-            if stored != [n, k]:
-                raise BadInputError(f"weight_shape {stored} disagrees with weight_packed (implies [{n}, {k}])", path=str(ckpt.file_of(shape_name)), tensor=shape_name)
-        zeros = None
+    def read_raw_batch(self, ckpt: Checkpoint, refs: list[LinearRef]) -> list[RawLinear]:
+        n, k = refs[0].out_features, refs[0].in_features
+        groups = ckpt.info(refs[0].parts["weight_scale"]).shape[1]
+        for ref in refs:
+            if "weight_shape" in ref.parts:
+                shape_name = ref.parts["weight_shape"]
+                stored = [int(v) for v in ckpt.get_tensor(shape_name)]
+                if stored != [n, k]:
+                    raise BadInputError(f"weight_shape {stored} disagrees with weight_packed (implies [{n}, {k}])", path=str(ckpt.file_of(shape_name)), tensor=shape_name)
+        zeros = [None] * len(refs)
         if not self.params.symmetric:
-            zp = ckpt.get_tensor(ref.parts["weight_zero_point"])
-            zeros = unpack_nibbles(zp.t())[:, :n].t().contiguous()  # [N, groups]
-        g_idx = None
-        if "weight_g_idx" in ref.parts:
-            g_idx = checked_g_idx(ckpt, ref.parts["weight_g_idx"], k, self.params.group_size)
-        return RawLinear(
-            kind="int4",
-            packing="ct_int32",
-            packed=ckpt.get_tensor(ref.parts["weight_packed"]),
-            scales=ckpt.get_tensor(ref.parts["weight_scale"]),
-            group_size=k // groups,
-            zeros=zeros,
-            g_idx=g_idx,
-            bias=read_bias(ckpt, ref),
-        )
+            packed_zeros = stacked(ckpt, refs, "weight_zero_point").transpose(1, 2)  # [B, groups, N/8]
+            zeros = unpack_nibbles(packed_zeros)[..., :n].transpose(1, 2).contiguous()  # [B, N, groups]
+        g_idx = g_idx_of(ckpt, refs, "weight_g_idx", k, self.params.group_size)
+        return [
+            RawLinear(
+                kind="int4",
+                packing="ct_int32",
+                packed=ckpt.get_tensor(ref.parts["weight_packed"]),
+                scales=ckpt.get_tensor(ref.parts["weight_scale"]),
+                group_size=k // groups,
+                zeros=zeros[i],
+                g_idx=g_idx[i],
+                bias=read_bias(ckpt, ref),
+            )
+            for i, ref in enumerate(refs)
+        ]

@@ -20,7 +20,7 @@ from .base import (
     SourceFormat,
     check_bias,
     check_tensor,
-    checked_g_idx,
+    g_idx_of,
     group_count,
     group_size_param,
     param,
@@ -29,6 +29,7 @@ from .base import (
     require,
     require_4bit,
     shape_2d,
+    stacked,
 )
 from .packing import unpack_nibbles
 from .registry import register
@@ -79,22 +80,25 @@ class GPTQ(SourceFormat):
             require(ckpt, ref, "g_idx")  # desc_act without its input order cannot be read
         check_bias(ckpt, ref)
 
-    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
-        k = ref.in_features
-        groups = ckpt.info(ref.parts["scales"]).shape[0]
-        g_idx = None
-        if "g_idx" in ref.parts:
-            g_idx = checked_g_idx(ckpt, ref.parts["g_idx"], k, self.params.group_size)
-        words = ckpt.get_tensor(ref.parts["qzeros"])
+    def read_raw_batch(self, ckpt: Checkpoint, refs: list[LinearRef]) -> list[RawLinear]:
+        k = refs[0].in_features
+        groups = ckpt.info(refs[0].parts["scales"]).shape[0]
+        g_idx = g_idx_of(ckpt, refs, "g_idx", k, self.params.group_size)
+        words = stacked(ckpt, refs, "qzeros")
         if self.v1:
             words = words.to(torch.int64) + _V1_ZERO_OFFSET
-        return RawLinear(
-            kind="int4",
-            packing="gptq_int32",
-            packed=ckpt.get_tensor(ref.parts["qweight"]),
-            scales=ckpt.get_tensor(ref.parts["scales"]).t().contiguous(),
-            group_size=k // groups,
-            zeros=unpack_nibbles(words).t().contiguous(),  # [N, groups]
-            g_idx=g_idx,
-            bias=read_bias(ckpt, ref),
-        )
+        zeros = unpack_nibbles(words).transpose(1, 2).contiguous()  # [B, N, groups]
+        scales = stacked(ckpt, refs, "scales").transpose(1, 2).contiguous()
+        return [
+            RawLinear(
+                kind="int4",
+                packing="gptq_int32",
+                packed=ckpt.get_tensor(ref.parts["qweight"]),
+                scales=scales[i],
+                group_size=k // groups,
+                zeros=zeros[i],
+                g_idx=g_idx[i],
+                bias=read_bias(ckpt, ref),
+            )
+            for i, ref in enumerate(refs)
+        ]

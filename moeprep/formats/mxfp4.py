@@ -45,9 +45,11 @@ class _PerModuleMXFP4(SourceFormat):
         check_tensor(ckpt, scale, ("U8", "F8_E8M0"), (n, k // MXFP4_GROUP))
         check_bias(ckpt, ref)
 
-    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
-        scale = ckpt.get_tensor(ref.parts["weight_scale"]).view(torch.uint8)
-        return _raw(ckpt.get_tensor(ref.parts[self.weight_suffix]), scale, read_bias(ckpt, ref))
+    def read_raw_batch(self, ckpt: Checkpoint, refs: list[LinearRef]) -> list[RawLinear]:
+        return [
+            _raw(ckpt.get_tensor(ref.parts[self.weight_suffix]), ckpt.get_tensor(ref.parts["weight_scale"]).view(torch.uint8), read_bias(ckpt, ref))
+            for ref in refs
+        ]
 
 
 @register
@@ -149,7 +151,10 @@ class GptOssMXFP4(SourceFormat):
         if "bias" in ref.parts:
             check_tensor(ckpt, ref.parts["bias"], ("BF16", "F16", "F32"), (e_count, n_all))
 
-    def read_raw(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
+    def read_raw_batch(self, ckpt: Checkpoint, refs: list[LinearRef]) -> list[RawLinear]:
+        return [self._read_one(ckpt, ref) for ref in refs]
+
+    def _read_one(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
         blocks = ref.parts["blocks"]
         _, n_all, kb, _ = ckpt.info(blocks).shape
         rows = slice(None) if ref.rows is None else slice(0 if ref.rows == "even" else 1, None, 2)

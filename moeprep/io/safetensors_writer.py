@@ -69,7 +69,11 @@ class SafetensorsWriter:
         self.specs = list(specs)
         self._next = 0
         self._f = open(self.path, "wb")
-        self._f.write(header_bytes(self.specs, metadata))
+        header = header_bytes(self.specs, metadata)
+        # Reserving the whole file first makes a full disk fail here, before any data is written,
+        # and spares the filesystem block allocation on every later write.
+        os.posix_fallocate(self._f.fileno(), 0, len(header) + sum(s.nbytes for s in self.specs))
+        self._f.write(header)
 
     def _expect(self, name: str) -> TensorSpec:
         if self._next >= len(self.specs):

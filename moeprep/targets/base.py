@@ -21,7 +21,7 @@ from .. import ops
 from ..canonical import SYMMETRIC_ZERO, QuantLinear, pack_codes, unpack_codes
 from ..errors import BadInputError, TargetError
 from ..formats import LinearFacts, RawLinear
-from ..formats.base import checked_g_idx
+from ..formats.base import g_idx_of
 from ..io.safetensors_writer import TensorSpec
 from ..model import MoELayer, ModelMap
 
@@ -184,8 +184,9 @@ class Target(ABC):
             s = plan.shapes[proj]
             rows_each = s.rows // len(members)
             scales, zeros, bias, g_idx, in_perms = [], [], [], [], []
+            batches = {m: model.read_raw_batch([expert[m] for expert in layer.experts]) for m in members}
             for e, expert in enumerate(layer.experts):
-                raws = {m: model.read_raw(expert[m]) for m in members}
+                raws = {m: batches[m][e] for m in members}
                 for m, raw in raws.items():
                     self.check_expert(proj, raw, expert[m].module)
                 rows, cols = self._perms(plan, proj, raws, expert, down_perms[e] if down_perms else None)
@@ -216,7 +217,8 @@ class Target(ABC):
         becomes w2's column order and w13's row order; ``None`` when nothing is folded."""
         if not plan.desc_act or self.keeps_g_idx:
             return None
-        return [_sorting_perm(_read_g_idx(model, expert["down"]), plan.shapes["w2"]) for expert in plan.layer.experts]
+        downs = [expert["down"] for expert in plan.layer.experts]
+        return [_sorting_perm(g, plan.shapes["w2"]) for g in _read_g_idx(model, downs)]
 
     def extra_metadata(self, model: ModelMap, plan: LayerPlan) -> dict[str, str]:
         """Metadata of ``w13_weight`` that depends on data: the folded w2 input order (desc_act).
@@ -349,11 +351,12 @@ def _same_g_idx(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
     return torch.equal(a, b)
 
 
-def _read_g_idx(model: ModelMap, ref) -> Optional[torch.Tensor]:
+def _read_g_idx(model: ModelMap, refs: list) -> list[Optional[torch.Tensor]]:
+    """The g_idx of linears of one shape (None where trivial or absent), without their weights."""
     role = model.fmt.g_idx_role
-    if role is None or role not in ref.parts:
-        return None
-    return checked_g_idx(model.ckpt, ref.parts[role], ref.in_features, model.fmt.params.group_size)
+    if role is None:
+        return [None] * len(refs)
+    return g_idx_of(model.ckpt, refs, role, refs[0].in_features, model.fmt.params.group_size)
 
 
 def _sorting_perm(g_idx: Optional[torch.Tensor], shape: ProjShape) -> torch.Tensor:

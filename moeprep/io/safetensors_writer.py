@@ -7,6 +7,7 @@ first from a plan, then each tensor's bytes as they are produced, in plan order.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -72,7 +73,12 @@ class SafetensorsWriter:
         header = header_bytes(self.specs, metadata)
         # Reserving the whole file first makes a full disk fail here, before any data is written,
         # and spares the filesystem block allocation on every later write.
-        os.posix_fallocate(self._f.fileno(), 0, len(header) + sum(s.nbytes for s in self.specs))
+        try:
+            os.posix_fallocate(self._f.fileno(), 0, len(header) + sum(s.nbytes for s in self.specs))
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # unsupported here: fine
+                self._f.close()
+                raise
         self._f.write(header)
 
     def _expect(self, name: str) -> TensorSpec:

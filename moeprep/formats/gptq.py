@@ -9,7 +9,6 @@ inverse of what it wrote.
 """
 from __future__ import annotations
 
-import torch
 
 from ..errors import BadInputError
 from ..io.checkpoint import Checkpoint
@@ -86,7 +85,7 @@ class GPTQ(SourceFormat):
         g_idx = g_idx_of(ckpt, refs, "g_idx", k, self.params.group_size)
         words = stacked(ckpt, refs, "qzeros")
         if self.v1:
-            words = words.to(torch.int64) + _V1_ZERO_OFFSET
+            words = words + _V1_ZERO_OFFSET  # int32 arithmetic wraps mod 2**32, as GPTQModel's does
         zeros = unpack_nibbles(words).transpose(1, 2).contiguous()  # [B, N, groups]
         scales = stacked(ckpt, refs, "scales").transpose(1, 2).contiguous()
         return [

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..canonical import pack_codes
+from ..canonical import pack_codes, unpack_codes
 
 # AWQ GEMM stores column 8w + AWQ_ORDER[p] in nibble p of word w: nibble 4a + b holds column
 # 2b + a, so the natural order is the (2, 4) -> (4, 2) transpose of each group of eight.
@@ -17,10 +17,12 @@ PACKINGS = ("canonical", "ct_int32", "gptq_int32", "awq_int32")
 
 
 def unpack_nibbles(words: torch.Tensor) -> torch.Tensor:
-    """int32 ``[..., W]`` -> uint8 ``[..., 8W]``: nibble i of each word, LSB first."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=words.device)
-    nib = (words.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF
-    return nib.to(torch.uint8).flatten(-2)
+    """int32 ``[..., W]`` -> uint8 ``[..., 8W]``: nibble i of each word, LSB first.
+
+    On a little-endian machine a word's bytes hold its nibbles (0, 1), (2, 3), ... low first, so
+    this is the byte view split into low and high nibbles.
+    """
+    return unpack_codes(words.contiguous().view(torch.uint8))
 
 
 def awq_natural_order(nibbles: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,35 @@
+"""On a GPU, ``load_moe_layer`` runs the fused kernels by default and matches the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize(
+    "fmt, arch, target, options",
+    [
+        ("ct_int4", "qwen3_moe", "w4a16_preshuffle", {"sym": True}),
+        ("awq", "mixtral", "w4a16_preshuffle_zp", {}),
+        ("gptq", "qwen3_moe", "w4a16_preshuffle_zp", {"desc_act": True, "sym": False}),
+        ("gptoss_mxfp4", "gpt_oss", "mxfp4_moe", {}),
+        ("quark_mxfp4", "qwen3_moe", "mxfp4_preshuffle", {}),
+    ],
+)
+def test_load_moe_layer_on_gpu_defaults_to_the_kernels(tmp_path, fmt, arch, target, options):
+    import moeprep
+    from packers import build_checkpoint
+
+    src = build_checkpoint(tmp_path / "src", fmt, arch, **options)
+    out = tmp_path / "out"
+    assert run_cli("convert", str(src), str(out), "--target", target).returncode == 0
+    fast = moeprep.load_moe_layer(str(out), 1, device="cuda", dtype=torch.bfloat16)
+    assert fast.backend == "triton" and fast.w13_weight.is_cuda and fast.w13_weight.shuffle_kind == target
+    slow = moeprep.load_moe_layer(str(out), 1, device="cpu", dtype=torch.float32, backend="reference")
+    x = torch.randn(37, 256, generator=torch.Generator().manual_seed(0))
+    want = slow(x)
+    got = fast(x.to("cuda", torch.bfloat16)).float().cpu()
+    assert float((got - want).norm() / want.norm()) <= 1e-2

@@ -19,16 +19,24 @@ Every time is the median of CUDA-graph replays with the L2 cache flushed before 
 (triton.testing.do_bench), so launch gaps and cached weights do not flatter anything.
 
     python scripts/bench_moe.py                       # the table
-    python scripts/bench_moe.py --tune --tokens 1,64  # sweep tile configs per GEMM, print the best
+    python scripts/bench_moe.py --tune --tokens 1,64  # sweep tile configs per GEMM, print TUNED entries
+
+Kernels are compiled ahead in ``--jobs`` worker processes (each launches a GEMM once on a
+zero-filled layer of the same shapes, which fills Triton's on-disk cache); the timings all run in
+this process, one at a time. ``--tune`` compiles every candidate that way, then times each GEMM alone.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +48,7 @@ from triton.testing import do_bench  # noqa: E402
 
 from moeprep.canonical import dequantize  # noqa: E402
 from moeprep.kernels import fused_moe  # noqa: E402
-from moeprep.kernels.configs import GemmConfig, MoEConfig  # noqa: E402
+from moeprep.kernels.configs import GemmConfig, MoEConfig, fit  # noqa: E402
 from moeprep.kernels.fused import launch_w13, launch_w2, pick_config, prepare  # noqa: E402
 from moeprep.kernels.routing import route as route_kernel  # noqa: E402
 from moeprep.kernels.testing import layer_to, linears_to, random_layer  # noqa: E402
@@ -71,7 +79,7 @@ MODELS = {
 TOKENS = (1, 4, 16, 64, 512, 2048, 8192)
 
 
-def timed_us(fn, graph: bool = True) -> float:
+def timed_us(fn, graph: bool = True, rep_ms: int = 60) -> float:
     """Median microseconds of fn, L2 flushed before each run; replayed from a CUDA graph."""
     fn()
     torch.cuda.synchronize()
@@ -85,7 +93,7 @@ def timed_us(fn, graph: bool = True) -> float:
         with torch.cuda.graph(g):
             fn()
         fn = g.replay
-    return do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
+    return do_bench(fn, warmup=10, rep=rep_ms, return_mode="median") * 1e3
 
 
 def copy_gbps() -> float:
@@ -178,16 +186,20 @@ def rel_err(out, ref) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
-def bench_model(name: str, model: Model, tokens, copy: float, rows: list) -> None:
+def build(model: Model):
+    """(stored layer, canonical experts) on the CPU: synthetic random weights of the model's shapes."""
+    return random_layer(model.target, model.experts, model.hidden, model.inter, group_size=model.group,
+                        bias=model.bias, seed=0)
+
+
+def bench_model(name: str, model: Model, layer_cpu, source_cpu, tokens, copy: float, rows: list) -> None:
     t0 = time.time()
-    layer_cpu, source_cpu = random_layer(model.target, model.experts, model.hidden, model.inter,
-                                         group_size=model.group, bias=model.bias, seed=0)
     experts = layer_to(layer_cpu, "cuda")
     source = linears_to(source_cpu, "cuda")
     per_expert = expert_bytes(layer_cpu, model)
     del layer_cpu, source_cpu
     baseline = TorchBf16(source, model)
-    print(f"# {name}: {model.target}, layer built in {time.time() - t0:.0f} s", file=sys.stderr)
+    print(f"# {name}: {model.target}, layer on the GPU in {time.time() - t0:.0f} s", file=sys.stderr)
     routing, act = model.routing, model.activation
     stored = prepare(experts)
     for T in tokens:
@@ -217,51 +229,198 @@ def bench_model(name: str, model: Model, tokens, copy: float, rows: list) -> Non
 
 
 # ---- tuning ------------------------------------------------------------------------------
-ONE_ROW_TILES = [(16, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 4), (64, 128, 8, 3), (32, 256, 8, 3), (16, 256, 4, 3)]
-DECODE_TILES = [(32, 128, 4, 3), (64, 128, 4, 3), (64, 256, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (32, 256, 4, 3)]
-PREFILL_TILES = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 8, 4)]
+# (block_n, block_k, num_warps, num_stages) swept per GEMM; split-K choices for the down projection
+ONE_ROW_TILES = [(16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (16, 512, 4, 2), (64, 256, 8, 3)]
+DECODE_TILES = [(32, 64, 4, 4), (64, 64, 4, 4), (32, 128, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 256, 4, 2),
+                (128, 128, 8, 3), (32, 256, 4, 3), (64, 64, 4, 5), (128, 64, 8, 3), (128, 64, 4, 4), (256, 64, 8, 3),
+                (128, 128, 4, 3)]
+PREFILL_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (32, 64, 4, 4), (64, 64, 8, 3),
+                 (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 8, 3), (128, 32, 8, 4),
+                 (128, 128, 8, 4), (64, 128, 8, 4)]
+DECODE_SPLITS = (1, 2, 4, 8)
+
+
+def _fits(bm: int, tile: tuple, gemm: str) -> bool:
+    """At most 128 fp32 accumulator registers per thread (w13 holds two accumulators)."""
+    bn, _, warps, _ = tile
+    return bm == 1 or bm * bn * (2 if gemm == "w13" else 1) <= 128 * 32 * warps
 
 
 def _candidates(T: int, model: Model):
-    """(block_m, tiles, split-K choices) to sweep for one batch size."""
+    """(block_m, gemm, tile, split) to sweep for one batch size."""
     per_expert = T * model.routing.top_k / model.experts
-    if per_expert <= 8:
-        yield 1, ONE_ROW_TILES, (1, 4)
-        yield 16, DECODE_TILES, (1, 4)
+    if per_expert < 24:
+        bms = ([1] if per_expert <= 2 else []) + [16] + ([32] if per_expert >= 8 else [])
     else:
-        for bm in (32, 64, 128):
-            if bm <= 2 * per_expert:
-                yield bm, PREFILL_TILES, (1,)
+        bms = [bm for bm in (32, 64, 128, 256) if bm <= 2 * per_expert][-3:]
+    for bm in bms:
+        tiles = ONE_ROW_TILES if bm == 1 else DECODE_TILES if bm <= 32 else PREFILL_TILES
+        for tile in tiles:
+            if _fits(bm, tile, "w13"):
+                yield bm, "w13", tile, 1
+            if _fits(bm, tile, "w2"):
+                for split in DECODE_SPLITS if bm <= 16 else (1, 2) if bm == 32 else (1,):
+                    yield bm, "w2", tile, split
 
 
-def tune_model(name: str, model: Model, tokens, results: list) -> None:
-    layer, _ = random_layer(model.target, model.experts, model.hidden, model.inter, group_size=model.group,
-                            bias=model.bias, seed=0)
-    experts = layer_to(layer, "cuda")
-    stored = prepare(experts)
-    routing, act = model.routing, model.activation
-    for T in tokens:
+def _fitted(stored, T: int, routing: Routing, bm: int, tile: tuple, split: int) -> MoEConfig:
+    return fit(MoEConfig(bm, GemmConfig(*tile), GemmConfig(*tile)), T, routing.top_k, stored.experts, stored.hidden,
+               stored.inter, torch.device("cuda"), (stored.w13.group_size, stored.w2.group_size), split_k=split)
+
+
+def _placeholders(obj):
+    """The layer with every tensor replaced by (shape, dtype): what a compile worker needs."""
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", tuple(obj.shape), obj.dtype)
+    if is_dataclass(obj):
+        return replace(obj, **{f.name: _placeholders(getattr(obj, f.name)) for f in fields(obj)})
+    return obj
+
+
+def _materialised(obj):
+    """Zero tensors in place of :func:`_placeholders`' descriptions: enough to compile and launch
+    every kernel."""
+    if isinstance(obj, tuple) and obj and obj[0] == "tensor":
+        return torch.zeros(obj[1], dtype=obj[2], device="cuda")
+    if is_dataclass(obj):
+        return replace(obj, **{f.name: _materialised(getattr(obj, f.name)) for f in fields(obj)})
+    return obj
+
+
+_WORKER_LAYERS: dict = {}
+
+
+def _compile_job(model_name: str, shape_only, bm: int, gemm: str, cfg: MoEConfig) -> Optional[str]:
+    """Compile one GEMM configuration in a worker process, by launching it once on a few tokens
+    (the kernels do not specialise on the batch size); the error if it fails."""
+    try:
+        stored = _WORKER_LAYERS.get(model_name)
+        if stored is None:
+            stored = _WORKER_LAYERS[model_name] = _materialised(shape_only)
+        model, T = MODELS[model_name], 16
         x = torch.randn(T, model.hidden, device="cuda", dtype=torch.bfloat16)
-        logits = torch.randn(T, model.experts, device="cuda", dtype=torch.bfloat16)
-        best = None
-        for bm, tiles, splits in _candidates(T, model):
-            r = route_kernel(logits, routing, bm)
-            h = torch.empty(T * routing.top_k, model.inter, device="cuda", dtype=torch.bfloat16)
-            out = torch.empty(T, model.hidden, device="cuda", dtype=torch.bfloat16)
-            t13, t2 = [], []
-            for tile in tiles:
-                cfg = pick_config(stored, T, routing.top_k, x.device, MoEConfig(bm, GemmConfig(*tile), GemmConfig(*tile)))
-                t13.append((timed_us(lambda c=cfg: launch_w13(stored, x, r, h, out, act, c), graph=False), cfg.w13))
-                for split in splits:
-                    c2 = MoEConfig(bm, GemmConfig(*tile), GemmConfig(*tile, split_k=split))
-                    cfg = pick_config(stored, T, routing.top_k, x.device, c2)
-                    t2.append((timed_us(lambda c=cfg: launch_w2(stored, h, r, out, c), graph=False), cfg.w2))
-            a, b = min(t13, key=lambda t: t[0]), min(t2, key=lambda t: t[0])
-            if best is None or a[0] + b[0] < best[0]:
-                best = (a[0] + b[0], bm, a, b)
-        _, bm, (us13, c13), (us2, c2) = best
-        results.append(dict(model=name, T=T, block_m=bm, w13=asdict(c13), w13_us=us13, w2=asdict(c2), w2_us=us2))
-        print(json.dumps(results[-1]), file=sys.stderr)
+        r = route_kernel(torch.randn(T, model.experts, device="cuda", dtype=torch.bfloat16), model.routing, bm)
+        h = torch.zeros(T * model.routing.top_k, model.inter, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(T, model.hidden, device="cuda", dtype=torch.bfloat16)
+        if gemm == "w13":
+            launch_w13(stored, x, r, h, out, model.activation, cfg)
+        else:
+            launch_w2(stored, h, r, out, cfg)
+        torch.cuda.synchronize()
+        return None
+    except Exception as exc:  # reported, and the configuration skipped
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def warm(pool: ProcessPoolExecutor, built: dict, tokens) -> None:
+    """Start compiling, in the pool's processes, the GEMMs that the table's layers will run."""
+    submitted = set()
+    for name, (layer_cpu, _) in built.items():
+        model, stored = MODELS[name], prepare(layer_cpu)
+        shape_only = _placeholders(stored)
+        for T in tokens:
+            cfg = pick_config(stored, T, model.routing.top_k, torch.device("cuda"))
+            for gemm in ("w13", "w2"):
+                key = (name, cfg.block_m, gemm, getattr(cfg, gemm))
+                if key not in submitted:
+                    submitted.add(key)
+                    pool.submit(_compile_job, name, shape_only, cfg.block_m, gemm, cfg)
+
+
+def tune(names, tokens, jobs: int, deadline_s: float, results: list, log: Optional[Path]) -> None:
+    """Sweep every candidate of every (model, T), largest T first: compile them all in ``jobs``
+    worker processes (Triton's cache is on disk, shared), then time each GEMM alone, serially, with
+    the L2 flushed; stop starting new (model, T) once ``deadline_s`` has passed."""
+    start = time.time()
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        layers, compiles = {}, {}
+        for name in names:
+            layers[name] = prepare(layer_to(build(MODELS[name])[0], "cuda"))
+        work = sorted(((T, name) for name in names for T in tokens), key=lambda p: -p[0])
+        for T, name in work:
+            stored, model = layers[name], MODELS[name]
+            shape_only = _placeholders(stored)
+            for bm, gemm, tile, split in _candidates(T, model):
+                cfg = _fitted(stored, T, model.routing, bm, tile, split)
+                key = (name, bm, gemm, cfg.w13 if gemm == "w13" else cfg.w2)
+                if key not in compiles:
+                    compiles[key] = pool.submit(_compile_job, name, shape_only, bm, gemm, cfg)
+        print(f"# {len(compiles)} kernels to compile; layers built in {time.time() - start:.0f} s", file=sys.stderr)
+        for T, name in work:
+            if time.time() - start > deadline_s:
+                print(f"# deadline: {name} T={T} not tuned", file=sys.stderr)
+                continue
+            t0 = time.time()
+            results.append(_tune_one(name, MODELS[name], layers[name], T, compiles))
+            results[-1]["tune_s"] = round(time.time() - t0, 1)
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "top"}), file=sys.stderr)
+            if log:
+                log.write_text(json.dumps(results, indent=1))
+        pool.shutdown(cancel_futures=True)
+
+
+def _compile_error(compiles: dict, key: tuple) -> Optional[str]:
+    try:
+        err = compiles[key].result()
+    except Exception as exc:  # the worker died
+        err = f"{type(exc).__name__}: {exc}"
+    if err and not getattr(compiles[key], "reported", False):
+        compiles[key].reported = True
+        print(f"#   {key}: {err}", file=sys.stderr)
+    return err
+
+
+def _tune_one(name: str, model: Model, stored, T: int, compiles: dict) -> dict:
+    x = torch.randn(T, model.hidden, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(T, model.experts, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(T * model.routing.top_k, model.inter, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(T, model.hidden, device="cuda", dtype=torch.bfloat16)
+    timings: dict = {}  # bm -> gemm -> [(us, GemmConfig)]
+    routed = {}
+    for bm, gemm, tile, split in _candidates(T, model):
+        cfg = _fitted(stored, T, model.routing, bm, tile, split)
+        g = cfg.w13 if gemm == "w13" else cfg.w2
+        if any(c == g for _, c in timings.get(bm, {}).get(gemm, [])) or _compile_error(compiles, (name, bm, gemm, g)):
+            continue
+        if bm not in routed:
+            routed[bm] = route_kernel(logits, model.routing, bm)
+        r = routed[bm]
+        if gemm == "w13":
+            us = timed_us(lambda: launch_w13(stored, x, r, h, out, model.activation, cfg), graph=False, rep_ms=25)
+        else:
+            us = timed_us(lambda: launch_w2(stored, h, r, out, cfg), graph=False, rep_ms=25)
+        timings.setdefault(bm, {}).setdefault(gemm, []).append((us, g))
+    fastest = {bm: (min(t["w13"], key=lambda p: p[0]), min(t["w2"], key=lambda p: p[0]))
+               for bm, t in timings.items() if "w13" in t and "w2" in t}
+    if not fastest:
+        return dict(model=name, T=T, error="no candidate compiled")
+    bm = min(fastest, key=lambda b: fastest[b][0][0] + fastest[b][1][0])
+    (us13, c13), (us2, c2) = fastest[bm]
+    top = {bm: {gemm: [(round(us, 1), asdict(c)) for us, c in sorted(v, key=lambda p: p[0])[:4]] for gemm, v in t.items()}
+           for bm, t in timings.items()}
+    return dict(model=name, T=T, block_m=bm, w13=asdict(c13), w13_us=us13, w2=asdict(c2), w2_us=us2, top=top)
+
+
+TUNED_KEYS = {  # model -> its key in moeprep.kernels.configs.TUNED
+    "qwen3-30b-a3b": '("int4", 128, 2048, 768, 8)',
+    "gpt-oss-120b": '("mxfp4", 128, 2880, 2880, 4)',
+    "mixtral-8x7b": '("int4", 8, 4096, 14336, 2)',
+}
+
+
+def print_tuned(rows: list) -> None:
+    """The sweep's winners as entries of ``configs.TUNED`` (w2 with its split)."""
+    def tile(c: dict, split: bool) -> tuple:
+        t = (c["block_n"], c["block_k"], c["num_warps"], c["num_stages"])
+        return t + (c["split_k"],) if split else t
+
+    for name in dict.fromkeys(r["model"] for r in rows if "error" not in r):
+        print(f"    {TUNED_KEYS.get(name, repr(name))}: [  # {name}")
+        for r in sorted((r for r in rows if r["model"] == name and "error" not in r), key=lambda r: r["T"]):
+            print(f"        ({r['T']}, _cfg({r['block_m']}, {tile(r['w13'], False)}, {tile(r['w2'], True)})),"
+                  f"  # {r['w13_us']:.0f} + {r['w2_us']:.0f} us")
+        print("    ],")
 
 
 def print_table(rows: list, copy: float) -> None:
@@ -283,6 +442,9 @@ def main() -> None:
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated batch sizes T")
     p.add_argument("--tune", action="store_true", help="sweep tile configurations instead of the table")
+    p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 2),
+                   help="processes compiling the kernels in parallel ahead of the timings")
+    p.add_argument("--deadline", type=float, default=1e9, help="--tune: seconds after which no new (model, T) starts")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -290,13 +452,17 @@ def main() -> None:
     tokens = [int(t) for t in args.tokens.split(",")]
     rows: list = []
     if args.tune:
-        for name in args.models.split(","):
-            tune_model(name, MODELS[name], tokens, rows)
+        tune(args.models.split(","), tokens, args.jobs, args.deadline, rows, args.json)
+        print_tuned(rows)
     else:
-        copy = copy_gbps()
-        for name in args.models.split(","):
-            bench_model(name, MODELS[name], tokens, copy, rows)
-            torch.cuda.empty_cache()
+        names = args.models.split(",")
+        built = {name: build(MODELS[name]) for name in names}
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            warm(pool, built, tokens)
+            copy = copy_gbps()
+            for name in names:
+                bench_model(name, MODELS[name], *built.pop(name), tokens, copy, rows)
+                torch.cuda.empty_cache()
         print_table(rows, copy)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -163,6 +163,96 @@ def test_split_k_one_row_blocks_and_large_tiles():
         run_and_check(layer, source, MIXTRAL, SILU, 20, torch.bfloat16, config=cfg)
 
 
+def test_split_k_is_capped_by_the_additions_into_the_output():
+    """Each split adds every token's top-k partial sums into the bf16 output once more."""
+    g = configs.GemmConfig(64, 64, 4, 3)
+    for top_k, wanted, allowed in ((8, 8, 2), (4, 8, 4), (2, 8, 8), (16, 4, 1)):
+        cfg = configs.MoEConfig(16, g, dataclasses.replace(g, split_k=wanted))
+        fitted = configs.fit(cfg, 1, top_k, 128, 512, 2048, torch.device("cpu"), (32, 32))
+        assert fitted.w2.split_k == allowed, (top_k, fitted.w2.split_k)
+        assert fitted.w2.split_k * top_k <= configs.MAX_ADDS or fitted.w2.split_k == 1
+
+
+# ---- the CUDA-only packed decodes, run through a model of the PTX they use ---------------------
+def _bf16_bits(x: float) -> int:
+    return int(torch.tensor([x], dtype=torch.float64).to(torch.bfloat16).view(torch.int16)) & 0xFFFF
+
+
+def _bf16_value(bits: int) -> float:
+    return torch.tensor([bits & 0xFFFF], dtype=torch.int32).to(torch.int16).view(torch.bfloat16).item()
+
+
+def _run_ptx(asm: str, inputs: list[int]) -> list[int]:
+    """The registers $0-$7 after the asm block, for the few PTX instructions the decodes use
+    (semantics from the PTX ISA; bf16x2 FMA rounds once, to nearest even)."""
+    regs = {f"${i + 8}": v for i, v in enumerate(inputs)}
+
+    def val(o):
+        return regs[o] if o in regs else int(o, 0) & 0xFFFFFFFF
+
+    for line in asm.strip("{}\n").splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        dst, *args = [a.strip() for a in rest.split(",")]
+        a = [val(x) for x in args]
+        if op == "mov.b32":
+            r = a[0]
+        elif op == "prmt.b32":  # bytes of {a[1], a[0]} numbered 0-7, one selector nibble per result byte
+            both = a[0] | a[1] << 32
+            r = sum(((both >> 8 * ((a[2] >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
+        elif op == "shr.u32":
+            r = a[0] >> a[1]
+        elif op == "shl.b32":
+            r = a[0] << a[1]
+        elif op == "and.b32":
+            r = a[0] & a[1]
+        elif op == "lop3.b32":
+            r = sum(((a[3] >> ((a[0] >> i & 1) << 2 | (a[1] >> i & 1) << 1 | (a[2] >> i & 1))) & 1) << i for i in range(32))
+        elif op == "fma.rn.bf16x2":
+            r = sum(_bf16_bits(_bf16_value(a[0] >> h) * _bf16_value(a[1] >> h) + _bf16_value(a[2] >> h)) << h
+                    for h in (0, 16))
+        else:
+            raise AssertionError(f"no model of {op}")
+        regs[dst] = r & 0xFFFFFFFF
+    return [regs[f"${i}"] for i in range(8)]
+
+
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def test_packed_int4_decode_is_the_exact_bf16_of_q_minus_z_times_s():
+    from moeprep.kernels import _triton
+
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        words = torch.randint(0, 2**32, (2,), generator=gen).tolist()
+        z = int(torch.randint(0, 16, (), generator=gen))
+        s_bits = _bf16_bits(float(torch.randn((), generator=gen)) * 2.0**-6)
+        s = _bf16_value(s_bits)
+        out = _run_ptx(_triton._NIBBLES_BF16.value, words + [s_bits * 0x10001, _bf16_bits(128 + z) * 0x10001])
+        for j in range(8):
+            for h in range(2):
+                q = words[h] >> 8 * (j % 4) + 4 * (j // 4) & 0xF  # LAYOUTS.md: value j of a packed word
+                assert out[j] >> 16 * h & 0xFFFF == _bf16_bits((q - z) * s), (j, h, q, z, s)
+
+
+def test_packed_e2m1_decode_is_value_times_scale():
+    from moeprep.kernels import _triton
+
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(200):
+        words = torch.randint(0, 2**32, (2,), generator=gen).tolist()
+        e8 = int(torch.randint(100, 150, (), generator=gen))
+        out = _run_ptx(_triton._E2M1_BF16.value, words + [(e8 << 7) * 0x10001])
+        for j in range(8):
+            for h in range(2):
+                code = words[h] >> 4 * j & 0xF
+                want = (-1 if code & 8 else 1) * E2M1[code & 7] * 2.0 ** (e8 - 127)
+                assert _bf16_value(out[j] >> 16 * h) == want, (j, h, code, e8)
+
+
 def test_moe_block_triton_backend_matches_reference_backend():
     layer, _ = random_layer("w4a16_preshuffle", 8, 128, 64)
     router = torch.randn(8, 128) * 0.1

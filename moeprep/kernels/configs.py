@@ -1,10 +1,11 @@
 """Tile configurations of the grouped GEMMs, per shape and batch size.
 
-Decode (few rows per expert) is a stream over the touched experts' weights: one-row blocks (no
-MMA) or 16-row blocks, narrow column tiles so that enough programs run, and split-K on the down
-projection when the grid would still not fill the GPU. Prefill is tensor-core bound: large tiles. ``TUNED`` holds what
-``scripts/bench_moe.py --tune`` measured on an H100 for the benchmarked models; other shapes get
-the heuristic.
+Decode (few rows per expert) is a stream over the touched experts' weights: 16-row blocks (the
+one-row, no-MMA blocks remain selectable but lost every H100 sweep once the MMA operand was
+decoded two values per instruction), and split-K on the down projection when the grid would
+still not fill the GPU. Prefill is tensor-core bound: large tiles, 64- to 128-row blocks so that
+each decoded weight serves many tokens. ``TUNED`` holds what ``scripts/bench_moe.py --tune``
+measured on an H100 for the benchmarked models; other shapes get the heuristic.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ class GemmConfig:
     block_k: int
     num_warps: int
     num_stages: int
-    split_k: int = 1
+    split_k: int = 0  # 0: as many as it takes to fill the device (see fit)
     group_m: int = 8
 
 
@@ -37,28 +38,35 @@ def _cfg(block_m: int, w13: tuple, w2: tuple) -> MoEConfig:
     return MoEConfig(block_m, GemmConfig(*w13), GemmConfig(*w2))
 
 
-# (format family, E, H, I, top_k) -> [(smallest T, config)], ascending T. From
-# `scripts/bench_moe.py --tune --tokens 1,4,16,64,2048` on an H100 (docs/benchmarks.md).
+# (format family, E, H, I, top_k) -> [(smallest T, config)], ascending T; the comments give the
+# GEMMs' times. From `scripts/bench_moe.py --tune` on an H100 (docs/benchmarks.md).
 TUNED: dict[tuple, list[tuple[int, MoEConfig]]] = {
     ("int4", 128, 2048, 768, 8): [  # Qwen3-30B-A3B
-        (1, _cfg(1, (16, 256, 4, 3), (16, 128, 4, 3, 1))),
-        (4, _cfg(1, (32, 64, 4, 4), (32, 128, 4, 3, 1))),
-        (16, _cfg(16, (64, 64, 4, 4), (64, 128, 4, 3, 1))),
-        (64, _cfg(16, (64, 64, 4, 4), (64, 64, 4, 4, 1))),
-        (512, _cfg(32, (64, 128, 4, 3), (64, 128, 4, 3, 1))),  # not tuned
-        (2048, _cfg(128, (128, 128, 8, 3), (128, 64, 8, 3, 1))),
+        (1, _cfg(16, (64, 128, 4, 3), (64, 64, 4, 4, 2))),  # 25 + 13 us
+        (4, _cfg(16, (128, 64, 4, 3), (128, 128, 4, 3, 1))),  # 57 + 26 us
+        (16, _cfg(16, (128, 64, 4, 3), (128, 128, 4, 3, 1))),  # 102 + 62 us
+        (64, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 1))),  # 149 + 89 us
+        (512, _cfg(64, (128, 64, 4, 3), (128, 64, 4, 3, 1))),  # 174 + 117 us
+        (2048, _cfg(64, (128, 64, 4, 3), (128, 64, 4, 3, 1))),  # 444 + 257 us
+        (8192, _cfg(128, (128, 128, 8, 3), (128, 64, 4, 3, 1))),  # 1396 + 705 us
     ],
     ("mxfp4", 128, 2880, 2880, 4): [  # gpt-oss-120b
-        (1, _cfg(16, (32, 64, 4, 3), (64, 64, 4, 4, 3))),
-        (4, _cfg(16, (64, 64, 4, 3), (64, 64, 4, 3, 3))),
-        (16, _cfg(16, (64, 64, 4, 3), (64, 64, 4, 3, 1))),
-        (2048, _cfg(64, (64, 64, 4, 3), (64, 64, 4, 3, 1))),
+        (1, _cfg(16, (32, 64, 4, 4), (64, 64, 4, 4, 3))),  # 42 + 24 us
+        (4, _cfg(16, (32, 64, 4, 3), (64, 64, 4, 3, 3))),  # 103 + 58 us
+        (16, _cfg(16, (32, 64, 4, 4), (64, 64, 4, 4, 1))),  # 313 + 172 us
+        (64, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 1))),  # 615 + 319 us
+        (512, _cfg(32, (64, 64, 4, 4), (128, 64, 4, 3, 1))),  # 861 + 475 us
+        (2048, _cfg(64, (64, 64, 4, 3), (128, 64, 4, 3, 1))),  # 1605 + 754 us
+        (8192, _cfg(128, (64, 64, 8, 3), (128, 64, 8, 4, 1))),  # 4228 + 1914 us
     ],
     ("int4", 8, 4096, 14336, 2): [  # Mixtral-8x7B
-        (1, _cfg(1, (16, 128, 4, 3), (16, 256, 4, 3, 4))),
-        (4, _cfg(16, (64, 64, 4, 4), (64, 64, 4, 4, 4))),
-        (64, _cfg(32, (64, 64, 4, 3), (64, 64, 4, 3, 2))),
-        (512, _cfg(64, (128, 64, 8, 3), (128, 64, 8, 3, 1))),  # not tuned: the sweep ran out of time
+        (1, _cfg(16, (128, 64, 4, 3), (128, 128, 4, 3, 8))),  # 107 + 54 us
+        (4, _cfg(16, (128, 64, 4, 3), (128, 128, 4, 3, 4))),  # 284 + 143 us
+        (16, _cfg(16, (128, 64, 4, 3), (128, 128, 4, 3, 2))),  # 332 + 176 us
+        (64, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 4))),  # 427 + 226 us
+        (512, _cfg(64, (128, 64, 4, 3), (128, 64, 4, 3, 1))),  # 976 + 621 us
+        (2048, _cfg(128, (128, 128, 8, 3), (128, 64, 4, 3, 1))),  # 3132 + 1542 us
+        (8192, _cfg(128, (128, 128, 8, 3), (128, 64, 4, 3, 1))),  # 10890 + 4978 us
     ],
 }
 
@@ -87,14 +95,15 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 def _heuristic(tokens: int, top_k: int, experts: int) -> MoEConfig:
+    """Untuned shapes: what the H100 sweeps chose for the benchmarked models, by rows per expert."""
     per_expert = tokens * top_k / experts
-    if per_expert <= 1:
-        return MoEConfig(1, GemmConfig(32, 128, 4, 3), GemmConfig(32, 128, 4, 3))
     if per_expert <= 8:
-        return MoEConfig(16, GemmConfig(64, 128, 4, 3), GemmConfig(64, 128, 4, 3))
-    if per_expert <= 64:
-        return MoEConfig(32, GemmConfig(64, 128, 4, 3), GemmConfig(64, 128, 4, 3))
-    return MoEConfig(64, GemmConfig(128, 64, 8, 3), GemmConfig(128, 64, 8, 3))
+        return MoEConfig(16, GemmConfig(64, 128, 4, 3), GemmConfig(128, 64, 4, 3))
+    if per_expert <= 32:
+        return MoEConfig(32, GemmConfig(64, 64, 4, 3), GemmConfig(128, 64, 4, 3))
+    if per_expert <= 128:
+        return MoEConfig(64, GemmConfig(128, 64, 4, 3), GemmConfig(128, 64, 4, 3))
+    return MoEConfig(128, GemmConfig(128, 64, 8, 3), GemmConfig(128, 64, 4, 3))
 
 
 def pick(tokens: int, top_k: int, experts: int, hidden: int, inter: int, family: str, device: torch.device,
@@ -108,16 +117,23 @@ def pick(tokens: int, top_k: int, experts: int, hidden: int, inter: int, family:
     return fit(cfg, tokens, top_k, experts, hidden, inter, device, group_sizes)
 
 
+MAX_ADDS = 16  # partial sums added into each output element by the down projection, at most
+
+
 def fit(cfg: MoEConfig, tokens: int, top_k: int, experts: int, hidden: int, inter: int, device: torch.device,
         group_sizes: tuple[int, int], split_k: Optional[int] = None) -> MoEConfig:
     w13 = _fit_gemm(cfg.w13, inter, hidden, group_sizes[0])
     w2 = _fit_gemm(cfg.w2, hidden, inter, group_sizes[1])
-    if split_k is None and cfg.w2.split_k == 1:
+    wanted = split_k or cfg.w2.split_k
+    if not wanted:
         pairs = tokens * top_k
         blocks = max(min(experts, pairs), pairs // cfg.block_m)  # blocks that do work, at least
         grid = blocks * triton.cdiv(hidden, w2.block_n)
-        split_k = triton.next_power_of_2(triton.cdiv(_programs_wanted(device), grid))
-    return MoEConfig(cfg.block_m, w13, replace(w2, split_k=_split(split_k or cfg.w2.split_k, inter // w2.block_k)))
+        wanted = triton.next_power_of_2(triton.cdiv(_programs_wanted(device), grid))
+    # every split adds each token's top-k partial sums into the output once more, rounded to its
+    # dtype each time: keep it to MAX_ADDS roundings (32 measured 8e-3 of bf16 error, near the 1e-2 bound)
+    wanted = min(wanted, max(1, MAX_ADDS // top_k))
+    return MoEConfig(cfg.block_m, w13, replace(w2, split_k=_split(wanted, inter // w2.block_k)))
 
 
 def _split(wanted: int, k_tiles: int) -> int:

@@ -12,6 +12,7 @@ from ..serve.loader import ExpertWeights
 from ..serve.reference import Activation
 from ..serve.routing import Routing
 from . import configs, moe_gemm
+from ._triton import INTERPRET
 from .routing import RoutedTokens, route
 
 # target -> (stored format, w13 gate/up blocks interleaved)
@@ -147,6 +148,17 @@ def pick_config(layer: Layer, tokens: int, top_k: int, device: torch.device,
     return configs.fit(config, *shape, device, groups)
 
 
+def packed_decode(layer: Layer, w: _Proj, a: torch.Tensor) -> bool:
+    """Whether the MMA operand of ``a @ w^T`` can be decoded two values per instruction straight
+    into bf16 (PTX, CUDA >= sm_80): bf16 activations, and bf16 scales for int4 (MXFP4's
+    power-of-two scales bf16 holds exactly)."""
+    if INTERPRET or torch.version.hip is not None or a.device.type != "cuda" or a.dtype != torch.bfloat16:
+        return False
+    if torch.cuda.get_device_capability(a.device)[0] < 8:
+        return False
+    return layer.fmt == moe_gemm.MXFP4.value or w.scale.dtype == torch.bfloat16
+
+
 def _or(t: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
     return placeholder if t is None else t
 
@@ -158,14 +170,16 @@ def launch_w13(layer: Layer, hidden: torch.Tensor, r: RoutedTokens, h: torch.Ten
     k = r.topk_ids.shape[1]
     num_m_blocks = r.expert_ids.numel()
     grid = num_m_blocks * triton.cdiv(layer.inter, c.block_n)
+    zblock = moe_gemm.ZBLOCK.value
     moe_gemm.w13_kernel[(grid,)](
         hidden, hidden.stride(0), _or(layer.input_perm, w.scale), w.words, w.scale, _or(w.zero, w.scale), _or(w.bias, w.scale),
-        h, out, out.numel(), triton.cdiv(out.numel(), grid), r.sorted_ids, r.expert_ids, r.num_padded, T * k, num_m_blocks,
-        layer.hidden, layer.inter, w.groups, w.group_size, w.scale_cols, activation.alpha, activation.limit,
+        h, out, out.numel(), triton.cdiv(out.numel(), grid * zblock) * zblock,
+        r.sorted_ids, r.expert_ids, r.num_padded, T * k, num_m_blocks,
+        layer.hidden, layer.inter, w.groups, w.scale_cols, activation.alpha, activation.limit,
         TOP_K=k, FMT=layer.fmt, GU_INTERLEAVED=layer.gate_up_interleaved, ACT=ACTIVATIONS[activation.kind],
         HAS_BIAS=w.bias is not None, HAS_PERM=layer.input_perm is not None,
-        BM=cfg.block_m, BN=c.block_n, BK=c.block_k, NG=max(c.block_k // w.group_size, 1), GROUP_M=c.group_m,
-        num_warps=c.num_warps, num_stages=c.num_stages,
+        BM=cfg.block_m, BN=c.block_n, BK=c.block_k, NG=max(c.block_k // w.group_size, 1), GS=w.group_size,
+        GROUP_M=c.group_m, PACKED=packed_decode(layer, w, hidden), num_warps=c.num_warps, num_stages=c.num_stages,
     )
 
 
@@ -177,8 +191,9 @@ def launch_w2(layer: Layer, h: torch.Tensor, r: RoutedTokens, out: torch.Tensor,
     moe_gemm.w2_kernel[(num_m_blocks * triton.cdiv(layer.hidden, c.block_n), c.split_k)](
         h, w.words, w.scale, _or(w.zero, w.scale), _or(w.bias, w.scale), out, out.stride(0), r.topk_weights,
         r.sorted_ids, r.expert_ids, r.num_padded, r.topk_ids.numel(), num_m_blocks,
-        layer.hidden, layer.inter, w.groups, w.group_size, w.scale_cols,
+        layer.hidden, layer.inter, w.groups, w.scale_cols,
         TOP_K=k, FMT=layer.fmt, HAS_BIAS=w.bias is not None,
-        BM=cfg.block_m, BN=c.block_n, BK=c.block_k, NG=max(c.block_k // w.group_size, 1), GROUP_M=c.group_m,
-        SPLIT_K=c.split_k, num_warps=c.num_warps, num_stages=c.num_stages,
+        BM=cfg.block_m, BN=c.block_n, BK=c.block_k, NG=max(c.block_k // w.group_size, 1), GS=w.group_size,
+        GROUP_M=c.group_m, SPLIT_K=c.split_k, PACKED=packed_decode(layer, w, h),
+        num_warps=c.num_warps, num_stages=c.num_stages,
     )

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import mxfp4, w4a16
-from ._triton import accumulate, mma, rounded
+from ._triton import accumulate, mma, opaque, rounded
 
 # stored formats
 W4A16 = tl.constexpr(0)  # signed int4, zero point 8
@@ -65,28 +65,32 @@ def _words(w_ptrs, k0, row_ok, valid):
 
 
 @triton.jit
-def _weight_rows(words, k0, s_ptr, z_ptr, expert, rows, row_ok, blocks, N, G, group_size, KSP,
-                 FMT: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr):
-    """Dequantized ``W[rows, k0:k0+BK]`` in fp32, ``[BN, BK]``, from its code words; the tile holds
-    NG whole groups (or lies inside one)."""
-    g = k0 // group_size + tl.arange(0, NG)
+def _weight_rows(words, k0, s_ptr, z_ptr, expert, rows, row_ok, blocks, N, G, KSP,
+                 FMT: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr, OUT: tl.constexpr):
+    """Dequantized ``W[rows, k0:k0+BK]`` in OUT, ``[BN, BK]``, from its code words; the tile holds
+    NG whole groups of GS columns (or lies inside one)."""
+    g = k0 // GS + tl.arange(0, NG)
     if FMT == MXFP4:
-        w = mxfp4.dequant(words, s_ptr, expert * (N // 16) + blocks, rows % 16, row_ok, g, KSP)
+        w = mxfp4.dequant(words, s_ptr, expert * (N // 16) + blocks, rows % 16, row_ok, g, KSP, OUT)
     else:
-        w = w4a16.dequant(words, s_ptr, z_ptr, expert, rows, row_ok, g, N, G, FMT == W4A16, FMT == W4A16_ZP)
+        w = w4a16.dequant(words, s_ptr, z_ptr, expert, rows, row_ok, g, N, G, FMT == W4A16, FMT == W4A16_ZP, OUT)
     return tl.reshape(w, (rows.shape[0], BK))
 
 
 @triton.jit
-def _product(a, words, k0, s_ptr, z_ptr, expert, rows, row_ok, blocks, N, G, group_size, KSP, acc,
-             FMT: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr):
+def _product(a, words, k0, s_ptr, z_ptr, expert, rows, row_ok, blocks, N, G, KSP, acc,
+             FMT: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr, PACKED: tl.constexpr):
     """``acc += a @ W[rows, k0:k0+BK]^T``. With one row (decode, one token per block) the
     accumulator is ``[BN, BK]`` and summed once at the end: no MMA operand round trip through
-    shared memory, one FMA per weight."""
-    w = _weight_rows(words, k0, s_ptr, z_ptr, expert, rows, row_ok, blocks, N, G, group_size, KSP, FMT, BK, NG)
+    shared memory, one FMA per weight. PACKED: the MMA operand is decoded straight into bf16, two
+    values per instruction (CUDA; see ``_triton.packed_nibbles``)."""
+    DECODED: tl.constexpr = tl.bfloat16 if PACKED and a.shape[0] > 1 else tl.float32
+    w = _weight_rows(words, k0, s_ptr, z_ptr, expert, rows, row_ok, blocks, N, G, KSP, FMT, BK, NG, GS, DECODED)
     if a.shape[0] == 1:
         acc += w * a.to(tl.float32)
-    else:  # k runs along each row, as the codes are packed: the tile goes to the MMA as B^T
+    elif PACKED:  # k runs along each row, as the codes are packed: the tile goes to the MMA as B^T
+        acc = mma(a, tl.trans(opaque(w)), acc)
+    else:
         acc = mma(a, tl.trans(rounded(w, a.dtype)), acc)
     return acc
 
@@ -108,6 +112,9 @@ def _result(acc, BM: tl.constexpr):
     return acc
 
 
+ZBLOCK = tl.constexpr(1024)  # w13_kernel's zeroing of the output: each program takes a multiple of this
+
+
 @triton.jit
 def _zero_share(ptr, numel, pid, per, ZBLOCK: tl.constexpr):
     # loop bounds must not depend on the program id: the interpreter cannot iterate over those
@@ -119,15 +126,16 @@ def _zero_share(ptr, numel, pid, per, ZBLOCK: tl.constexpr):
         tl.store(ptr + offs, zeros, mask=offs < end)
 
 
-@triton.jit
+# batch-dependent arguments are not specialised on: one compiled kernel serves every batch size
+@triton.jit(do_not_specialize=["num_pairs", "num_m_blocks"])
 def w13_kernel(x_ptr, stride_x, perm_ptr, w_ptr, s_ptr, z_ptr, b_ptr, h_ptr, out_ptr, out_numel, zero_per_program,
-               sorted_ptr, expert_ids_ptr, num_padded_ptr, num_pairs, num_m_blocks, H, I, G, group_size, KSP,
-               alpha, limit,
+               sorted_ptr, expert_ids_ptr, num_padded_ptr, num_pairs, num_m_blocks, H, I, G, KSP, alpha, limit,
                TOP_K: tl.constexpr, FMT: tl.constexpr, GU_INTERLEAVED: tl.constexpr, ACT: tl.constexpr,
                HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr, GROUP_M: tl.constexpr):
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
+               GROUP_M: tl.constexpr, PACKED: tl.constexpr):
     pid = tl.program_id(0)
-    _zero_share(out_ptr, out_numel, pid, zero_per_program, 1024)
+    _zero_share(out_ptr, out_numel, pid, zero_per_program, ZBLOCK)
     pid_m, pid_n = _block_order(pid, num_m_blocks, tl.cdiv(I, BN), GROUP_M)
     if pid_m * BM >= tl.load(num_padded_ptr):
         return
@@ -158,10 +166,10 @@ def w13_kernel(x_ptr, stride_x, perm_ptr, w_ptr, s_ptr, z_ptr, b_ptr, h_ptr, out
         if HAS_PERM:
             kk = tl.load(perm_ptr + expert * H + kk)
         a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None], other=0.0)
-        acc_g = _product(a, wg, k0, s_ptr, z_ptr, expert, cols, n_ok, gate_blocks, 2 * I, G, group_size, KSP,
-                         acc_g, FMT, BK, NG)
-        acc_u = _product(a, wu, k0, s_ptr, z_ptr, expert, cols + I, n_ok, up_blocks, 2 * I, G, group_size, KSP,
-                         acc_u, FMT, BK, NG)
+        acc_g = _product(a, wg, k0, s_ptr, z_ptr, expert, cols, n_ok, gate_blocks, 2 * I, G, KSP, acc_g,
+                         FMT, BK, NG, GS, PACKED)
+        acc_u = _product(a, wu, k0, s_ptr, z_ptr, expert, cols + I, n_ok, up_blocks, 2 * I, G, KSP, acc_u,
+                         FMT, BK, NG, GS, PACKED)
     acc_g = _result(acc_g, BM)
     acc_u = _result(acc_u, BM)
     if HAS_BIAS:
@@ -177,12 +185,12 @@ def w13_kernel(x_ptr, stride_x, perm_ptr, w_ptr, s_ptr, z_ptr, b_ptr, h_ptr, out
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_m_blocks"])
 def w2_kernel(h_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, stride_out, topk_w_ptr,
-              sorted_ptr, expert_ids_ptr, num_padded_ptr, num_pairs, num_m_blocks, H, I, G, group_size, KSP,
+              sorted_ptr, expert_ids_ptr, num_padded_ptr, num_pairs, num_m_blocks, H, I, G, KSP,
               TOP_K: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr, GROUP_M: tl.constexpr,
-              SPLIT_K: tl.constexpr):
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
+              GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, PACKED: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = _block_order(pid, num_m_blocks, tl.cdiv(H, BN), GROUP_M)
@@ -208,7 +216,7 @@ def w2_kernel(h_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, stride_out, topk_w_ptr
         else:
             w = _words(words, k0, n_ok, True)
         a = tl.load(a_rows + (k0 + tl.arange(0, BK))[None, :], mask=m_ok[:, None], other=0.0)
-        acc = _product(a, w, k0, s_ptr, z_ptr, expert, cols, n_ok, blocks, H, G, group_size, KSP, acc, FMT, BK, NG)
+        acc = _product(a, w, k0, s_ptr, z_ptr, expert, cols, n_ok, blocks, H, G, KSP, acc, FMT, BK, NG, GS, PACKED)
     acc = _result(acc, BM)
     if HAS_BIAS:
         if pid_k == 0:

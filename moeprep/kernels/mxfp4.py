@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton import join8, moved
+from ._triton import join8, moved, packed_e2m1
 
 WORDS_PER_STRIP = tl.constexpr(4)  # words per row in each 16-row x 16-byte block of the shuffle
 
@@ -24,9 +24,10 @@ def _value(words, SHIFT: tl.constexpr, scale):
 
 
 @triton.jit
-def dequant(words, s_ptr, block, row_in_block, row_ok, g, KSP):
-    """words int32 ``[BN, NG, CPG]`` (row, group, word in group) -> fp32 ``[BN, NG, CPG, 2, 2, 2]``
-    (the last three dims are the word's 8 values in k order).
+def dequant(words, s_ptr, block, row_in_block, row_ok, g, KSP, OUT: tl.constexpr):
+    """words int32 ``[BN, NG, CPG]`` (row, group, word in group) -> ``[BN, NG, CPG, 2, 2, 2]`` (the
+    last three dims are the word's 8 values in k order) in OUT: fp32 (portable) or bf16 (CUDA,
+    two values per instruction, see ``_triton.packed_e2m1``).
 
     ``block`` is each row's stored 16-row block counted over all experts. An E2M1 code moved to
     bits 9..11 (magnitude) and 15 (sign) of an fp16 is that value times 2^-14, subnormals
@@ -35,6 +36,11 @@ def dequant(words, s_ptr, block, row_in_block, row_ok, g, KSP):
     off = ((block // 2) * (32 * KSP) + (row_in_block * 4 + block % 2))[:, None] \
         + ((g // 8) * 256 + (g % 4) * 64 + ((g // 4) % 2) * 2)[None, :]
     e8 = tl.load(s_ptr + off, mask=row_ok[:, None], other=127).to(tl.int32)
-    s = ((e8 << 23).to(tl.float32, bitcast=True) * 16384.0)[:, :, None]
-    return join8(_value(words, 0, s), _value(words, 4, s), _value(words, 8, s), _value(words, 12, s),
-                 _value(words, 16, s), _value(words, 20, s), _value(words, 24, s), _value(words, 28, s))
+    if OUT == tl.float32:
+        s = ((e8 << 23).to(tl.float32, bitcast=True) * 16384.0)[:, :, None]
+        w = join8(_value(words, 0, s), _value(words, 4, s), _value(words, 8, s), _value(words, 12, s),
+                  _value(words, 16, s), _value(words, 20, s), _value(words, 24, s), _value(words, 28, s))
+    else:  # the scale 2^(e8 - 127) is exact in bf16, which has fp32's exponents
+        v = packed_e2m1(words, (e8 << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)[:, :, None])
+        w = join8(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7])
+    return w

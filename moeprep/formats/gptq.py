@@ -9,7 +9,6 @@ inverse of what it wrote.
 """
 from __future__ import annotations
 
-
 from ..errors import BadInputError
 from ..io.checkpoint import Checkpoint
 from .base import (

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from ..canonical import unpack_codes
+from ..formats.packing import to_canonical
+
 E8M0_PAD = 0x7F  # 2^0 = 1.0: the value written into scale padding
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -150,31 +153,10 @@ def unshuffle_scale_w4a16(y: torch.Tensor) -> torch.Tensor:
 
 
 # ---- repack_into ------------------------------------------------------------------------------
-_AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble p of an AWQ word holds column 8w + _AWQ_ORDER[p]
-
-
-def _nibbles(words: torch.Tensor) -> torch.Tensor:
-    """int32 words [..., W] -> their 8 nibbles each, LSB first: [..., W, 8] (int64)."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
-    return (words.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF
-
-
 def source_codes(src: torch.Tensor, src_packing: str) -> torch.Tensor:
-    """Unsigned 4-bit codes of a repack_into source as int64 [n, K] (row = output channel)."""
-    if src_packing == "canonical":
-        return torch.stack([src & 0xF, src >> 4], dim=-1).flatten(-2).to(torch.int64)
-    if src_packing == "ct_int32":
-        return _nibbles(src).flatten(-2)
-    if src_packing == "gptq_int32":
-        kw, n = src.shape
-        return _nibbles(src).permute(0, 2, 1).reshape(kw * 8, n).t()
-    if src_packing == "awq_int32":
-        k, w = src.shape
-        nib = _nibbles(src)  # [K, n/8, p]
-        cols = torch.empty_like(nib)
-        cols[..., list(_AWQ_ORDER)] = nib
-        return cols.reshape(k, w * 8).t()
-    raise ValueError(src_packing)
+    """Unsigned 4-bit codes of a repack_into source as int64 [n, K] (row = output channel): the
+    readers' own torch unpacking of each source packing (``moeprep.formats.packing``)."""
+    return unpack_codes(to_canonical(src, src_packing)).to(torch.int64)
 
 
 def _canonical_bytes(codes: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ class RawLinear:
     """One linear as stored: codes in the source packing, everything else already canonical."""
 
     kind: Kind
-    packing: str  # see formats.packing.PACKINGS
+    packing: str  # one of moeprep.ops.SRC_PACKINGS
     packed: torch.Tensor
     scales: torch.Tensor
     group_size: int

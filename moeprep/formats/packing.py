@@ -9,12 +9,8 @@ import torch
 
 from ..canonical import pack_codes, unpack_codes
 
-# AWQ GEMM stores column 8w + AWQ_ORDER[p] in nibble p of word w: nibble 4a + b holds column
-# 2b + a, so the natural order is the (2, 4) -> (4, 2) transpose of each group of eight.
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-
-PACKINGS = ("canonical", "ct_int32", "gptq_int32", "awq_int32")
-
+# AWQ GEMM stores column 8w + (0, 2, 4, 6, 1, 3, 5, 7)[p] in nibble p of word w: nibble 4a + b
+# holds column 2b + a, so the natural order is the (2, 4) -> (4, 2) transpose of each group of 8.
 
 def unpack_nibbles(words: torch.Tensor) -> torch.Tensor:
     """int32 ``[..., W]`` -> uint8 ``[..., 8W]``: nibble i of each word, LSB first.

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from packers.nibbles import AWQ_ORDER, pack_bytes, pack_words
+from packers.nibbles import pack_source
 
 from moeprep import ops
 
@@ -97,15 +97,7 @@ def test_scale_w4a16(dtype):
 
 
 def _pack(codes: np.ndarray, packing: str) -> torch.Tensor:
-    if packing == "canonical":
-        out = pack_bytes(codes)
-    elif packing == "ct_int32":
-        out = pack_words(codes)
-    elif packing == "gptq_int32":
-        out = pack_words(codes).T
-    else:
-        out = pack_words(np.ascontiguousarray(codes.T), AWQ_ORDER)
-    return torch.from_numpy(np.ascontiguousarray(out))
+    return torch.from_numpy(pack_source(codes, packing))
 
 
 @pytest.mark.parametrize("gathers", [False, True])

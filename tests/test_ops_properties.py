@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from packers.nibbles import AWQ_ORDER, pack_bytes, pack_words
+from packers.nibbles import pack_bytes, pack_source
 
 from moeprep import ops
 from moeprep.errors import TargetError
@@ -119,15 +119,7 @@ LAYOUTS = [("canonical", False), ("shuffle", False), ("guinterleave", False), ("
 
 
 def pack(codes: np.ndarray, packing: str) -> torch.Tensor:
-    if packing == "canonical":
-        out = pack_bytes(codes)
-    elif packing == "ct_int32":
-        out = pack_words(codes)
-    elif packing == "gptq_int32":
-        out = pack_words(codes).T
-    else:
-        out = pack_words(np.ascontiguousarray(codes.T), AWQ_ORDER)
-    return torch.from_numpy(np.ascontiguousarray(out))
+    return torch.from_numpy(pack_source(codes, packing))
 
 
 def decode(dst: torch.Tensor, layout: str, gate_up: bool) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from packers.nibbles import AWQ_ORDER, pack_bytes, pack_words
+from packers.nibbles import pack_bytes, pack_source
 
 from moeprep import ops
 from moeprep.errors import TargetError
@@ -18,16 +18,7 @@ PACKINGS = ["canonical", "ct_int32", "gptq_int32", "awq_int32"]
 
 
 def pack(codes: np.ndarray, packing: str) -> torch.Tensor:
-    """Codes [n, K] (row = output channel) in a source format."""
-    if packing == "canonical":
-        out = pack_bytes(codes)
-    elif packing == "ct_int32":
-        out = pack_words(codes)
-    elif packing == "gptq_int32":
-        out = np.ascontiguousarray(pack_words(codes).T)
-    else:
-        out = pack_words(np.ascontiguousarray(codes.T), AWQ_ORDER)
-    return torch.from_numpy(np.ascontiguousarray(out))
+    return torch.from_numpy(pack_source(codes, packing))
 
 
 def random_codes(n: int, k: int, seed: int) -> np.ndarray:

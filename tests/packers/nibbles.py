@@ -35,3 +35,19 @@ def subtract_per_nibble_one(words: np.ndarray) -> np.ndarray:
     top nibble wraps), and the reader's word-level `+ 0x11111111` carries it back."""
     w = words.view(np.uint32).astype(np.int64) - 0x11111111
     return (w & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+
+
+def pack_source(codes: np.ndarray, packing: str) -> np.ndarray:
+    """Codes ``[n, K]`` (row = output channel) in one of the source packings that
+    ``moeprep.ops.repack_into`` reads: canonical bytes, or compressed-tensors / GPTQ / AWQ words."""
+    if packing == "canonical":
+        out = pack_bytes(codes)
+    elif packing == "ct_int32":
+        out = pack_words(codes)
+    elif packing == "gptq_int32":
+        out = pack_words(codes).T
+    elif packing == "awq_int32":
+        out = pack_words(np.ascontiguousarray(codes.T), AWQ_ORDER)
+    else:
+        raise ValueError(f"unknown packing {packing!r}")
+    return np.ascontiguousarray(out)

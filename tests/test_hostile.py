@@ -2,8 +2,6 @@
 tensor, exit code 2, no traceback, nothing written, and the input unchanged."""
 from __future__ import annotations
 
-import json
-import os
 
 import pytest
 

@@ -30,10 +30,8 @@ def read_plain(src: Path, name: str) -> torch.Tensor:
 def dense_moe(src: Path, layer: int, x: torch.Tensor) -> torch.Tensor:
     """The architecture's MoE block written out directly on ref_dequant's fp32 weights."""
     config = json.loads((src / "config.json").read_text())
-    info = json.loads((src / "packer_info.json").read_text()) if (src / "packer_info.json").exists() else None
     ref = load_file(src / "ref_dequant.safetensors")
     model_type = config["model_type"]
-    experts = config.get("num_local_experts") or config["num_experts"]
     k = config["num_experts_per_tok"]
     prefix = next(n for n in ref if f"layers.{layer}." in n and ".experts." in n).split(".experts.")[0]
     names = ("w1", "w3", "w2") if f"{prefix}.experts.0.w1.weight" in ref else ("gate_proj", "up_proj", "down_proj")

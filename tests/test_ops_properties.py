@@ -122,16 +122,6 @@ def pack(codes: np.ndarray, packing: str) -> torch.Tensor:
     return torch.from_numpy(pack_source(codes, packing))
 
 
-def decode(dst: torch.Tensor, layout: str, gate_up: bool) -> torch.Tensor:
-    if layout == "canonical":
-        return dst
-    if layout == "shuffle":
-        return ops.unshuffle_weight(dst)
-    if layout == "guinterleave":
-        return ops.unshuffle_weight(dst, is_guinterleave=True, gate_up=gate_up)
-    return ops.unpreshuffle_int4(dst, layout == "w4a16_signed")
-
-
 @PROPERTY
 @given(packing=st.sampled_from(["canonical", "ct_int32", "gptq_int32", "awq_int32"]), layout=st.sampled_from(LAYOUTS),
        experts=st.integers(1, 3), blocks=st.integers(1, 3), k=st.integers(1, 3), data=st.data())
@@ -145,7 +135,7 @@ def test_repack_into_round_trip(packing, layout, experts, blocks, k, data):
     dst = torch.zeros((experts, n_total, big_k // 2), dtype=torch.uint8)
     ops.repack_into(dst, pack(codes, packing), src_packing=packing, layout=layout, expert=expert,
                     row_offset=offset, gate_up=gate_up)
-    canonical = decode(dst, layout, gate_up)
+    canonical = ops.decode_layout(dst, layout, gate_up)
     assert torch.equal(canonical[expert, offset:offset + 16 * tiles], torch.from_numpy(pack_bytes(codes)))
 
 

@@ -25,17 +25,6 @@ def random_codes(n: int, k: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 16, size=(n, k), dtype=np.uint8)
 
 
-def canonical_of(dst: torch.Tensor, layout: str, gate_up: bool) -> torch.Tensor:
-    """dst decoded back to canonical codes with the reference inverses."""
-    if layout == "canonical":
-        return dst
-    if layout == "shuffle":
-        return ref.unshuffle_weight(dst)
-    if layout == "guinterleave":
-        return ref.unshuffle_weight(dst, is_guinterleave=True, gate_up=gate_up)
-    return ref.unpreshuffle_int4(dst, layout == "w4a16_signed")
-
-
 @pytest.mark.parametrize("packing", PACKINGS)
 @pytest.mark.parametrize("layout, gate_up", LAYOUTS)
 def test_stacked_fill_matches_reference(packing, layout, gate_up):
@@ -53,7 +42,7 @@ def test_stacked_fill_matches_reference(packing, layout, gate_up):
             ref.repack_into(want, src, **kw)
     assert torch.equal(dst, want)
     # and the stored layout decodes to the codes the packers were given
-    canonical = canonical_of(dst, layout, gate_up)
+    canonical = ref.decode_layout(dst, layout, gate_up)
     for (e, half), c in codes.items():
         assert torch.equal(canonical[e, half * inter:(half + 1) * inter], torch.from_numpy(pack_bytes(c)))
 

@@ -17,6 +17,7 @@ from ..errors import MoeprepError, TargetError
 
 __all__ = [
     "REPACK_LAYOUTS",
+    "decode_layout",
     "SRC_PACKINGS",
     "int4_to_int8",
     "int8_to_int4",
@@ -342,3 +343,16 @@ def repack_into(
     if src.stride(-1) != 1:
         src = src.contiguous()
     _run("repack_into", dst, src, src_packing, layout, expert, row_offset, bool(gate_up), row_index, col_index)
+
+
+def decode_layout(y: torch.Tensor, layout: str, gate_up: bool = False) -> torch.Tensor:
+    """A whole tensor stored in one of ``repack_into``'s layouts, back to canonical codes
+    ``[E, N, K/2]`` (the exact inverse of what ``repack_into`` writes)."""
+    _require(layout in REPACK_LAYOUTS, f"layout must be one of {', '.join(REPACK_LAYOUTS)}, got {layout!r}")
+    if layout == "canonical":
+        return y
+    if layout == "shuffle":
+        return unshuffle_weight(y)
+    if layout == "guinterleave":
+        return unshuffle_weight(y, is_guinterleave=True, gate_up=gate_up)
+    return unpreshuffle_int4(y, signed=layout == "w4a16_signed")

@@ -175,6 +175,11 @@ _TO_LAYOUT = {
 }
 
 
+def decode_layout(y: torch.Tensor, layout: str, gate_up: bool = False) -> torch.Tensor:
+    """Reference of :func:`moeprep.ops.decode_layout`."""
+    return _TO_LAYOUT[layout][1](y, gate_up)
+
+
 def repack_into(
     dst: torch.Tensor,
     src: torch.Tensor,

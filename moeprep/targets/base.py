@@ -263,13 +263,7 @@ class Target(ABC):
     def decode_weight(self, proj: str, t: torch.Tensor) -> torch.Tensor:
         """Stored codes ``[E, N, K/2]`` -> canonical codes ``[E, N, K/2]``."""
         layout, gate_up = self.weight_layout[proj]
-        if layout == "canonical":
-            return t
-        if layout == "shuffle":
-            return ops.unshuffle_weight(t)
-        if layout == "guinterleave":
-            return ops.unshuffle_weight(t, is_guinterleave=True, gate_up=gate_up)
-        return ops.unpreshuffle_int4(t, signed=layout == "w4a16_signed")
+        return ops.decode_layout(t, layout, gate_up)
 
     def unpack_layer(
         self,

@@ -61,13 +61,13 @@ def _write_index(root: Path, index: dict) -> None:
     (root / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
-def _shard_of(root: Path, name: str) -> Path:
+def shard_of(root: Path, name: str) -> Path:
     return root / _index(root)["weight_map"][name]
 
 
-def _drop_tensor(name: str, reindex: bool) -> Callable[[Path], None]:
+def drop_tensor(name: str, reindex: bool) -> Callable[[Path], None]:
     def mutate(root: Path) -> None:
-        shard = _shard_of(root, name)
+        shard = shard_of(root, name)
         with safe_open(shard, "pt") as f:
             meta = f.metadata()
         tensors = load_file(shard)
@@ -83,7 +83,7 @@ def _drop_tensor(name: str, reindex: bool) -> Callable[[Path], None]:
 
 def _replace_tensor(name: str, fn) -> Callable[[Path], None]:
     def mutate(root: Path) -> None:
-        shard = _shard_of(root, name)
+        shard = shard_of(root, name)
         with safe_open(shard, "pt") as f:
             meta = f.metadata()
         tensors = load_file(shard)
@@ -152,7 +152,7 @@ def missing_shard(root: Path) -> None:
 
 def duplicate_across_shards(root: Path) -> None:
     name = f"{SRC_LAYER0}.0.gate_proj.scales"
-    a = _shard_of(root, name)
+    a = shard_of(root, name)
     b = root / ("model-00002-of-00002.safetensors" if a.name.startswith("model-00001") else "model-00001-of-00002.safetensors")
     with safe_open(a, "pt") as f:
         dup = f.get_tensor(name)
@@ -186,23 +186,28 @@ def _g_idx_bad(t):
 def _expert_missing(root: Path) -> None:
     index = _index(root)
     for name in [n for n in index["weight_map"] if n.startswith("model.layers.1.mlp.experts.5.")]:
-        _drop_tensor(name, reindex=True)(root)
+        drop_tensor(name, reindex=True)(root)
 
 
 def _scale_shape(t):
     return t[:, :-8].contiguous()
 
 
+def edit_tensor_meta(root: Path, tensor: str, **changes) -> None:
+    """Change keys of one converted tensor's JSON metadata in its shard header."""
+
+    def edit(header: dict) -> None:
+        header["__metadata__"][tensor] = json.dumps({**json.loads(header["__metadata__"][tensor]), **changes})
+
+    _edit_header(shard_of(root, tensor).name, edit)(root)
+
+
 def _metadata_disagrees(root: Path) -> None:
-    name = "model.layers.1.mlp.experts.w2_weight"
-    _edit_header(_shard_of(root, name).name, lambda h: h["__metadata__"].__setitem__(
-        name, json.dumps({**json.loads(h["__metadata__"][name]), "shape": [8, 256, 32]})))(root)
+    edit_tensor_meta(root, "model.layers.1.mlp.experts.w2_weight", shape=[8, 256, 32])
 
 
 def _shuffle_kind_unknown(root: Path) -> None:
-    name = "model.layers.0.mlp.experts.w13_weight_scale"
-    _edit_header(_shard_of(root, name).name, lambda h: h["__metadata__"].__setitem__(
-        name, json.dumps({**json.loads(h["__metadata__"][name]), "shuffle_kind": "nonsense"})))(root)
+    edit_tensor_meta(root, "model.layers.0.mlp.experts.w13_weight_scale", shuffle_kind="nonsense")
 
 
 def _stored_shape_disagrees(root: Path) -> None:
@@ -223,12 +228,12 @@ CORPUS = [
     Hostile("offsets_out_of_range", _edit_header("model-00002-of-00002.safetensors", out_of_range), "model-00002-of-00002.safetensors", tensor=""),
     Hostile("dtype_disagrees_with_bytes", _edit_header("model-00001-of-00002.safetensors", dtype_disagrees), "model-00001-of-00002.safetensors", f"{SRC_LAYER0}.3.up_proj.qweight"),
     Hostile("shard_missing", missing_shard, "model.safetensors.index.json", ""),
-    Hostile("in_index_not_in_shard", _drop_tensor(f"{SRC_LAYER0}.2.down_proj.qzeros", reindex=False), "model.safetensors.index.json", f"{SRC_LAYER0}.2.down_proj.qzeros"),
+    Hostile("in_index_not_in_shard", drop_tensor(f"{SRC_LAYER0}.2.down_proj.qzeros", reindex=False), "model.safetensors.index.json", f"{SRC_LAYER0}.2.down_proj.qzeros"),
     Hostile("in_shard_not_in_index", _unindexed, "model-0000", f"{SRC_LAYER0}.4.up_proj.scales"),
     Hostile("duplicated_across_shards", duplicate_across_shards, "model-0000", f"{SRC_LAYER0}.0.gate_proj.scales"),
-    Hostile("missing_scale", _drop_tensor(f"{SRC_LAYER0}.6.gate_proj.scales", reindex=True), "", f"{SRC_LAYER0}.6.gate_proj.scales"),
-    Hostile("missing_zero_point", _drop_tensor(f"{SRC_LAYER0}.6.up_proj.qzeros", reindex=True), "", f"{SRC_LAYER0}.6.up_proj.qzeros"),
-    Hostile("missing_g_idx", _drop_tensor(f"{SRC_LAYER0}.6.down_proj.g_idx", reindex=True), "", f"{SRC_LAYER0}.6.down_proj.g_idx"),
+    Hostile("missing_scale", drop_tensor(f"{SRC_LAYER0}.6.gate_proj.scales", reindex=True), "", f"{SRC_LAYER0}.6.gate_proj.scales"),
+    Hostile("missing_zero_point", drop_tensor(f"{SRC_LAYER0}.6.up_proj.qzeros", reindex=True), "", f"{SRC_LAYER0}.6.up_proj.qzeros"),
+    Hostile("missing_g_idx", drop_tensor(f"{SRC_LAYER0}.6.down_proj.g_idx", reindex=True), "", f"{SRC_LAYER0}.6.down_proj.g_idx"),
     Hostile("scale_shape_inconsistent", _replace_tensor(f"{SRC_LAYER0}.1.gate_proj.scales", _scale_shape), "model-0000", f"{SRC_LAYER0}.1.gate_proj.scales"),
     Hostile("group_size_not_dividing_k", _config(lambda c: c["quantization_config"].update(group_size=48)), "model-0000", tensor=""),
     Hostile("g_idx_not_a_group_map", _replace_tensor(f"{SRC_LAYER0}.7.down_proj.g_idx", _g_idx_bad), "model-0000", f"{SRC_LAYER0}.7.down_proj.g_idx", data_level=True),

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import REAL_FIXTURES, run_cli, source_dir
+from hostile import edit_tensor_meta
 from test_convert import accepting_targets
 
 SERVE_SOURCES = sorted(REAL_FIXTURES) + ["ct_int4_sym_mixtral_llmc", "gptoss_mxfp4", "gptq_v1_asym_descact_mixtral_sharded", "gptq_v2_sym_descact_bf16"]
@@ -130,19 +131,6 @@ def test_unconverted_checkpoint_is_refused(fixtures_dir):
         moeprep.load(str(fixtures_dir / "awq_gemm_g32_qwen3moe"))
 
 
-def _edit_meta(out: Path, tensor: str, **changes) -> None:
-    shard = out / json.loads((out / "model.safetensors.index.json").read_text())["weight_map"][tensor]
-    raw = shard.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + n])
-    meta = json.loads(header["__metadata__"][tensor])
-    meta.update(changes)
-    header["__metadata__"][tensor] = json.dumps(meta)
-    new = json.dumps(header).encode()
-    new += b" " * (-len(new) % 8)
-    shard.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n :])
-
-
 @pytest.mark.parametrize(
     "changes, fragment",
     [
@@ -159,7 +147,7 @@ def test_mismatched_metadata_is_refused(converted, tmp_path, changes, fragment):
     _, out = converted("quark_mxfp4_qwen3moe", "mxfp4_moe")
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
-    _edit_meta(bad, "model.layers.1.mlp.experts.w13_weight", **changes)
+    edit_tensor_meta(bad, "model.layers.1.mlp.experts.w13_weight", **changes)
     with pytest.raises(MoeprepError, match=fragment) as e:
         moeprep.load(str(bad))
     assert "model.layers.1.mlp.experts.w13_weight" in str(e.value)

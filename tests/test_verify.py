@@ -6,10 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
+from hostile import drop_tensor, shard_of
 from moeprep.io.safetensors_header import read_header
 
 
@@ -30,13 +29,8 @@ def broken(converted, tmp_path):
     return src, copy
 
 
-def _shard_of(out: Path, name: str) -> Path:
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    return out / index["weight_map"][name]
-
-
 def flip_byte(out: Path, name: str, at: int = 0) -> None:
-    path = _shard_of(out, name)
+    path = shard_of(out, name)
     info = read_header(path).tensors[name]
     raw = bytearray(path.read_bytes())
     raw[info.begin + at] ^= 0x10
@@ -62,7 +56,7 @@ def test_one_flipped_byte_in_one_expert(broken):
 def test_flipped_pad_byte_of_a_padded_scale(broken):
     src, out = broken
     name = "model.layers.0.mlp.experts.w2_weight_scale"  # Ks 4 padded to 8 columns
-    info = read_header(_shard_of(out, name)).tensors[name]
+    info = read_header(shard_of(out, name)).tensors[name]
     flip_byte(out, name, at=info.nbytes - 1)  # the last column group is padding (Ks 4 -> 8)
     proc = run_cli("verify", str(src), str(out))
     assert proc.returncode == 1 and name in proc.stderr and "encoding" in proc.stderr
@@ -77,7 +71,7 @@ def test_flipped_byte_in_a_copied_tensor(broken):
 
 def test_missing_shard(broken):
     src, out = broken
-    shard = _shard_of(out, "model.layers.1.mlp.experts.w13_weight")
+    shard = shard_of(out, "model.layers.1.mlp.experts.w13_weight")
     shard.unlink()
     proc = run_cli("verify", str(src), str(out))
     assert proc.returncode != 0 and shard.name in proc.stderr and "missing" in proc.stderr
@@ -86,12 +80,7 @@ def test_missing_shard(broken):
 def test_tensor_in_index_but_absent_from_its_shard(broken):
     src, out = broken
     name = "model.layers.1.mlp.experts.w2_weight"
-    shard = _shard_of(out, name)
-    with safe_open(shard, "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(shard)
-    del tensors[name]
-    save_file(tensors, shard, metadata=meta)
+    drop_tensor(name, reindex=False)(out)
     proc = run_cli("verify", str(src), str(out))
     assert proc.returncode != 0 and name in proc.stderr and "not in its shard" in proc.stderr
 

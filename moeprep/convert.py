@@ -23,9 +23,8 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .errors import BadInputError, OutputError, TargetError, UnsupportedError
-from .io.checkpoint import check_outside
 from .formats.base import torch_dtype
-from .io.checkpoint import INDEX_NAME, Checkpoint
+from .io.checkpoint import INDEX_NAME, Checkpoint, check_outside
 from .io.safetensors_writer import SafetensorsWriter, TensorSpec
 from .model import ModelMap, build_model_map, layer_of, natural_key
 from .targets import FORMAT_VERSION, PREFERENCE, TARGETS, LayerPlan, Target, get_target, layer_plan
@@ -268,38 +267,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _copy_range(src: Path, begin: int, nbytes: int, dst) -> None:
-    dst.flush()
-    with open(src, "rb") as f:
-        offset, left = begin, nbytes
-        while left:
-            try:
-                n = os.copy_file_range(f.fileno(), dst.fileno(), left, offset)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                n = 0
-            if n == 0:  # unsupported here, or the source ended early: fall back to plain reads
-                f.seek(offset)
-                chunk = f.read(min(left, 64 << 20))
-                if not chunk:
-                    raise OSError(errno.EIO, f"{src} ended early")
-                dst.write(chunk)
-                dst.flush()
-                n = len(chunk)
-            offset += n
-            left -= n
-
-
-class _Writer(SafetensorsWriter):
-    def copy(self, name: str, src: Path, begin: int, nbytes: int) -> None:
-        spec = self.specs[self._next]
-        if spec.name != name or spec.nbytes != nbytes:
-            raise RuntimeError(f"{self.path}: planned {spec.name}, got {name}")
-        _copy_range(src, begin, nbytes, self._f)
-        self._next += 1
-
-
 class _LayerStream:
     """One layer's output pieces, produced by a background thread a bounded queue ahead of the
     writer, so reading and repacking overlap with writing. Pieces arrive in plan order.
@@ -428,7 +395,7 @@ def execute(
             for shard in plan.shards:
                 layers_here = sorted({t.layer for t in shard.tensors if t.layer is not None})
                 extra = {i: target.extra_metadata(model, plan.layers[i]) for i in layers_here}
-                writer = _Writer(tmp / shard.file, [t.spec for t in shard.tensors], shard_metadata(plan, shard, extra))
+                writer = SafetensorsWriter(tmp / shard.file, [t.spec for t in shard.tensors], shard_metadata(plan, shard, extra))
                 try:
                     for t in shard.tensors:
                         if t.source is not None:

@@ -210,11 +210,10 @@ class Checkpoint:
         if fname is None:
             raise BadInputError("missing tensor", path=str(self.root), tensor=name)
         dtype = getattr(torch, info.torch_dtype_name)
-        itemsize = torch.empty((), dtype=dtype).element_size()
         try:
-            if info.begin % itemsize == 0:
+            if info.begin % dtype.itemsize == 0:
                 t = torch.empty(0, dtype=dtype)
-                return t.set_(self._storage(fname), info.begin // itemsize, info.shape)
+                return t.set_(self._storage(fname), info.begin // dtype.itemsize, info.shape)
             return self._handle(fname).get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise BadInputError(f"cannot read tensor data: {e}", path=str(self.root / fname), tensor=name) from None

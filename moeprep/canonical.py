@@ -67,6 +67,13 @@ def pack_codes(q: torch.Tensor) -> torch.Tensor:
     return q[..., 0::2] | (q[..., 1::2] << 4)
 
 
+def explicit_zeros(zeros: Optional[torch.Tensor], scales: torch.Tensor) -> torch.Tensor:
+    """Zero points with the implicit symmetric zero made explicit: one uint8 per scale."""
+    if zeros is not None:
+        return zeros
+    return torch.full(scales.shape, SYMMETRIC_ZERO, dtype=torch.uint8, device=scales.device)
+
+
 def group_index(ql: QuantLinear) -> torch.Tensor:
     """Group of every input channel, int64 ``[K]``."""
     if ql.g_idx is not None:

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .canonical import SYMMETRIC_ZERO, QuantLinear
+from .canonical import QuantLinear, explicit_zeros
 from .errors import UnsupportedError
 from .formats.converted import Converted
 from .io.checkpoint import INDEX_NAME, Checkpoint
@@ -64,8 +64,7 @@ def compare_linear(src: QuantLinear, out: QuantLinear, where: str, report: Repor
         a, b = getattr(src, field_name), getattr(out, field_name)
         if field_name == "zeros" and (a is None) != (b is None):
             # implicit symmetric zero points are the explicit value 8 (e.g. GPTQ sym <-> signed int4)
-            a = torch.full_like(b, SYMMETRIC_ZERO) if a is None else a
-            b = torch.full_like(a, SYMMETRIC_ZERO) if b is None else b
+            a, b = explicit_zeros(a, src.scales), explicit_zeros(b, out.scales)
         if not _same(a, b):
             how = "present in one only" if (a is None) != (b is None) else _first_diff(a, b)
             report.fail(f"{where} {field_name} differ: {how}")
@@ -155,7 +154,7 @@ def _check_experts(source: ModelMap, converted: ModelMap, report: Report, progre
 def _check_reencoding(converted: ModelMap, prefix: str, experts: list[dict[str, QuantLinear]], report: Report) -> None:
     """Stored scale/zero tensors must be exactly the target's encoding, pads included."""
     fmt: Converted = converted.fmt
-    layer = fmt._layers[prefix]
+    layer = fmt.layer(converted.ckpt, prefix)
     plan, target = layer.plan, fmt.target
     for proj, roles in (("w13", ("gate", "up")), ("w2", ("down",))):
         shape = plan.shapes[proj]
@@ -167,18 +166,13 @@ def _check_reencoding(converted: ModelMap, prefix: str, experts: list[dict[str, 
             stacked = []
             for e, ex in enumerate(experts):
                 rows = None if perm is None else perm[e].to(torch.int64)
-                parts = [_field(ex[r], field_name, ex[r].scales) for r in roles]
+                parts = [ex[r].scales if field_name == "scales" else explicit_zeros(ex[r].zeros, ex[r].scales) for r in roles]
                 stacked.append(torch.cat([p if rows is None else p[rows] for p in parts]))
             encode = target.encode_scales if kind == "weight_scale" else target.encode_zeros
             expected = encode(proj, torch.stack(stacked), shape)
             stored = converted.ckpt.get_tensor(name)
             if not _same(expected, stored):
                 report.fail(f"{name}: stored bytes are not the {target.name} encoding: {_first_diff(expected, stored)}")
-
-
-def _field(ql: QuantLinear, name: str, like: torch.Tensor) -> torch.Tensor:
-    value = getattr(ql, name)
-    return value if value is not None else torch.full(like.shape, SYMMETRIC_ZERO, dtype=torch.uint8)
 
 
 def _check_copied(source: ModelMap, converted: ModelMap, report: Report) -> None:

@@ -75,8 +75,7 @@ class Converted(SourceFormat):
         for name in ckpt.names():
             if not name.endswith(".experts.w13_weight"):
                 continue
-            layer = self._layer(ckpt, name[: -len(".experts.w13_weight")])
-            self._layers[layer.prefix] = layer
+            layer = self.layer(ckpt, name[: -len(".experts.w13_weight")])
             shapes = layer.plan.shapes
             for e in range(shapes["w13"].experts):
                 for role, proj, half in _ROLE_OF_PROJ:
@@ -162,10 +161,16 @@ class Converted(SourceFormat):
 
     # --- reading --------------------------------------------------------------------------------
 
+    def layer(self, ckpt: Checkpoint, prefix: str) -> _Layer:
+        """One MoE layer's tensors, plan and folded row order, checked against its metadata."""
+        if prefix not in self._layers:
+            self._layers[prefix] = self._layer(ckpt, prefix)
+        return self._layers[prefix]
+
     def read_layer(self, ckpt: Checkpoint, prefix: str) -> list[dict[str, QuantLinear]]:
         """Every expert of one layer, canonical, in the source's order (cached: one layer)."""
         if self._cache is None or self._cache[0] != prefix:
-            layer = self._layers.get(prefix) or self._layer(ckpt, prefix)
+            layer = self.layer(ckpt, prefix)
             tensors = {name: ckpt.get_tensor(name) for name in layer.tensors.values()}
             experts = self.target.unpack_layer(layer.plan, tensors, layer.row_perm)
             self._cache = (prefix, experts)

@@ -102,7 +102,7 @@ class LoadedCheckpoint:
         layer = next((l for l in self.model.moe_layers if l.index == layer_idx), None)
         if layer is None:
             raise BadInputError(f"no MoE layer {layer_idx} (MoE layers: {self.moe_layer_indices()})", path=str(self.root))
-        info = self.fmt._layers[layer.prefix]
+        info = self.fmt.layer(self.model.ckpt, layer.prefix)
         tensors = {role: self[name] for role, name in info.tensors.items()}
         return ExpertWeights(layer.prefix, info.plan, self.target, tensors, info.row_perm)
 

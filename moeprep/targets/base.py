@@ -18,7 +18,7 @@ from typing import Callable, ClassVar, Iterator, Optional
 import torch
 
 from .. import ops
-from ..canonical import SYMMETRIC_ZERO, QuantLinear, pack_codes, unpack_codes
+from ..canonical import QuantLinear, explicit_zeros, pack_codes, unpack_codes
 from ..errors import BadInputError, TargetError
 from ..formats import LinearFacts, RawLinear
 from ..formats.base import g_idx_of
@@ -196,7 +196,7 @@ class Target(ABC):
                 yield tensor_name(layer, f"{proj}_weight"), block
                 scales.append(torch.cat([_rows(raws[m].scales, rows) for m in members]))
                 if self.has_zeros(plan, proj):
-                    zeros.append(torch.cat([_rows(_zeros_of(raws[m]), rows) for m in members]))
+                    zeros.append(torch.cat([_rows(explicit_zeros(raws[m].zeros, raws[m].scales), rows) for m in members]))
                 if plan.facts[proj].has_bias:
                     bias.append(torch.cat([_rows(raws[m].bias, rows) for m in members]))
                 if plan.desc_act and self.keeps_g_idx:
@@ -325,12 +325,6 @@ class Target(ABC):
 
 def _rows(t: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
     return t if perm is None else t[perm]
-
-
-def _zeros_of(raw: RawLinear) -> torch.Tensor:
-    if raw.zeros is not None:
-        return raw.zeros
-    return torch.full(raw.scales.shape, SYMMETRIC_ZERO, dtype=torch.uint8)
 
 
 def _g_idx_of(raw: RawLinear, shape: ProjShape) -> torch.Tensor:

@@ -52,7 +52,7 @@ from moeprep.kernels.configs import GemmConfig, MoEConfig, fit  # noqa: E402
 from moeprep.kernels.fused import launch_w13, launch_w2, pick_config, prepare  # noqa: E402
 from moeprep.kernels.routing import route as route_kernel  # noqa: E402
 from moeprep.kernels.testing import layer_to, linears_to, random_layer  # noqa: E402
-from moeprep.serve.reference import Activation, experts_reference  # noqa: E402
+from moeprep.serve.reference import Activation, expert_down, expert_hidden, experts_reference  # noqa: E402
 from moeprep.serve.routing import Routing, route  # noqa: E402
 
 
@@ -229,14 +229,19 @@ def bench_model(name: str, model: Model, layer_cpu, source_cpu, tokens, copy: fl
 
 
 # ---- tuning ------------------------------------------------------------------------------
-# (block_n, block_k, num_warps, num_stages) swept per GEMM; split-K choices for the down projection
+# (block_n, block_k, num_warps, num_stages) swept per GEMM, without and (SWAP_*) with the weights as
+# the MMA's first operand; split-K choices for the down projection
 ONE_ROW_TILES = [(16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (16, 512, 4, 2), (64, 256, 8, 3)]
 DECODE_TILES = [(32, 64, 4, 4), (64, 64, 4, 4), (32, 128, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 256, 4, 2),
                 (128, 128, 8, 3), (32, 256, 4, 3), (64, 64, 4, 5), (128, 64, 8, 3), (128, 64, 4, 4), (256, 64, 8, 3),
                 (128, 128, 4, 3)]
+SWAP_DECODE_TILES = [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (32, 64, 4, 4), (64, 64, 4, 4), (128, 64, 4, 4),
+                     (128, 128, 4, 3), (32, 256, 4, 3), (64, 256, 4, 2)]
 PREFILL_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (32, 64, 4, 4), (64, 64, 8, 3),
                  (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 8, 3), (128, 32, 8, 4),
                  (128, 128, 8, 4), (64, 128, 8, 4)]
+SWAP_PREFILL_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (32, 64, 4, 3), (64, 32, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3),
+                      (128, 64, 8, 3), (256, 64, 8, 3), (128, 32, 4, 4)]
 DECODE_SPLITS = (1, 2, 4, 8)
 
 
@@ -247,25 +252,32 @@ def _fits(bm: int, tile: tuple, gemm: str) -> bool:
 
 
 def _candidates(T: int, model: Model):
-    """(block_m, gemm, tile, split) to sweep for one batch size."""
+    """(block_m, gemm, tile, split, swap) to sweep for one batch size."""
     per_expert = T * model.routing.top_k / model.experts
     if per_expert < 24:
         bms = ([1] if per_expert <= 2 else []) + [16] + ([32] if per_expert >= 8 else [])
     else:
         bms = [bm for bm in (32, 64, 128, 256) if bm <= 2 * per_expert][-3:]
     for bm in bms:
-        tiles = ONE_ROW_TILES if bm == 1 else DECODE_TILES if bm <= 32 else PREFILL_TILES
-        for tile in tiles:
-            if _fits(bm, tile, "w13"):
-                yield bm, "w13", tile, 1
-            if _fits(bm, tile, "w2"):
-                for split in DECODE_SPLITS if bm <= 16 else (1, 2) if bm == 32 else (1,):
-                    yield bm, "w2", tile, split
+        if bm == 1:
+            sets = [(ONE_ROW_TILES, False)]
+        elif bm <= 32:
+            sets = [(DECODE_TILES, False), (SWAP_DECODE_TILES, True)]
+        else:
+            sets = [(PREFILL_TILES, False), (SWAP_PREFILL_TILES, True)]
+        for tiles, swap in sets:
+            for tile in tiles:
+                if _fits(bm, tile, "w13"):
+                    yield bm, "w13", tile, 1, swap
+                if _fits(bm, tile, "w2"):
+                    for split in DECODE_SPLITS if bm <= 16 else (1, 2) if bm == 32 else (1,):
+                        yield bm, "w2", tile, split, swap
 
 
-def _fitted(stored, T: int, routing: Routing, bm: int, tile: tuple, split: int) -> MoEConfig:
-    return fit(MoEConfig(bm, GemmConfig(*tile), GemmConfig(*tile)), T, routing.top_k, stored.experts, stored.hidden,
-               stored.inter, torch.device("cuda"), (stored.w13.group_size, stored.w2.group_size), split_k=split)
+def _fitted(stored, T: int, routing: Routing, bm: int, tile: tuple, split: int, swap: bool) -> MoEConfig:
+    g = GemmConfig(*tile, swap_ab=swap)
+    return fit(MoEConfig(bm, g, g), T, routing.top_k, stored.experts, stored.hidden, stored.inter, torch.device("cuda"),
+               (stored.w13.group_size, stored.w2.group_size), split_k=split)
 
 
 def _placeholders(obj):
@@ -334,15 +346,16 @@ def tune(names, tokens, jobs: int, deadline_s: float, results: list, log: Option
     start = time.time()
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        layers, compiles = {}, {}
+        layers, sources, compiles = {}, {}, {}
         for name in names:
-            layers[name] = prepare(layer_to(build(MODELS[name])[0], "cuda"))
+            layer_cpu, source_cpu = build(MODELS[name])
+            layers[name], sources[name] = prepare(layer_to(layer_cpu, "cuda")), linears_to(source_cpu, "cuda")
         work = sorted(((T, name) for name in names for T in tokens), key=lambda p: -p[0])
         for T, name in work:
             stored, model = layers[name], MODELS[name]
             shape_only = _placeholders(stored)
-            for bm, gemm, tile, split in _candidates(T, model):
-                cfg = _fitted(stored, T, model.routing, bm, tile, split)
+            for bm, gemm, tile, split, swap in _candidates(T, model):
+                cfg = _fitted(stored, T, model.routing, bm, tile, split, swap)
                 key = (name, bm, gemm, cfg.w13 if gemm == "w13" else cfg.w2)
                 if key not in compiles:
                     compiles[key] = pool.submit(_compile_job, name, shape_only, bm, gemm, cfg)
@@ -352,7 +365,7 @@ def tune(names, tokens, jobs: int, deadline_s: float, results: list, log: Option
                 print(f"# deadline: {name} T={T} not tuned", file=sys.stderr)
                 continue
             t0 = time.time()
-            results.append(_tune_one(name, MODELS[name], layers[name], T, compiles))
+            results.append(_tune_one(name, MODELS[name], layers[name], sources[name], T, compiles))
             results[-1]["tune_s"] = round(time.time() - t0, 1)
             print(json.dumps({k: v for k, v in results[-1].items() if k != "top"}), file=sys.stderr)
             if log:
@@ -371,25 +384,57 @@ def _compile_error(compiles: dict, key: tuple) -> Optional[str]:
     return err
 
 
-def _tune_one(name: str, model: Model, stored, T: int, compiles: dict) -> dict:
+def _references(x: torch.Tensor, h: torch.Tensor, r, source, act: Activation):
+    """fp32 references of each GEMM alone: the gate/up GEMM's h from x, the down GEMM's output from h."""
+    ids, k = r.topk_ids.long(), r.topk_ids.shape[1]
+    h_ref = torch.zeros(h.shape, device=h.device)
+    out_ref = torch.zeros(x.shape, device=x.device)
+    for e in torch.unique(ids).tolist():
+        tokens, slot = torch.where(ids == e)
+        pairs = tokens * k + slot
+        h_ref[pairs] = expert_hidden(x[tokens].float(), source[e], act)
+        out_ref.index_add_(0, tokens, expert_down(h[pairs].float(), source[e]) * r.topk_weights[tokens, slot, None])
+    return h_ref, out_ref
+
+
+def _tune_one(name: str, model: Model, stored, source, T: int, compiles: dict) -> dict:
+    """The fastest configuration of one (model, T), from the candidates whose results match the
+    fp32 reference (each GEMM is checked once, on poisoned buffers, besides being timed)."""
     x = torch.randn(T, model.hidden, device="cuda", dtype=torch.bfloat16)
     logits = torch.randn(T, model.experts, device="cuda", dtype=torch.bfloat16)
     h = torch.randn(T * model.routing.top_k, model.inter, device="cuda", dtype=torch.bfloat16)
+    h13 = torch.empty_like(h)
     out = torch.empty(T, model.hidden, device="cuda", dtype=torch.bfloat16)
     timings: dict = {}  # bm -> gemm -> [(us, GemmConfig)]
-    routed = {}
-    for bm, gemm, tile, split in _candidates(T, model):
-        cfg = _fitted(stored, T, model.routing, bm, tile, split)
+    routed, refs, rejected, seen = {}, None, [], set()
+    for bm, gemm, tile, split, swap in _candidates(T, model):
+        cfg = _fitted(stored, T, model.routing, bm, tile, split, swap)
         g = cfg.w13 if gemm == "w13" else cfg.w2
-        if any(c == g for _, c in timings.get(bm, {}).get(gemm, [])) or _compile_error(compiles, (name, bm, gemm, g)):
+        if (bm, gemm, g) in seen or _compile_error(compiles, (name, bm, gemm, g)):
             continue
+        seen.add((bm, gemm, g))
         if bm not in routed:
             routed[bm] = route_kernel(logits, model.routing, bm)
         r = routed[bm]
+        if refs is None:
+            refs = _references(x, h, r, source, model.activation)
         if gemm == "w13":
-            us = timed_us(lambda: launch_w13(stored, x, r, h, out, model.activation, cfg), graph=False, rep_ms=25)
+            def run():
+                launch_w13(stored, x, r, h13, out, model.activation, cfg)
+            h13.fill_(float("nan"))
+            run()
+            err = rel_err(h13, refs[0])
         else:
-            us = timed_us(lambda: launch_w2(stored, h, r, out, cfg), graph=False, rep_ms=25)
+            def run():
+                launch_w2(stored, h, r, out, cfg)
+            out.zero_()
+            run()
+            err = rel_err(out, refs[1])
+        if not err <= 1e-2:  # NaN included
+            rejected.append(dict(block_m=bm, gemm=gemm, config=asdict(g), err=err))
+            print(f"#   wrong results, rejected: {name} T={T} block_m={bm} {gemm} {g}: error {err:.2e}", file=sys.stderr)
+            continue
+        us = timed_us(run, graph=False, rep_ms=25)
         timings.setdefault(bm, {}).setdefault(gemm, []).append((us, g))
     fastest = {bm: (min(t["w13"], key=lambda p: p[0]), min(t["w2"], key=lambda p: p[0]))
                for bm, t in timings.items() if "w13" in t and "w2" in t}
@@ -399,21 +444,23 @@ def _tune_one(name: str, model: Model, stored, T: int, compiles: dict) -> dict:
     (us13, c13), (us2, c2) = fastest[bm]
     top = {bm: {gemm: [(round(us, 1), asdict(c)) for us, c in sorted(v, key=lambda p: p[0])[:4]] for gemm, v in t.items()}
            for bm, t in timings.items()}
-    return dict(model=name, T=T, block_m=bm, w13=asdict(c13), w13_us=us13, w2=asdict(c2), w2_us=us2, top=top)
+    return dict(model=name, T=T, block_m=bm, w13=asdict(c13), w13_us=us13, w2=asdict(c2), w2_us=us2, top=top,
+                rejected=rejected)
 
 
 TUNED_KEYS = {  # model -> its key in moeprep.kernels.configs.TUNED
-    "qwen3-30b-a3b": '("int4", 128, 2048, 768, 8)',
-    "gpt-oss-120b": '("mxfp4", 128, 2880, 2880, 4)',
-    "mixtral-8x7b": '("int4", 8, 4096, 14336, 2)',
+    "qwen3-30b-a3b": '("int4", 128, 2048, 768, 8, 32)',
+    "qwen3-30b-a3b-zp": '("int4", 128, 2048, 768, 8, 128)',
+    "gpt-oss-120b": '("mxfp4", 128, 2880, 2880, 4, 32)',
+    "mixtral-8x7b": '("int4", 8, 4096, 14336, 2, 32)',
 }
 
 
 def print_tuned(rows: list) -> None:
     """The sweep's winners as entries of ``configs.TUNED`` (w2 with its split)."""
     def tile(c: dict, split: bool) -> tuple:
-        t = (c["block_n"], c["block_k"], c["num_warps"], c["num_stages"])
-        return t + (c["split_k"],) if split else t
+        t = (c["block_n"], c["block_k"], c["num_warps"], c["num_stages"]) + ((c["split_k"],) if split else ())
+        return t + ("swap",) if c["swap_ab"] else t
 
     for name in dict.fromkeys(r["model"] for r in rows if "error" not in r):
         print(f"    {TUNED_KEYS.get(name, repr(name))}: [  # {name}")

@@ -159,6 +159,9 @@ def test_split_k_one_row_blocks_and_large_tiles():
         configs.MoEConfig(16, configs.GemmConfig(32, 64, 4, 2), configs.GemmConfig(32, 32, 4, 2, split_k=4)),
         configs.MoEConfig(64, configs.GemmConfig(128, 128, 8, 3), configs.GemmConfig(128, 64, 8, 3)),
         configs.MoEConfig(1, configs.GemmConfig(32, 128, 4, 3), configs.GemmConfig(64, 64, 4, 3, split_k=2)),
+        configs.MoEConfig(16, configs.GemmConfig(64, 64, 4, 3, swap_ab=True),
+                          configs.GemmConfig(64, 64, 4, 3, split_k=2, swap_ab=True)),
+        configs.MoEConfig(32, configs.GemmConfig(128, 64, 8, 3, swap_ab=True), configs.GemmConfig(64, 128, 4, 3, swap_ab=True)),
     ):
         run_and_check(layer, source, MIXTRAL, SILU, 20, torch.bfloat16, config=cfg)
 
@@ -297,12 +300,14 @@ def test_available_needs_a_gpu():
 
 
 # ---- real shapes (GPU) ---------------------------------------------------------------------
+ALL_T = (1, 4, 16, 64, 512, 2048, 8192)  # scripts/bench_moe.py's batch sizes: every tuned configuration
 MODELS = {  # name: (target, E, H, I, routing, activation, bias, Ts)
-    "qwen3-30b-a3b": ("w4a16_preshuffle", 128, 2048, 768, QWEN3, SILU, False, (1, 16, 512, 4096)),
-    "qwen3-30b-a3b-zp": ("w4a16_preshuffle_zp", 128, 2048, 768, QWEN3, SILU, False, (4, 2048)),
+    "qwen3-30b-a3b": ("w4a16_preshuffle", 128, 2048, 768, QWEN3, SILU, False, ALL_T),
+    "qwen3-30b-a3b-zp": ("w4a16_preshuffle_zp", 128, 2048, 768, QWEN3, SILU, False, ALL_T),
     "qwen3-30b-a3b-mxfp4_moe": ("mxfp4_moe", 128, 2048, 768, QWEN3, SILU, False, (1, 2048)),
-    "gpt-oss-120b": ("mxfp4_preshuffle", 128, 2880, 2880, GPT_OSS, SWIGLU, True, (1, 16, 64, 2048)),
-    "mixtral-8x7b": ("w4a16_preshuffle", 8, 4096, 14336, MIXTRAL, SILU, False, (1, 512)),
+    "gpt-oss-120b": ("mxfp4_preshuffle", 128, 2880, 2880, GPT_OSS, SWIGLU, True, ALL_T),
+    "gpt-oss-120b-mxfp4_moe": ("mxfp4_moe", 128, 2880, 2880, GPT_OSS, SWIGLU, True, (16, 8192)),
+    "mixtral-8x7b": ("w4a16_preshuffle", 8, 4096, 14336, MIXTRAL, SILU, False, ALL_T),
 }
 
 

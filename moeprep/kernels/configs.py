@@ -25,6 +25,7 @@ class GemmConfig:
     num_stages: int
     split_k: int = 0  # 0: as many as it takes to fill the device (see fit)
     group_m: int = 8
+    swap_ab: bool = False  # weights as the MMA's first operand (see moe_gemm._product)
 
 
 @dataclass(frozen=True)
@@ -35,38 +36,54 @@ class MoEConfig:
 
 
 def _cfg(block_m: int, w13: tuple, w2: tuple) -> MoEConfig:
-    return MoEConfig(block_m, GemmConfig(*w13), GemmConfig(*w2))
+    """Tuples of GemmConfig's leading fields, ending in "swap" for swap_ab."""
+    return MoEConfig(block_m, _gemm(w13), _gemm(w2))
 
 
-# (format family, E, H, I, top_k) -> [(smallest T, config)], ascending T; the comments give the
+def _gemm(fields: tuple) -> GemmConfig:
+    if fields[-1] == "swap":
+        return GemmConfig(*fields[:-1], swap_ab=True)
+    return GemmConfig(*fields)
+
+
+# (format family, E, H, I, top_k, w13 group size) -> [(smallest T, config)], ascending T; the comments give the
 # GEMMs' times. From `scripts/bench_moe.py --tune` on an H100 (docs/benchmarks.md).
 TUNED: dict[tuple, list[tuple[int, MoEConfig]]] = {
-    ("int4", 128, 2048, 768, 8): [  # Qwen3-30B-A3B
-        (1, _cfg(16, (64, 128, 4, 3), (64, 64, 4, 4, 2))),  # 25 + 13 us
-        (4, _cfg(16, (128, 64, 4, 3), (128, 128, 4, 3, 1))),  # 57 + 26 us
-        (16, _cfg(16, (128, 64, 4, 3), (128, 128, 4, 3, 1))),  # 102 + 62 us
-        (64, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 1))),  # 149 + 89 us
-        (512, _cfg(64, (128, 64, 4, 3), (128, 64, 4, 3, 1))),  # 174 + 117 us
-        (2048, _cfg(64, (128, 64, 4, 3), (128, 64, 4, 3, 1))),  # 444 + 257 us
-        (8192, _cfg(128, (128, 128, 8, 3), (128, 64, 4, 3, 1))),  # 1396 + 705 us
+    ("int4", 8, 4096, 14336, 2, 32): [  # mixtral-8x7b
+        (1, _cfg(16, (64, 64, 4, 4, "swap"), (128, 64, 4, 4, 8, "swap"))),  # 88 + 41 us
+        (4, _cfg(16, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 8, "swap"))),  # 226 + 110 us
+        (16, _cfg(16, (64, 64, 4, 3, "swap"), (128, 64, 4, 4, 8, "swap"))),  # 280 + 143 us
+        (64, _cfg(32, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 2, "swap"))),  # 306 + 162 us
+        (512, _cfg(128, (64, 64, 4, 3, "swap"), (128, 128, 8, 4, 1))),  # 803 + 538 us
+        (2048, _cfg(128, (64, 64, 4, 3, "swap"), (256, 64, 8, 3, 1, "swap"))),  # 2262 + 1382 us
+        (8192, _cfg(128, (64, 64, 4, 3, "swap"), (256, 64, 8, 3, 1, "swap"))),  # 8158 + 4430 us
     ],
-    ("mxfp4", 128, 2880, 2880, 4): [  # gpt-oss-120b
-        (1, _cfg(16, (32, 64, 4, 4), (64, 64, 4, 4, 3))),  # 42 + 24 us
-        (4, _cfg(16, (32, 64, 4, 3), (64, 64, 4, 3, 3))),  # 103 + 58 us
-        (16, _cfg(16, (32, 64, 4, 4), (64, 64, 4, 4, 1))),  # 313 + 172 us
-        (64, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 1))),  # 615 + 319 us
-        (512, _cfg(32, (64, 64, 4, 4), (128, 64, 4, 3, 1))),  # 861 + 475 us
-        (2048, _cfg(64, (64, 64, 4, 3), (128, 64, 4, 3, 1))),  # 1605 + 754 us
-        (8192, _cfg(128, (64, 64, 8, 3), (128, 64, 8, 4, 1))),  # 4228 + 1914 us
+    ("int4", 128, 2048, 768, 8, 32): [  # qwen3-30b-a3b
+        (1, _cfg(16, (32, 128, 4, 3, "swap"), (128, 64, 4, 4, 2, "swap"))),  # 20 + 11 us
+        (4, _cfg(16, (64, 64, 4, 4, "swap"), (128, 64, 4, 4, 1, "swap"))),  # 40 + 22 us
+        (16, _cfg(16, (64, 64, 4, 3, "swap"), (128, 64, 4, 4, 1, "swap"))),  # 88 + 45 us
+        (64, _cfg(16, (64, 64, 4, 3, "swap"), (128, 64, 4, 4, 1, "swap"))),  # 129 + 66 us
+        (512, _cfg(64, (64, 64, 4, 3), (128, 64, 4, 3, 1))),  # 172 + 105 us
+        (2048, _cfg(128, (64, 64, 4, 3, "swap"), (128, 64, 4, 3, 1))),  # 356 + 217 us
+        (8192, _cfg(128, (64, 64, 4, 3, "swap"), (128, 64, 4, 3, 1))),  # 1031 + 640 us
     ],
-    ("int4", 8, 4096, 14336, 2): [  # Mixtral-8x7B
-        (1, _cfg(16, (128, 64, 4, 3), (128, 128, 4, 3, 8))),  # 107 + 54 us
-        (4, _cfg(16, (128, 64, 4, 3), (128, 128, 4, 3, 4))),  # 284 + 143 us
-        (16, _cfg(16, (128, 64, 4, 3), (128, 128, 4, 3, 2))),  # 332 + 176 us
-        (64, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 4))),  # 427 + 226 us
-        (512, _cfg(64, (128, 64, 4, 3), (128, 64, 4, 3, 1))),  # 976 + 621 us
-        (2048, _cfg(128, (128, 128, 8, 3), (128, 64, 4, 3, 1))),  # 3132 + 1542 us
-        (8192, _cfg(128, (128, 128, 8, 3), (128, 64, 4, 3, 1))),  # 10890 + 4978 us
+    ("mxfp4", 128, 2880, 2880, 4, 32): [  # gpt-oss-120b
+        (1, _cfg(16, (32, 64, 4, 4), (64, 64, 4, 4, 3))),  # 44 + 23 us
+        (4, _cfg(16, (128, 64, 4, 4), (64, 64, 4, 4, 3))),  # 98 + 63 us
+        (16, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 3))),  # 255 + 155 us
+        (64, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 3))),  # 549 + 324 us
+        (512, _cfg(32, (32, 64, 4, 3, "swap"), (64, 64, 4, 4, 1, "swap"))),  # 827 + 446 us
+        (2048, _cfg(64, (128, 64, 4, 3), (128, 64, 4, 3, 1))),  # 1261 + 753 us
+        (8192, _cfg(128, (64, 64, 8, 3), (128, 64, 4, 3, 1, "swap"))),  # 3680 + 1814 us
+    ],
+    ("int4", 128, 2048, 768, 8, 128): [  # qwen3-30b-a3b-zp
+        (1, _cfg(16, (64, 256, 4, 2), (128, 128, 8, 3, 2))),  # 22 + 12 us
+        (4, _cfg(16, (32, 64, 4, 4), (128, 64, 4, 3, 1))),  # 40 + 25 us
+        (16, _cfg(16, (32, 64, 4, 4), (64, 64, 4, 5, 1))),  # 91 + 52 us
+        (64, _cfg(16, (128, 64, 4, 3), (64, 64, 4, 4, 1))),  # 119 + 72 us
+        (512, _cfg(64, (64, 64, 4, 3), (128, 64, 4, 3, 1))),  # 181 + 109 us
+        (2048, _cfg(128, (64, 64, 8, 3), (128, 64, 8, 3, 1))),  # 401 + 227 us
+        (8192, _cfg(128, (64, 64, 8, 3), (128, 64, 8, 3, 1))),  # 1210 + 683 us
     ],
 }
 
@@ -95,15 +112,17 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 def _heuristic(tokens: int, top_k: int, experts: int) -> MoEConfig:
-    """Untuned shapes: what the H100 sweeps chose for the benchmarked models, by rows per expert."""
+    """Untuned shapes, by rows per expert: tiles the H100 sweeps favoured, with the weights as the
+    MMA's second operand. Swapped operands only come from TUNED, whose sweeps checked every result:
+    one swapped MXFP4 tile compiled to wrong results on gpt-oss's shapes (docs/benchmarks.md)."""
     per_expert = tokens * top_k / experts
     if per_expert <= 8:
-        return MoEConfig(16, GemmConfig(64, 128, 4, 3), GemmConfig(128, 64, 4, 3))
+        return _cfg(16, (64, 128, 4, 3), (128, 64, 4, 3))
     if per_expert <= 32:
-        return MoEConfig(32, GemmConfig(64, 64, 4, 3), GemmConfig(128, 64, 4, 3))
+        return _cfg(32, (64, 64, 4, 3), (128, 64, 4, 3))
     if per_expert <= 128:
-        return MoEConfig(64, GemmConfig(128, 64, 4, 3), GemmConfig(128, 64, 4, 3))
-    return MoEConfig(128, GemmConfig(128, 64, 8, 3), GemmConfig(128, 64, 4, 3))
+        return _cfg(64, (64, 64, 4, 3), (128, 64, 4, 3))
+    return _cfg(128, (64, 64, 8, 3), (128, 64, 4, 3))
 
 
 def pick(tokens: int, top_k: int, experts: int, hidden: int, inter: int, family: str, device: torch.device,
@@ -111,7 +130,7 @@ def pick(tokens: int, top_k: int, experts: int, hidden: int, inter: int, family:
     """The configuration for one call, fitted to the shapes (block_k to K and the scale groups,
     block_n to N, split-K to fill the device)."""
     cfg = _heuristic(tokens, top_k, experts)
-    for t_min, tuned in TUNED.get((family, experts, hidden, inter, top_k), []):
+    for t_min, tuned in TUNED.get((family, experts, hidden, inter, top_k, group_sizes[0]), []):
         if tokens >= t_min:
             cfg = tuned
     return fit(cfg, tokens, top_k, experts, hidden, inter, device, group_sizes)

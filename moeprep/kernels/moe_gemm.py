@@ -79,36 +79,46 @@ def _weight_rows(words, k0, s_ptr, z_ptr, expert, rows, row_ok, blocks, N, G, KS
 
 @triton.jit
 def _product(a, words, k0, s_ptr, z_ptr, expert, rows, row_ok, blocks, N, G, KSP, acc,
-             FMT: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr, PACKED: tl.constexpr):
+             FMT: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr, PACKED: tl.constexpr,
+             SWAP: tl.constexpr):
     """``acc += a @ W[rows, k0:k0+BK]^T``. With one row (decode, one token per block) the
     accumulator is ``[BN, BK]`` and summed once at the end: no MMA operand round trip through
     shared memory, one FMA per weight. PACKED: the MMA operand is decoded straight into bf16, two
-    values per instruction (CUDA; see ``_triton.packed_nibbles``)."""
+    values per instruction (CUDA; see ``_triton.packed_nibbles``). SWAP: the accumulator is the
+    transposed ``[BN, BM]`` and the decoded weights are the MMA's first operand, which Hopper's
+    wgmma takes from registers, and whose 64-row minimum the weight rows fill when BM is small."""
     DECODED: tl.constexpr = tl.bfloat16 if PACKED and a.shape[0] > 1 else tl.float32
     w = _weight_rows(words, k0, s_ptr, z_ptr, expert, rows, row_ok, blocks, N, G, KSP, FMT, BK, NG, GS, DECODED)
     if a.shape[0] == 1:
         acc += w * a.to(tl.float32)
-    elif PACKED:  # k runs along each row, as the codes are packed: the tile goes to the MMA as B^T
-        acc = mma(a, tl.trans(opaque(w)), acc)
     else:
-        acc = mma(a, tl.trans(rounded(w, a.dtype)), acc)
+        # k runs along each row, as the codes are packed: the tile is W, or B^T without SWAP
+        w = opaque(w) if PACKED else rounded(w, a.dtype)
+        if SWAP:
+            acc = mma(w, tl.trans(a), acc)
+        else:
+            acc = mma(a, tl.trans(w), acc)
     return acc
 
 
 @triton.jit
-def _accumulator(BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _accumulator(BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr):
     if BM == 1:
         acc = tl.zeros((BN, BK), tl.float32)
+    elif SWAP:
+        acc = tl.zeros((BN, BM), tl.float32)
     else:
         acc = tl.zeros((BM, BN), tl.float32)
     return acc
 
 
 @triton.jit
-def _result(acc, BM: tl.constexpr):
+def _result(acc, BM: tl.constexpr, SWAP: tl.constexpr):
     """The ``[BM, BN]`` product from an accumulator of :func:`_accumulator`."""
     if BM == 1:
         acc = tl.sum(acc, axis=1)[None, :]
+    elif SWAP:
+        acc = tl.trans(acc)
     return acc
 
 
@@ -133,7 +143,7 @@ def w13_kernel(x_ptr, stride_x, perm_ptr, w_ptr, s_ptr, z_ptr, b_ptr, h_ptr, out
                TOP_K: tl.constexpr, FMT: tl.constexpr, GU_INTERLEAVED: tl.constexpr, ACT: tl.constexpr,
                HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
-               GROUP_M: tl.constexpr, PACKED: tl.constexpr):
+               GROUP_M: tl.constexpr, PACKED: tl.constexpr, SWAP: tl.constexpr):
     pid = tl.program_id(0)
     _zero_share(out_ptr, out_numel, pid, zero_per_program, ZBLOCK)
     pid_m, pid_n = _block_order(pid, num_m_blocks, tl.cdiv(I, BN), GROUP_M)
@@ -143,46 +153,41 @@ def w13_kernel(x_ptr, stride_x, perm_ptr, w_ptr, s_ptr, z_ptr, b_ptr, h_ptr, out
     pair = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM))
     m_ok = pair < num_pairs
     x_rows = x_ptr + (pair // TOP_K).to(tl.int64)[:, None] * stride_x
-    cols = pid_n * BN + tl.arange(0, BN)
+    # one tile of 2 * BN weight rows: the gate rows of h's columns, then their up rows
+    j = tl.arange(0, 2 * BN)
+    cols = pid_n * BN + j % BN
     n_ok = cols < I
-    gate_blocks = _stored_blocks(cols, I, GU_INTERLEAVED)
-    up_blocks = _stored_blocks(cols + I, I, GU_INTERLEAVED)
-    gate_words = _word_ptrs(w_ptr, expert, cols, gate_blocks, 2 * I, H, FMT, BK, NG)
-    up_words = _word_ptrs(w_ptr, expert, cols + I, up_blocks, 2 * I, H, FMT, BK, NG)
-    acc_g = _accumulator(BM, BN, BK)
-    acc_u = _accumulator(BM, BN, BK)
+    rows = cols + (j >= BN).to(tl.int32) * I
+    blocks = _stored_blocks(rows, I, GU_INTERLEAVED)
+    words = _word_ptrs(w_ptr, expert, rows, blocks, 2 * I, H, FMT, BK, NG)
+    acc = _accumulator(BM, 2 * BN, BK, SWAP)
     if BM == 1:
-        next_g = _words(gate_words, 0, n_ok, True)
-        next_u = _words(up_words, 0, n_ok, True)
+        next_w = _words(words, 0, n_ok, True)
     for k0 in range(0, H, BK):
         if BM == 1:  # no MMA pipeline on this path: fetch the next codes before decoding these
-            wg, wu = next_g, next_u
-            next_g = _words(gate_words, k0 + BK, n_ok, k0 + BK < H)
-            next_u = _words(up_words, k0 + BK, n_ok, k0 + BK < H)
+            w = next_w
+            next_w = _words(words, k0 + BK, n_ok, k0 + BK < H)
         else:
-            wg = _words(gate_words, k0, n_ok, True)
-            wu = _words(up_words, k0, n_ok, True)
+            w = _words(words, k0, n_ok, True)
         kk = k0 + tl.arange(0, BK)
         if HAS_PERM:
             kk = tl.load(perm_ptr + expert * H + kk)
         a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None], other=0.0)
-        acc_g = _product(a, wg, k0, s_ptr, z_ptr, expert, cols, n_ok, gate_blocks, 2 * I, G, KSP, acc_g,
-                         FMT, BK, NG, GS, PACKED)
-        acc_u = _product(a, wu, k0, s_ptr, z_ptr, expert, cols + I, n_ok, up_blocks, 2 * I, G, KSP, acc_u,
-                         FMT, BK, NG, GS, PACKED)
-    acc_g = _result(acc_g, BM)
-    acc_u = _result(acc_u, BM)
+        acc = _product(a, w, k0, s_ptr, z_ptr, expert, rows, n_ok, blocks, 2 * I, G, KSP, acc,
+                       FMT, BK, NG, GS, PACKED, SWAP)
+    acc = _result(acc, BM, SWAP)
     if HAS_BIAS:
-        acc_g += tl.load(b_ptr + expert * (2 * I) + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        acc_u += tl.load(b_ptr + expert * (2 * I) + I + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + expert * (2 * I) + rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    gate, up = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN)), (0, 2, 1)))
     if ACT == SWIGLU_OAI:
-        gate = tl.minimum(acc_g, limit)
-        up = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
         h = (up + 1.0) * gate * tl.sigmoid(gate * alpha)
     else:
-        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        h = gate * tl.sigmoid(gate) * up
+    cols = pid_n * BN + tl.arange(0, BN)
     tl.store(h_ptr + pair.to(tl.int64)[:, None] * I + cols[None, :], rounded(h, h_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+             mask=m_ok[:, None] & (cols < I)[None, :])
 
 
 @triton.jit(do_not_specialize=["num_pairs", "num_m_blocks"])
@@ -190,7 +195,7 @@ def w2_kernel(h_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, stride_out, topk_w_ptr
               sorted_ptr, expert_ids_ptr, num_padded_ptr, num_pairs, num_m_blocks, H, I, G, KSP,
               TOP_K: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
-              GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, PACKED: tl.constexpr):
+              GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, PACKED: tl.constexpr, SWAP: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = _block_order(pid, num_m_blocks, tl.cdiv(H, BN), GROUP_M)
@@ -205,19 +210,19 @@ def w2_kernel(h_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, stride_out, topk_w_ptr
     blocks = cols // 16
     words = _word_ptrs(w_ptr, expert, cols, blocks, H, I, FMT, BK, NG)
     k_per_split = I // SPLIT_K  # a multiple of BK
-    acc = _accumulator(BM, BN, BK)
+    acc = _accumulator(BM, BN, BK, SWAP)
     if BM == 1:
         next_w = _words(words, pid_k * k_per_split, n_ok, True)
     for dk in range(0, k_per_split, BK):
-        k0 = pid_k * k_per_split + dk
+        k0 = tl.multiple_of(pid_k * k_per_split + dk, BK)  # lets the scale loads be pipelined
         if BM == 1:  # as in w13_kernel
             w = next_w
             next_w = _words(words, k0 + BK, n_ok, dk + BK < k_per_split)
         else:
             w = _words(words, k0, n_ok, True)
         a = tl.load(a_rows + (k0 + tl.arange(0, BK))[None, :], mask=m_ok[:, None], other=0.0)
-        acc = _product(a, w, k0, s_ptr, z_ptr, expert, cols, n_ok, blocks, H, G, KSP, acc, FMT, BK, NG, GS, PACKED)
-    acc = _result(acc, BM)
+        acc = _product(a, w, k0, s_ptr, z_ptr, expert, cols, n_ok, blocks, H, G, KSP, acc, FMT, BK, NG, GS, PACKED, SWAP)
+    acc = _result(acc, BM, SWAP)
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(b_ptr + expert * H + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]

@@ -35,15 +35,22 @@ def _linear(x: torch.Tensor, ql: QuantLinear) -> torch.Tensor:
     return F.linear(x, w, bias)
 
 
-def expert_forward(x: torch.Tensor, expert: dict[str, QuantLinear], act: Activation) -> torch.Tensor:
+def expert_hidden(x: torch.Tensor, expert: dict[str, QuantLinear], act: Activation) -> torch.Tensor:
+    """The expert's activation of its gate and up projections: the down projection's input."""
     gate, up = _linear(x, expert["gate"]), _linear(x, expert["up"])
     if act.kind == "swiglu_oai":
         gate = gate.clamp(max=act.limit)
         up = up.clamp(min=-act.limit, max=act.limit)
-        h = (up + 1) * (gate * torch.sigmoid(gate * act.alpha))
-    else:
-        h = F.silu(gate) * up
+        return (up + 1) * (gate * torch.sigmoid(gate * act.alpha))
+    return F.silu(gate) * up
+
+
+def expert_down(h: torch.Tensor, expert: dict[str, QuantLinear]) -> torch.Tensor:
     return _linear(h, expert["down"])
+
+
+def expert_forward(x: torch.Tensor, expert: dict[str, QuantLinear], act: Activation) -> torch.Tensor:
+    return expert_down(expert_hidden(x, expert, act), expert)
 
 
 def experts_reference(

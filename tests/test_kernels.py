@@ -306,7 +306,6 @@ MODELS = {  # name: (target, E, H, I, routing, activation, bias, Ts)
     "qwen3-30b-a3b-zp": ("w4a16_preshuffle_zp", 128, 2048, 768, QWEN3, SILU, False, ALL_T),
     "qwen3-30b-a3b-mxfp4_moe": ("mxfp4_moe", 128, 2048, 768, QWEN3, SILU, False, (1, 2048)),
     "gpt-oss-120b": ("mxfp4_preshuffle", 128, 2880, 2880, GPT_OSS, SWIGLU, True, ALL_T),
-    "gpt-oss-120b-mxfp4_moe": ("mxfp4_moe", 128, 2880, 2880, GPT_OSS, SWIGLU, True, (16, 8192)),
     "mixtral-8x7b": ("w4a16_preshuffle", 8, 4096, 14336, MIXTRAL, SILU, False, ALL_T),
 }
 

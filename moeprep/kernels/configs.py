@@ -4,8 +4,9 @@ Decode (few rows per expert) is a stream over the touched experts' weights: 16-r
 one-row, no-MMA blocks remain selectable but lost every H100 sweep once the MMA operand was
 decoded two values per instruction), and split-K on the down projection when the grid would
 still not fill the GPU. Prefill is tensor-core bound: large tiles, 64- to 128-row blocks so that
-each decoded weight serves many tokens. ``TUNED`` holds what ``scripts/bench_moe.py --tune``
-measured on an H100 for the benchmarked models; other shapes get the heuristic.
+each decoded weight serves many tokens. Swapped operands (``swap_ab``) won most int4 sweeps, in
+decode and prefill. ``TUNED`` holds what ``scripts/bench_moe.py --tune`` measured (and checked
+against the fp32 reference) on an H100 for the benchmarked models; other shapes get the heuristic.
 """
 from __future__ import annotations
 

@@ -2,11 +2,13 @@
 
 Each program takes one block of ``block_m`` (token, slot) rows of one expert (see routing.py)
 and a tile of output columns; weights are loaded as int32 words of 8 codes and dequantized in
-registers right before ``tl.dot``, never written anywhere.
+registers right before ``tl.dot``, never written anywhere. With ``SWAP`` the product is computed
+transposed, the decoded tile being the MMA's first operand (see :func:`_product`).
 
 * :func:`w13_kernel`: ``h = act(x W_gate^T + b_gate, x W_up^T + b_up)`` into ``h[t * k + j]``,
-  with desc_act's input permutation applied on the activation loads. It also zeroes the final
-  output, which the second kernel then adds into.
+  with desc_act's input permutation applied on the activation loads. Gate and up rows form one
+  stacked tile and one accumulator, split for the activation. It also zeroes the final output,
+  which the second kernel then adds into.
 * :func:`w2_kernel`: ``out[t] += weight[t, j] * (h[t * k + j] W_down^T + b_down)``, optionally
   split along K; partial sums go straight into the output with atomic adds.
 """

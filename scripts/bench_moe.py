@@ -246,7 +246,7 @@ DECODE_SPLITS = (1, 2, 4, 8)
 
 
 def _fits(bm: int, tile: tuple, gemm: str) -> bool:
-    """At most 128 fp32 accumulator registers per thread (w13 holds two accumulators)."""
+    """At most 128 fp32 accumulator registers per thread (w13's accumulator stacks gate and up: 2 x block_n)."""
     bn, _, warps, _ = tile
     return bm == 1 or bm * bn * (2 if gemm == "w13" else 1) <= 128 * 32 * warps
 

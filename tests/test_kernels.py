@@ -161,7 +161,8 @@ def test_split_k_one_row_blocks_and_large_tiles():
         configs.MoEConfig(1, configs.GemmConfig(32, 128, 4, 3), configs.GemmConfig(64, 64, 4, 3, split_k=2)),
         configs.MoEConfig(16, configs.GemmConfig(64, 64, 4, 3, swap_ab=True),
                           configs.GemmConfig(64, 64, 4, 3, split_k=2, swap_ab=True)),
-        configs.MoEConfig(32, configs.GemmConfig(128, 64, 8, 3, swap_ab=True), configs.GemmConfig(64, 128, 4, 3, swap_ab=True)),
+        configs.MoEConfig(32, configs.GemmConfig(128, 64, 8, 3, swap_ab=True),
+                          configs.GemmConfig(64, 128, 4, 3, swap_ab=True)),
     ):
         run_and_check(layer, source, MIXTRAL, SILU, 20, torch.bfloat16, config=cfg)
 

@@ -179,7 +179,8 @@ def launch_w13(layer: Layer, hidden: torch.Tensor, r: RoutedTokens, h: torch.Ten
         TOP_K=k, FMT=layer.fmt, GU_INTERLEAVED=layer.gate_up_interleaved, ACT=ACTIVATIONS[activation.kind],
         HAS_BIAS=w.bias is not None, HAS_PERM=layer.input_perm is not None,
         BM=cfg.block_m, BN=c.block_n, BK=c.block_k, NG=max(c.block_k // w.group_size, 1), GS=w.group_size,
-        GROUP_M=c.group_m, PACKED=packed_decode(layer, w, hidden), SWAP=c.swap_ab, num_warps=c.num_warps, num_stages=c.num_stages,
+        GROUP_M=c.group_m, PACKED=packed_decode(layer, w, hidden), SWAP=c.swap_ab,
+        num_warps=c.num_warps, num_stages=c.num_stages,
     )
 
 

@@ -223,7 +223,8 @@ def w2_kernel(h_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, stride_out, topk_w_ptr
         else:
             w = _words(words, k0, n_ok, True)
         a = tl.load(a_rows + (k0 + tl.arange(0, BK))[None, :], mask=m_ok[:, None], other=0.0)
-        acc = _product(a, w, k0, s_ptr, z_ptr, expert, cols, n_ok, blocks, H, G, KSP, acc, FMT, BK, NG, GS, PACKED, SWAP)
+        acc = _product(a, w, k0, s_ptr, z_ptr, expert, cols, n_ok, blocks, H, G, KSP, acc,
+                       FMT, BK, NG, GS, PACKED, SWAP)
     acc = _result(acc, BM, SWAP)
     if HAS_BIAS:
         if pid_k == 0:

@@ -242,7 +242,11 @@ PREFILL_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3
                  (128, 128, 8, 4), (64, 128, 8, 4)]
 SWAP_PREFILL_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (32, 64, 4, 3), (64, 32, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3),
                       (128, 64, 8, 3), (256, 64, 8, 3), (128, 32, 4, 4)]
+# a step of block_k k walks it one scale group at a time (nibble_mma)
+NIBBLE_DECODE_TILES = [(64, 32, 4, 4), (128, 32, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 4, 3),
+                       (128, 64, 8, 4), (256, 64, 8, 3), (64, 128, 4, 3), (128, 128, 4, 3)]
 DECODE_SPLITS = (1, 2, 4, 8)
+FAMILIES = ("one_row", "plain", "swap", "nibbles", "current")  # what --tune sweeps (--families)
 
 
 def _fits(bm: int, tile: tuple, gemm: str) -> bool:
@@ -251,8 +255,9 @@ def _fits(bm: int, tile: tuple, gemm: str) -> bool:
     return bm == 1 or bm * bn * (2 if gemm == "w13" else 1) <= 128 * 32 * warps
 
 
-def _candidates(T: int, model: Model):
-    """(block_m, gemm, tile, split, swap) to sweep for one batch size."""
+def _candidates(T: int, model: Model, stored, families=FAMILIES):
+    """(block_m, gemm, GemmConfig) to sweep for one batch size: the tile families asked for and
+    the configuration ``pick`` makes now ("current"), so that every sweep measures it too."""
     per_expert = T * model.routing.top_k / model.experts
     if per_expert < 24:
         bms = ([1] if per_expert <= 2 else []) + [16] + ([32] if per_expert >= 8 else [])
@@ -260,24 +265,30 @@ def _candidates(T: int, model: Model):
         bms = [bm for bm in (32, 64, 128, 256) if bm <= 2 * per_expert][-3:]
     for bm in bms:
         if bm == 1:
-            sets = [(ONE_ROW_TILES, False)]
+            sets = [(ONE_ROW_TILES, "one_row")]
         elif bm <= 32:
-            sets = [(DECODE_TILES, False), (SWAP_DECODE_TILES, True)]
+            sets = [(DECODE_TILES, "plain"), (SWAP_DECODE_TILES, "swap"), (NIBBLE_DECODE_TILES, "nibbles")]
         else:
-            sets = [(PREFILL_TILES, False), (SWAP_PREFILL_TILES, True)]
-        for tiles, swap in sets:
+            sets = [(PREFILL_TILES, "plain"), (SWAP_PREFILL_TILES, "swap")]
+        for tiles, family in sets:
+            if family not in families:
+                continue
             for tile in tiles:
+                g = GemmConfig(*tile, swap_ab=family in ("swap", "nibbles"), nibbles=family == "nibbles")
                 if _fits(bm, tile, "w13"):
-                    yield bm, "w13", tile, 1, swap
+                    yield bm, "w13", g
                 if _fits(bm, tile, "w2"):
                     for split in DECODE_SPLITS if bm <= 16 else (1, 2) if bm == 32 else (1,):
-                        yield bm, "w2", tile, split, swap
+                        yield bm, "w2", replace(g, split_k=split)
+    if "current" in families:
+        cfg = pick_config(stored, T, model.routing.top_k, torch.device("cuda"))
+        yield cfg.block_m, "w13", cfg.w13
+        yield cfg.block_m, "w2", cfg.w2
 
 
-def _fitted(stored, T: int, routing: Routing, bm: int, tile: tuple, split: int, swap: bool) -> MoEConfig:
-    g = GemmConfig(*tile, swap_ab=swap)
+def _fitted(stored, T: int, routing: Routing, bm: int, g: GemmConfig) -> MoEConfig:
     return fit(MoEConfig(bm, g, g), T, routing.top_k, stored.experts, stored.hidden, stored.inter, torch.device("cuda"),
-               (stored.w13.group_size, stored.w2.group_size), split_k=split)
+               (stored.w13.group_size, stored.w2.group_size), split_k=g.split_k or None)
 
 
 def _placeholders(obj):
@@ -339,7 +350,7 @@ def warm(pool: ProcessPoolExecutor, built: dict, tokens) -> None:
                     pool.submit(_compile_job, name, shape_only, cfg.block_m, gemm, cfg)
 
 
-def tune(names, tokens, jobs: int, deadline_s: float, results: list, log: Optional[Path]) -> None:
+def tune(names, tokens, jobs: int, deadline_s: float, results: list, log: Optional[Path], families=FAMILIES) -> None:
     """Sweep every candidate of every (model, T), largest T first: compile them all in ``jobs``
     worker processes (Triton's cache is on disk, shared), then time each GEMM alone, serially, with
     the L2 flushed; stop starting new (model, T) once ``deadline_s`` has passed."""
@@ -354,8 +365,8 @@ def tune(names, tokens, jobs: int, deadline_s: float, results: list, log: Option
         for T, name in work:
             stored, model = layers[name], MODELS[name]
             shape_only = _placeholders(stored)
-            for bm, gemm, tile, split, swap in _candidates(T, model):
-                cfg = _fitted(stored, T, model.routing, bm, tile, split, swap)
+            for bm, gemm, g in _candidates(T, model, stored, families):
+                cfg = _fitted(stored, T, model.routing, bm, g)
                 key = (name, bm, gemm, cfg.w13 if gemm == "w13" else cfg.w2)
                 if key not in compiles:
                     compiles[key] = pool.submit(_compile_job, name, shape_only, bm, gemm, cfg)
@@ -365,7 +376,7 @@ def tune(names, tokens, jobs: int, deadline_s: float, results: list, log: Option
                 print(f"# deadline: {name} T={T} not tuned", file=sys.stderr)
                 continue
             t0 = time.time()
-            results.append(_tune_one(name, MODELS[name], layers[name], sources[name], T, compiles))
+            results.append(_tune_one(name, MODELS[name], layers[name], sources[name], T, compiles, families))
             results[-1]["tune_s"] = round(time.time() - t0, 1)
             print(json.dumps({k: v for k, v in results[-1].items() if k != "top"}), file=sys.stderr)
             if log:
@@ -397,7 +408,7 @@ def _references(x: torch.Tensor, h: torch.Tensor, r, source, act: Activation):
     return h_ref, out_ref
 
 
-def _tune_one(name: str, model: Model, stored, source, T: int, compiles: dict) -> dict:
+def _tune_one(name: str, model: Model, stored, source, T: int, compiles: dict, families) -> dict:
     """The fastest configuration of one (model, T), from the candidates whose results match the
     fp32 reference (each GEMM is checked once, on poisoned buffers, besides being timed)."""
     x = torch.randn(T, model.hidden, device="cuda", dtype=torch.bfloat16)
@@ -407,8 +418,8 @@ def _tune_one(name: str, model: Model, stored, source, T: int, compiles: dict) -
     out = torch.empty(T, model.hidden, device="cuda", dtype=torch.bfloat16)
     timings: dict = {}  # bm -> gemm -> [(us, GemmConfig)]
     routed, refs, rejected, seen = {}, None, [], set()
-    for bm, gemm, tile, split, swap in _candidates(T, model):
-        cfg = _fitted(stored, T, model.routing, bm, tile, split, swap)
+    for bm, gemm, g in _candidates(T, model, stored, families):
+        cfg = _fitted(stored, T, model.routing, bm, g)
         g = cfg.w13 if gemm == "w13" else cfg.w2
         if (bm, gemm, g) in seen or _compile_error(compiles, (name, bm, gemm, g)):
             continue
@@ -434,7 +445,7 @@ def _tune_one(name: str, model: Model, stored, source, T: int, compiles: dict) -
             rejected.append(dict(block_m=bm, gemm=gemm, config=asdict(g), err=err))
             print(f"#   wrong results, rejected: {name} T={T} block_m={bm} {gemm} {g}: error {err:.2e}", file=sys.stderr)
             continue
-        us = timed_us(run, graph=False, rep_ms=25)
+        us = timed_us(run, rep_ms=25)  # from a CUDA graph: small GEMMs take less than a launch from Python
         timings.setdefault(bm, {}).setdefault(gemm, []).append((us, g))
     fastest = {bm: (min(t["w13"], key=lambda p: p[0]), min(t["w2"], key=lambda p: p[0]))
                for bm, t in timings.items() if "w13" in t and "w2" in t}
@@ -444,8 +455,12 @@ def _tune_one(name: str, model: Model, stored, source, T: int, compiles: dict) -
     (us13, c13), (us2, c2) = fastest[bm]
     top = {bm: {gemm: [(round(us, 1), asdict(c)) for us, c in sorted(v, key=lambda p: p[0])[:4]] for gemm, v in t.items()}
            for bm, t in timings.items()}
+    current = {}  # the times of the configuration pick makes now
+    for b, gemm, g in _candidates(T, model, stored, ["current"]):
+        now = getattr(_fitted(stored, T, model.routing, b, g), gemm)
+        current[gemm] = next((round(us, 1) for us, c in timings.get(b, {}).get(gemm, []) if c == now), None)
     return dict(model=name, T=T, block_m=bm, w13=asdict(c13), w13_us=us13, w2=asdict(c2), w2_us=us2, top=top,
-                rejected=rejected)
+                current_us=current, rejected=rejected)
 
 
 TUNED_KEYS = {  # model -> its key in moeprep.kernels.configs.TUNED
@@ -460,7 +475,7 @@ def print_tuned(rows: list) -> None:
     """The sweep's winners as entries of ``configs.TUNED`` (w2 with its split)."""
     def tile(c: dict, split: bool) -> tuple:
         t = (c["block_n"], c["block_k"], c["num_warps"], c["num_stages"]) + ((c["split_k"],) if split else ())
-        return t + ("swap",) if c["swap_ab"] else t
+        return t + ("nib",) if c["nibbles"] else t + ("swap",) if c["swap_ab"] else t
 
     for name in dict.fromkeys(r["model"] for r in rows if "error" not in r):
         print(f"    {TUNED_KEYS.get(name, repr(name))}: [  # {name}")
@@ -492,6 +507,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 2),
                    help="processes compiling the kernels in parallel ahead of the timings")
     p.add_argument("--deadline", type=float, default=1e9, help="--tune: seconds after which no new (model, T) starts")
+    p.add_argument("--families", default=",".join(FAMILIES), help=f"--tune: tile families to sweep, from {', '.join(FAMILIES)}")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -499,7 +515,7 @@ def main() -> None:
     tokens = [int(t) for t in args.tokens.split(",")]
     rows: list = []
     if args.tune:
-        tune(args.models.split(","), tokens, args.jobs, args.deadline, rows, args.json)
+        tune(args.models.split(","), tokens, args.jobs, args.deadline, rows, args.json, args.families.split(","))
         print_tuned(rows)
     else:
         names = args.models.split(",")

@@ -242,11 +242,8 @@ PREFILL_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3
                  (128, 128, 8, 4), (64, 128, 8, 4)]
 SWAP_PREFILL_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (32, 64, 4, 3), (64, 32, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3),
                       (128, 64, 8, 3), (256, 64, 8, 3), (128, 32, 4, 4)]
-# a step of block_k k walks it one scale group at a time (nibble_mma)
-NIBBLE_DECODE_TILES = [(64, 32, 4, 4), (128, 32, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 4, 3),
-                       (128, 64, 8, 4), (256, 64, 8, 3), (64, 128, 4, 3), (128, 128, 4, 3)]
 DECODE_SPLITS = (1, 2, 4, 8)
-FAMILIES = ("one_row", "plain", "swap", "nibbles", "current")  # what --tune sweeps (--families)
+FAMILIES = ("one_row", "plain", "swap", "current")  # what --tune sweeps (--families)
 
 
 def _fits(bm: int, tile: tuple, gemm: str) -> bool:
@@ -267,14 +264,14 @@ def _candidates(T: int, model: Model, stored, families=FAMILIES):
         if bm == 1:
             sets = [(ONE_ROW_TILES, "one_row")]
         elif bm <= 32:
-            sets = [(DECODE_TILES, "plain"), (SWAP_DECODE_TILES, "swap"), (NIBBLE_DECODE_TILES, "nibbles")]
+            sets = [(DECODE_TILES, "plain"), (SWAP_DECODE_TILES, "swap")]
         else:
             sets = [(PREFILL_TILES, "plain"), (SWAP_PREFILL_TILES, "swap")]
         for tiles, family in sets:
             if family not in families:
                 continue
             for tile in tiles:
-                g = GemmConfig(*tile, swap_ab=family in ("swap", "nibbles"), nibbles=family == "nibbles")
+                g = GemmConfig(*tile, swap_ab=family == "swap")
                 if _fits(bm, tile, "w13"):
                     yield bm, "w13", g
                 if _fits(bm, tile, "w2"):
@@ -475,7 +472,7 @@ def print_tuned(rows: list) -> None:
     """The sweep's winners as entries of ``configs.TUNED`` (w2 with its split)."""
     def tile(c: dict, split: bool) -> tuple:
         t = (c["block_n"], c["block_k"], c["num_warps"], c["num_stages"]) + ((c["split_k"],) if split else ())
-        return t + ("nib",) if c["nibbles"] else t + ("swap",) if c["swap_ab"] else t
+        return t + ("swap",) if c["swap_ab"] else t
 
     for name in dict.fromkeys(r["model"] for r in rows if "error" not in r):
         print(f"    {TUNED_KEYS.get(name, repr(name))}: [  # {name}")

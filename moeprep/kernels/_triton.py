@@ -128,53 +128,6 @@ def packed_e2m1(words, scale):
     return tl.inline_asm_elementwise(_E2M1_BF16, _E2M1_ARGS, [words, scale], _BF16_X8, is_pure=True, pack=2)
 
 
-def _byte_pair_asm(lines: list[str]) -> str:
-    # $1: two code bytes (elements 0, 1) in 16 bits; $0: their bf16 pair. prmt copies byte e to
-    # bytes 2e and 2e + 1, so that one lop3 keeps both bytes' low nibbles at bits 0-3 and 16-19
-    return "{\n" + "\n".join([".reg .b32 w, t, x, y;", "cvt.u32.u16 w, $1;", "prmt.b32 t, w, w, 0x1100;"] + lines) + "\n}"
-
-
-# 0x4300 | u is the bf16 128 + u, exactly (its unit in the last place is 1): (t & 0x000F000F) | m
-# is lop3 0xEA. Signed codes are two's complement: u ^ 8 is their offset binary, and (t & mask) ^ m
-# with 0x4308 in m (lop3 0x6A) sets 0x4300 and flips bit 3 at once
-_HIGH = "shr.u32 t, t, 4;"
-_U4_LOW = tl.constexpr(_byte_pair_asm(["lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;"]))
-_U4_HIGH = tl.constexpr(_byte_pair_asm([_HIGH, "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;"]))
-_S4_LOW = tl.constexpr(_byte_pair_asm(["lop3.b32 $0, t, 0x000F000F, 0x43084308, 0x6A;"]))
-_S4_HIGH = tl.constexpr(_byte_pair_asm([_HIGH, "lop3.b32 $0, t, 0x000F000F, 0x43084308, 0x6A;"]))
-# an E2M1 code's magnitude bits in bits 6-8 of a bf16 and its sign in bit 15 make the value times
-# 2^-126, subnormals included; 0x7E80 is 2^126 and 0xF8 = a | (b & c)
-_E2M1 = ["shl.b32 x, t, 6;", "and.b32 x, x, 0x01C001C0;", "shl.b32 y, t, 12;", "lop3.b32 x, x, y, 0x80008000, 0xF8;",
-         "mov.b32 y, 0x7E807E80;", "mov.b32 t, 0x80008000;", "fma.rn.bf16x2 $0, x, y, t;"]
-_E2M1_LOW = tl.constexpr(_byte_pair_asm(_E2M1))
-_E2M1_HIGH = tl.constexpr(_byte_pair_asm([_HIGH] + _E2M1))
-
-
-@triton.jit
-def _byte_pairs(asm: tl.constexpr, b):
-    return tl.inline_asm_elementwise(asm, "=r,h", [b], tl.bfloat16, is_pure=True, pack=2)
-
-
-@triton.jit
-def packed_u4_bytes(b, SIGNED: tl.constexpr):
-    """uint8 code bytes -> bf16 ``128 + u`` of each byte's (low, high) nibble u (``u ^ 8`` if
-    SIGNED: the two's complement nibble made offset binary), exact. Unary decodes of 2 bytes
-    (prmt, lop3), which Triton keeps between a byte load and a register MMA operand."""
-    if SIGNED:
-        lo = _byte_pairs(_S4_LOW, b)
-        hi = _byte_pairs(_S4_HIGH, b)
-    else:
-        lo = _byte_pairs(_U4_LOW, b)
-        hi = _byte_pairs(_U4_HIGH, b)
-    return lo, hi
-
-
-@triton.jit
-def packed_e2m1_bytes(b):
-    """uint8 fp4x2 bytes -> bf16 values of each byte's (low, high) E2M1 code, exact."""
-    return _byte_pairs(_E2M1_LOW, b), _byte_pairs(_E2M1_HIGH, b)
-
-
 @triton.jit
 def opaque(x):
     """x, through an identity the compiler cannot see into (free after ptxas). Triton 3.6 fails

@@ -27,7 +27,6 @@ class GemmConfig:
     split_k: int = 0  # 0: as many as it takes to fill the device (see fit)
     group_m: int = 8
     swap_ab: bool = False  # weights as the MMA's first operand (see moe_gemm._product)
-    nibbles: bool = False  # with swap_ab: one MMA per nibble half, scaled after it (see nibble_mma)
 
 
 @dataclass(frozen=True)
@@ -38,15 +37,13 @@ class MoEConfig:
 
 
 def _cfg(block_m: int, w13: tuple, w2: tuple) -> MoEConfig:
-    """Tuples of GemmConfig's leading fields, ending in "swap" for swap_ab or "nib" for nibbles."""
+    """Tuples of GemmConfig's leading fields, ending in "swap" for swap_ab."""
     return MoEConfig(block_m, _gemm(w13), _gemm(w2))
 
 
 def _gemm(fields: tuple) -> GemmConfig:
     if fields[-1] == "swap":
         return GemmConfig(*fields[:-1], swap_ab=True)
-    if fields[-1] == "nib":
-        return GemmConfig(*fields[:-1], swap_ab=True, nibbles=True)
     return GemmConfig(*fields)
 
 
@@ -165,8 +162,6 @@ def _split(wanted: int, k_tiles: int) -> int:
 
 
 def _fit_gemm(g: GemmConfig, rows: int, cols: int, group_size: int) -> GemmConfig:
-    bn = max(16, min(g.block_n, triton.next_power_of_2(rows)))
     bk = fit_block_k(g.block_k, cols, group_size)
-    # nibble MMAs step through one scale group at a time, each nibble half one MMA of >= 16 k
-    nibbles = g.nibbles and min(bk, group_size) >= 32
-    return replace(g, block_k=bk, block_n=bn, nibbles=nibbles)
+    bn = max(16, min(g.block_n, triton.next_power_of_2(rows)))
+    return replace(g, block_k=bk, block_n=bn)

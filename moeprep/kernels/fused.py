@@ -179,7 +179,7 @@ def launch_w13(layer: Layer, hidden: torch.Tensor, r: RoutedTokens, h: torch.Ten
         TOP_K=k, FMT=layer.fmt, GU_INTERLEAVED=layer.gate_up_interleaved, ACT=ACTIVATIONS[activation.kind],
         HAS_BIAS=w.bias is not None, HAS_PERM=layer.input_perm is not None,
         BM=cfg.block_m, BN=c.block_n, BK=c.block_k, NG=max(c.block_k // w.group_size, 1), GS=w.group_size,
-        GROUP_M=c.group_m, PACKED=packed_decode(layer, w, hidden), SWAP=c.swap_ab, NIBBLES=c.nibbles,
+        GROUP_M=c.group_m, PACKED=packed_decode(layer, w, hidden), SWAP=c.swap_ab,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )
 
@@ -196,5 +196,5 @@ def launch_w2(layer: Layer, h: torch.Tensor, r: RoutedTokens, out: torch.Tensor,
         TOP_K=k, FMT=layer.fmt, HAS_BIAS=w.bias is not None,
         BM=cfg.block_m, BN=c.block_n, BK=c.block_k, NG=max(c.block_k // w.group_size, 1), GS=w.group_size,
         GROUP_M=c.group_m, SPLIT_K=c.split_k, PACKED=packed_decode(layer, w, h), SWAP=c.swap_ab,
-        NIBBLES=c.nibbles, num_warps=c.num_warps, num_stages=c.num_stages,
+        num_warps=c.num_warps, num_stages=c.num_stages,
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import mxfp4, nibble_mma, w4a16
+from . import mxfp4, w4a16
 from ._triton import accumulate, mma, opaque, rounded
 
 # stored formats
@@ -145,7 +145,7 @@ def w13_kernel(x_ptr, stride_x, perm_ptr, w_ptr, s_ptr, z_ptr, b_ptr, h_ptr, out
                TOP_K: tl.constexpr, FMT: tl.constexpr, GU_INTERLEAVED: tl.constexpr, ACT: tl.constexpr,
                HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
-               GROUP_M: tl.constexpr, PACKED: tl.constexpr, SWAP: tl.constexpr, NIBBLES: tl.constexpr):
+               GROUP_M: tl.constexpr, PACKED: tl.constexpr, SWAP: tl.constexpr):
     pid = tl.program_id(0)
     _zero_share(out_ptr, out_numel, pid, zero_per_program, ZBLOCK)
     pid_m, pid_n = _block_order(pid, num_m_blocks, tl.cdiv(I, BN), GROUP_M)
@@ -161,30 +161,22 @@ def w13_kernel(x_ptr, stride_x, perm_ptr, w_ptr, s_ptr, z_ptr, b_ptr, h_ptr, out
     n_ok = cols < I
     rows = cols + (j >= BN).to(tl.int32) * I
     blocks = _stored_blocks(rows, I, GU_INTERLEAVED)
-    STEP: tl.constexpr = min(BK, GS) if NIBBLES else BK  # nibble MMAs: one scale group per step
-    if NIBBLES:
-        words = nibble_mma.byte_ptrs(w_ptr, expert, rows, blocks, 2 * I, H, FMT == MXFP4, STEP)
-    else:
-        words = _word_ptrs(w_ptr, expert, rows, blocks, 2 * I, H, FMT, BK, NG)
+    words = _word_ptrs(w_ptr, expert, rows, blocks, 2 * I, H, FMT, BK, NG)
     acc = _accumulator(BM, 2 * BN, BK, SWAP)
     if BM == 1:
         next_w = _words(words, 0, n_ok, True)
-    for k0 in tl.range(0, H, STEP, loop_unroll_factor=BK // STEP):
+    for k0 in range(0, H, BK):
         if BM == 1:  # no MMA pipeline on this path: fetch the next codes before decoding these
             w = next_w
             next_w = _words(words, k0 + BK, n_ok, k0 + BK < H)
-        elif not NIBBLES:
+        else:
             w = _words(words, k0, n_ok, True)
-        kk = k0 + tl.arange(0, STEP)
+        kk = k0 + tl.arange(0, BK)
         if HAS_PERM:
             kk = tl.load(perm_ptr + expert * H + kk)
         a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None], other=0.0)
-        if NIBBLES:
-            acc = nibble_mma.product(a, words, k0, s_ptr, z_ptr, expert, rows, n_ok, blocks, 2 * I, G, KSP, acc,
-                                     FMT == MXFP4, FMT == W4A16, FMT == W4A16_ZP, GS, PACKED)
-        else:
-            acc = _product(a, w, k0, s_ptr, z_ptr, expert, rows, n_ok, blocks, 2 * I, G, KSP, acc,
-                           FMT, BK, NG, GS, PACKED, SWAP)
+        acc = _product(a, w, k0, s_ptr, z_ptr, expert, rows, n_ok, blocks, 2 * I, G, KSP, acc,
+                       FMT, BK, NG, GS, PACKED, SWAP)
     acc = _result(acc, BM, SWAP)
     if HAS_BIAS:
         acc += tl.load(b_ptr + expert * (2 * I) + rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -205,8 +197,7 @@ def w2_kernel(h_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, stride_out, topk_w_ptr
               sorted_ptr, expert_ids_ptr, num_padded_ptr, num_pairs, num_m_blocks, H, I, G, KSP,
               TOP_K: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
-              GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, PACKED: tl.constexpr, SWAP: tl.constexpr,
-              NIBBLES: tl.constexpr):
+              GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, PACKED: tl.constexpr, SWAP: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = _block_order(pid, num_m_blocks, tl.cdiv(H, BN), GROUP_M)
@@ -219,29 +210,21 @@ def w2_kernel(h_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, stride_out, topk_w_ptr
     cols = pid_n * BN + tl.arange(0, BN)
     n_ok = cols < H
     blocks = cols // 16
-    STEP: tl.constexpr = min(BK, GS) if NIBBLES else BK  # as in w13_kernel
-    if NIBBLES:
-        words = nibble_mma.byte_ptrs(w_ptr, expert, cols, blocks, H, I, FMT == MXFP4, STEP)
-    else:
-        words = _word_ptrs(w_ptr, expert, cols, blocks, H, I, FMT, BK, NG)
+    words = _word_ptrs(w_ptr, expert, cols, blocks, H, I, FMT, BK, NG)
     k_per_split = I // SPLIT_K  # a multiple of BK
     acc = _accumulator(BM, BN, BK, SWAP)
     if BM == 1:
         next_w = _words(words, pid_k * k_per_split, n_ok, True)
-    for dk in tl.range(0, k_per_split, STEP, loop_unroll_factor=BK // STEP):
-        k0 = tl.multiple_of(pid_k * k_per_split + dk, STEP)  # lets the scale loads be pipelined
+    for dk in range(0, k_per_split, BK):
+        k0 = tl.multiple_of(pid_k * k_per_split + dk, BK)  # lets the scale loads be pipelined
         if BM == 1:  # as in w13_kernel
             w = next_w
             next_w = _words(words, k0 + BK, n_ok, dk + BK < k_per_split)
-        elif not NIBBLES:
-            w = _words(words, k0, n_ok, True)
-        a = tl.load(a_rows + (k0 + tl.arange(0, STEP))[None, :], mask=m_ok[:, None], other=0.0)
-        if NIBBLES:
-            acc = nibble_mma.product(a, words, k0, s_ptr, z_ptr, expert, cols, n_ok, blocks, H, G, KSP, acc,
-                                     FMT == MXFP4, FMT == W4A16, FMT == W4A16_ZP, GS, PACKED)
         else:
-            acc = _product(a, w, k0, s_ptr, z_ptr, expert, cols, n_ok, blocks, H, G, KSP, acc,
-                           FMT, BK, NG, GS, PACKED, SWAP)
+            w = _words(words, k0, n_ok, True)
+        a = tl.load(a_rows + (k0 + tl.arange(0, BK))[None, :], mask=m_ok[:, None], other=0.0)
+        acc = _product(a, w, k0, s_ptr, z_ptr, expert, cols, n_ok, blocks, H, G, KSP, acc,
+                       FMT, BK, NG, GS, PACKED, SWAP)
     acc = _result(acc, BM, SWAP)
     if HAS_BIAS:
         if pid_k == 0:

@@ -272,11 +272,11 @@ def _candidates(T: int, model: Model, stored, families=FAMILIES):
                 continue
             for tile in tiles:
                 g = GemmConfig(*tile, swap_ab=family == "swap")
-                if _fits(bm, tile, "w13"):
-                    yield bm, "w13", g
-                if _fits(bm, tile, "w2"):
-                    for split in DECODE_SPLITS if bm <= 16 else (1, 2) if bm == 32 else (1,):
-                        yield bm, "w2", replace(g, split_k=split)
+                splits = DECODE_SPLITS if bm <= 16 else (1, 2) if bm == 32 else (1,)
+                for gemm in ("w13", "w2"):
+                    if _fits(bm, tile, gemm):
+                        for split in splits if gemm == "w2" or bm <= 16 else (1,):
+                            yield bm, gemm, replace(g, split_k=split)
     if "current" in families:
         cfg = pick_config(stored, T, model.routing.top_k, torch.device("cuda"))
         yield cfg.block_m, "w13", cfg.w13
@@ -469,8 +469,9 @@ TUNED_KEYS = {  # model -> its key in moeprep.kernels.configs.TUNED
 
 
 def print_tuned(rows: list) -> None:
-    """The sweep's winners as entries of ``configs.TUNED`` (w2 with its split)."""
+    """The sweep's winners as entries of ``configs.TUNED`` (w2 with its split, w13 with one if it has one)."""
     def tile(c: dict, split: bool) -> tuple:
+        split = split or c["split_k"] > 1
         t = (c["block_n"], c["block_k"], c["num_warps"], c["num_stages"]) + ((c["split_k"],) if split else ())
         return t + ("swap",) if c["swap_ab"] else t
 

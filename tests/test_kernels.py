@@ -156,6 +156,8 @@ def test_fp32_is_exact(target):
 def test_split_k_one_row_blocks_and_large_tiles():
     layer, source = random_layer("w4a16_preshuffle", 4, 256, 256)
     for cfg in (
+        configs.MoEConfig(16, configs.GemmConfig(32, 64, 4, 2, split_k=4), configs.GemmConfig(32, 32, 4, 2)),
+        configs.MoEConfig(1, configs.GemmConfig(32, 64, 4, 3, split_k=2), configs.GemmConfig(64, 64, 4, 3)),
         configs.MoEConfig(16, configs.GemmConfig(32, 64, 4, 2), configs.GemmConfig(32, 32, 4, 2, split_k=4)),
         configs.MoEConfig(64, configs.GemmConfig(128, 128, 8, 3), configs.GemmConfig(128, 64, 8, 3)),
         configs.MoEConfig(1, configs.GemmConfig(32, 128, 4, 3), configs.GemmConfig(64, 64, 4, 3, split_k=2)),
@@ -165,6 +167,29 @@ def test_split_k_one_row_blocks_and_large_tiles():
                           configs.GemmConfig(64, 128, 4, 3, swap_ab=True)),
     ):
         run_and_check(layer, source, MIXTRAL, SILU, 20, torch.bfloat16, config=cfg)
+
+
+@pytest.mark.parametrize("target", ["w4a16_preshuffle_zp", "mxfp4_preshuffle"])
+def test_gate_up_split_along_k_is_summed_in_split_order(target):
+    """Every split of a gate/up tile stores its partial product, the last to arrive sums them and
+    finishes the tile: the reference's output (fp32, to the order of additions) whatever the split,
+    and the arrival counts back at zero for the next call."""
+    from moeprep.kernels import fused
+
+    layer, source = random_layer(target, 4, 256, 128, bias=True, group_size=32)
+    experts = layer_to(layer, DEVICE)
+    x = torch.randn(6, 256, device=DEVICE)
+    logits = torch.randn(6, 4, device=DEVICE)
+    r = route_kernel(logits, GPT_OSS, 16)
+    ref = experts_reference(x, r.topk_weights, r.topk_ids.long(), linears_to(source, DEVICE), SWIGLU)
+    for split in (1, 2, 4):
+        g13 = configs.GemmConfig(32, 32, 4, 2, split_k=split, swap_ab=split == 4)
+        cfg = configs.MoEConfig(16, g13, configs.GemmConfig(64, 64, 4, 2, split_k=1))
+        assert configs.fit(cfg, 6, 4, 4, 256, 128, torch.device(DEVICE), (32, 32)).w13.split_k == split
+        with poisoned_allocations():
+            out = fused_moe(x, logits, GPT_OSS, experts, SWIGLU, config=cfg)
+        assert rel_err(out, ref) <= (2e-3 if HAS_GPU else 1e-5), split
+    assert all(int(counts.count_nonzero()) == 0 for counts in fused._ARRIVALS.values())
 
 
 def test_split_k_is_capped_by_the_additions_into_the_output():

@@ -2,11 +2,12 @@
 
 Decode (few rows per expert) is a stream over the touched experts' weights: 16-row blocks (the
 one-row, no-MMA blocks remain selectable but lost every H100 sweep once the MMA operand was
-decoded two values per instruction), and split-K on the down projection when the grid would
-still not fill the GPU. Prefill is tensor-core bound: large tiles, 64- to 128-row blocks so that
-each decoded weight serves many tokens. Swapped operands (``swap_ab``) won most int4 sweeps, in
-decode and prefill. ``TUNED`` holds what ``scripts/bench_moe.py --tune`` measured (and checked
-against the fp32 reference) on an H100 for the benchmarked models; other shapes get the heuristic.
+decoded two values per instruction), split-K on the down projection when the grid would still
+not fill the GPU, and on the gate/up projection where TUNED asks for it. Prefill is tensor-core
+bound: large tiles, 64- to 128-row blocks so that each decoded weight serves many tokens.
+Swapped operands (``swap_ab``) won most int4 sweeps, in decode and prefill. ``TUNED`` holds what
+``scripts/bench_moe.py --tune`` measured (and checked against the fp32 reference) on an H100,
+decode re-swept on an H200, for the benchmarked models; other shapes get the heuristic.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class GemmConfig:
     block_k: int
     num_warps: int
     num_stages: int
-    split_k: int = 0  # 0: as many as it takes to fill the device (see fit)
+    split_k: int = 0  # w2: 0 is as many as it takes to fill the device (see fit); w13: 0 is 1
     group_m: int = 8
     swap_ab: bool = False  # weights as the MMA's first operand (see moe_gemm._product)
 
@@ -48,39 +49,40 @@ def _gemm(fields: tuple) -> GemmConfig:
 
 
 # (format family, E, H, I, top_k, w13 group size) -> [(smallest T, config)], ascending T; the comments give the
-# GEMMs' times. From `scripts/bench_moe.py --tune` on an H100 (docs/benchmarks.md).
+# GEMMs' times. From `scripts/bench_moe.py --tune` on an H100, T <= 16 since re-swept on an H200 with the
+# gate/up split along K (docs/benchmarks.md).
 TUNED: dict[tuple, list[tuple[int, MoEConfig]]] = {
     ("int4", 8, 4096, 14336, 2, 32): [  # mixtral-8x7b
-        (1, _cfg(16, (64, 64, 4, 4, "swap"), (128, 64, 4, 4, 8, "swap"))),  # 88 + 41 us
-        (4, _cfg(16, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 8, "swap"))),  # 226 + 110 us
-        (16, _cfg(16, (64, 64, 4, 3, "swap"), (128, 64, 4, 4, 8, "swap"))),  # 280 + 143 us
+        (1, _cfg(16, (64, 64, 4, 3, 2, "swap"), (128, 64, 4, 4, 8, "swap"))),  # 81 + 42 us (H200)
+        (4, _cfg(16, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 8, "swap"))),  # 237 + 124 us (H200)
+        (16, _cfg(16, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 8, "swap"))),  # 276 + 142 us (H200)
         (64, _cfg(32, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 2, "swap"))),  # 306 + 162 us
         (512, _cfg(128, (64, 64, 4, 3, "swap"), (128, 128, 8, 4, 1))),  # 803 + 538 us
         (2048, _cfg(128, (64, 64, 4, 3, "swap"), (256, 64, 8, 3, 1, "swap"))),  # 2262 + 1382 us
         (8192, _cfg(128, (64, 64, 4, 3, "swap"), (256, 64, 8, 3, 1, "swap"))),  # 8158 + 4430 us
     ],
     ("int4", 128, 2048, 768, 8, 32): [  # qwen3-30b-a3b
-        (1, _cfg(16, (32, 128, 4, 3, "swap"), (128, 64, 4, 4, 2, "swap"))),  # 20 + 11 us
-        (4, _cfg(16, (64, 64, 4, 4, "swap"), (128, 64, 4, 4, 1, "swap"))),  # 40 + 22 us
-        (16, _cfg(16, (64, 64, 4, 3, "swap"), (128, 64, 4, 4, 1, "swap"))),  # 88 + 45 us
+        (1, _cfg(16, (64, 64, 4, 3, 4, "swap"), (128, 64, 4, 4, 2, "swap"))),  # 17 + 11 us (H200)
+        (4, _cfg(16, (64, 64, 4, 3, 2, "swap"), (128, 64, 4, 4, 1, "swap"))),  # 35 + 23 us (H200)
+        (16, _cfg(16, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 1, "swap"))),  # 86 + 45 us (H200)
         (64, _cfg(16, (64, 64, 4, 3, "swap"), (128, 64, 4, 4, 1, "swap"))),  # 129 + 66 us
         (512, _cfg(64, (64, 64, 4, 3), (128, 64, 4, 3, 1))),  # 172 + 105 us
         (2048, _cfg(128, (64, 64, 4, 3, "swap"), (128, 64, 4, 3, 1))),  # 356 + 217 us
         (8192, _cfg(128, (64, 64, 4, 3, "swap"), (128, 64, 4, 3, 1))),  # 1031 + 640 us
     ],
     ("mxfp4", 128, 2880, 2880, 4, 32): [  # gpt-oss-120b
-        (1, _cfg(16, (32, 64, 4, 4), (64, 64, 4, 4, 3))),  # 44 + 23 us
-        (4, _cfg(16, (128, 64, 4, 4), (64, 64, 4, 4, 3))),  # 98 + 63 us
-        (16, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 3))),  # 255 + 155 us
+        (1, _cfg(16, (32, 64, 4, 3, 5), (64, 64, 4, 3, 3))),  # 37 + 23 us (H200)
+        (4, _cfg(16, (128, 64, 4, 3, 3), (64, 64, 4, 3, 3))),  # 88 + 54 us (H200)
+        (16, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 3))),  # 259 + 148 us (H200)
         (64, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 3))),  # 549 + 324 us
         (512, _cfg(32, (32, 64, 4, 3, "swap"), (64, 64, 4, 4, 1, "swap"))),  # 827 + 446 us
         (2048, _cfg(64, (128, 64, 4, 3), (128, 64, 4, 3, 1))),  # 1261 + 753 us
         (8192, _cfg(128, (64, 64, 8, 3), (128, 64, 4, 3, 1, "swap"))),  # 3680 + 1814 us
     ],
     ("int4", 128, 2048, 768, 8, 128): [  # qwen3-30b-a3b-zp
-        (1, _cfg(16, (64, 256, 4, 2), (128, 128, 8, 3, 2))),  # 22 + 12 us
-        (4, _cfg(16, (32, 64, 4, 4), (128, 64, 4, 3, 1))),  # 40 + 25 us
-        (16, _cfg(16, (32, 64, 4, 4), (64, 64, 4, 5, 1))),  # 91 + 52 us
+        (1, _cfg(16, (128, 64, 4, 3, 8), (64, 64, 4, 4, 2))),  # 17 + 11 us (H200)
+        (4, _cfg(16, (128, 64, 4, 4, 2), (64, 64, 4, 4, 1))),  # 39 + 22 us (H200)
+        (16, _cfg(16, (64, 64, 4, 4, 2), (128, 64, 4, 3, 1))),  # 89 + 48 us (H200)
         (64, _cfg(16, (128, 64, 4, 3), (64, 64, 4, 4, 1))),  # 119 + 72 us
         (512, _cfg(64, (64, 64, 4, 3), (128, 64, 4, 3, 1))),  # 181 + 109 us
         (2048, _cfg(128, (64, 64, 8, 3), (128, 64, 8, 3, 1))),  # 401 + 227 us
@@ -143,6 +145,7 @@ MAX_ADDS = 16  # partial sums added into each output element by the down project
 def fit(cfg: MoEConfig, tokens: int, top_k: int, experts: int, hidden: int, inter: int, device: torch.device,
         group_sizes: tuple[int, int], split_k: Optional[int] = None) -> MoEConfig:
     w13 = _fit_gemm(cfg.w13, inter, hidden, group_sizes[0])
+    w13 = replace(w13, split_k=_split(w13.split_k, hidden // w13.block_k))
     w2 = _fit_gemm(cfg.w2, hidden, inter, group_sizes[1])
     wanted = split_k or cfg.w2.split_k
     if not wanted:

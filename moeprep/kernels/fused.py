@@ -163,6 +163,19 @@ def _or(t: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
     return placeholder if t is None else t
 
 
+_ARRIVALS: dict = {}  # (device, stream) -> int32 counts that split w13 tiles leave at zero
+
+
+def _arrivals(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed arrival counts for ``tiles`` tiles, one buffer per stream: the kernels return each
+    count to zero, and launches on one stream run one after another."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    counts = _ARRIVALS.get((device, stream))
+    if counts is None or counts.numel() < tiles:
+        counts = _ARRIVALS[(device, stream)] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    return counts
+
+
 def launch_w13(layer: Layer, hidden: torch.Tensor, r: RoutedTokens, h: torch.Tensor, out: torch.Tensor,
                activation: Activation, cfg: configs.MoEConfig) -> None:
     """``h = act(hidden W13^T)`` per routed pair; zeroes ``out``."""
@@ -170,16 +183,22 @@ def launch_w13(layer: Layer, hidden: torch.Tensor, r: RoutedTokens, h: torch.Ten
     k = r.topk_ids.shape[1]
     num_m_blocks = r.expert_ids.numel()
     grid = num_m_blocks * triton.cdiv(layer.inter, c.block_n)
+    split = max(c.split_k, 1)
+    if split > 1:
+        parts = torch.empty((split, T * k, 2 * layer.inter), dtype=torch.float32, device=hidden.device)
+        arrivals = _arrivals(hidden.device, grid)
+    else:
+        parts = arrivals = w.scale
     zblock = moe_gemm.ZBLOCK.value
-    moe_gemm.w13_kernel[(grid,)](
+    moe_gemm.w13_kernel[(grid, split)](
         hidden, hidden.stride(0), _or(layer.input_perm, w.scale), w.words, w.scale, _or(w.zero, w.scale), _or(w.bias, w.scale),
-        h, out, out.numel(), triton.cdiv(out.numel(), grid * zblock) * zblock,
+        h, out, out.numel(), triton.cdiv(out.numel(), grid * zblock) * zblock, parts, arrivals,
         r.sorted_ids, r.expert_ids, r.num_padded, T * k, num_m_blocks,
         layer.hidden, layer.inter, w.groups, w.scale_cols, activation.alpha, activation.limit,
         TOP_K=k, FMT=layer.fmt, GU_INTERLEAVED=layer.gate_up_interleaved, ACT=ACTIVATIONS[activation.kind],
         HAS_BIAS=w.bias is not None, HAS_PERM=layer.input_perm is not None,
         BM=cfg.block_m, BN=c.block_n, BK=c.block_k, NG=max(c.block_k // w.group_size, 1), GS=w.group_size,
-        GROUP_M=c.group_m, PACKED=packed_decode(layer, w, hidden), SWAP=c.swap_ab,
+        GROUP_M=c.group_m, SPLIT_K=split, PACKED=packed_decode(layer, w, hidden), SWAP=c.swap_ab,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )
 

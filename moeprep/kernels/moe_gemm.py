@@ -8,7 +8,9 @@ transposed, the decoded tile being the MMA's first operand (see :func:`_product`
 * :func:`w13_kernel`: ``h = act(x W_gate^T + b_gate, x W_up^T + b_up)`` into ``h[t * k + j]``,
   with desc_act's input permutation applied on the activation loads. Gate and up rows form one
   stacked tile and one accumulator, split for the activation. It also zeroes the final output,
-  which the second kernel then adds into.
+  which the second kernel then adds into. Optionally split along K (decode: a few experts' rows
+  make few programs, each walking all of K): each split stores its fp32 partial product, and the
+  last split of a tile to arrive sums them, in split order, and finishes the tile.
 * :func:`w2_kernel`: ``out[t] += weight[t, j] * (h[t * k + j] W_down^T + b_down)``, optionally
   split along K; partial sums go straight into the output with atomic adds.
 """
@@ -138,16 +140,37 @@ def _zero_share(ptr, numel, pid, per, ZBLOCK: tl.constexpr):
         tl.store(ptr + offs, zeros, mask=offs < end)
 
 
+@triton.jit
+def _sum_of_splits(acc, part_ptr, arrivals_ptr, tile, pid_k, pair, m_ok, rows, n_ok, num_pairs, N,
+                   SPLIT_K: tl.constexpr):
+    """Stores this split's partial ``[BM, BN]`` product of ``tile``; for the last split of the tile
+    to arrive, returns the sum of all its splits (in split order, so results do not depend on the
+    order of arrival) and ``True``. The tile's arrival count is left at zero for the next call."""
+    offs = pair.to(tl.int64)[:, None] * N + rows[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    tl.store(part_ptr + pid_k * num_pairs * N + offs, acc, mask=ok)
+    # release: the partial is visible before the count; acquire: the last one sees every partial
+    last = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
+    if last:
+        tl.store(arrivals_ptr + tile, 0)
+        acc = tl.zeros(acc.shape, tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(part_ptr + s * num_pairs * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
+    return acc, last
+
+
 # batch-dependent arguments are not specialised on: one compiled kernel serves every batch size
 @triton.jit(do_not_specialize=["num_pairs", "num_m_blocks"])
 def w13_kernel(x_ptr, stride_x, perm_ptr, w_ptr, s_ptr, z_ptr, b_ptr, h_ptr, out_ptr, out_numel, zero_per_program,
-               sorted_ptr, expert_ids_ptr, num_padded_ptr, num_pairs, num_m_blocks, H, I, G, KSP, alpha, limit,
-               TOP_K: tl.constexpr, FMT: tl.constexpr, GU_INTERLEAVED: tl.constexpr, ACT: tl.constexpr,
+               part_ptr, arrivals_ptr, sorted_ptr, expert_ids_ptr, num_padded_ptr, num_pairs, num_m_blocks, H, I, G, KSP,
+               alpha, limit, TOP_K: tl.constexpr, FMT: tl.constexpr, GU_INTERLEAVED: tl.constexpr, ACT: tl.constexpr,
                HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
-               GROUP_M: tl.constexpr, PACKED: tl.constexpr, SWAP: tl.constexpr):
+               GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, PACKED: tl.constexpr, SWAP: tl.constexpr):
     pid = tl.program_id(0)
-    _zero_share(out_ptr, out_numel, pid, zero_per_program, ZBLOCK)
+    pid_k = tl.program_id(1)
+    if pid_k == 0:
+        _zero_share(out_ptr, out_numel, pid, zero_per_program, ZBLOCK)
     pid_m, pid_n = _block_order(pid, num_m_blocks, tl.cdiv(I, BN), GROUP_M)
     if pid_m * BM >= tl.load(num_padded_ptr):
         return
@@ -162,13 +185,15 @@ def w13_kernel(x_ptr, stride_x, perm_ptr, w_ptr, s_ptr, z_ptr, b_ptr, h_ptr, out
     rows = cols + (j >= BN).to(tl.int32) * I
     blocks = _stored_blocks(rows, I, GU_INTERLEAVED)
     words = _word_ptrs(w_ptr, expert, rows, blocks, 2 * I, H, FMT, BK, NG)
+    k_per_split = H // SPLIT_K  # a multiple of BK
     acc = _accumulator(BM, 2 * BN, BK, SWAP)
     if BM == 1:
-        next_w = _words(words, 0, n_ok, True)
-    for k0 in range(0, H, BK):
+        next_w = _words(words, pid_k * k_per_split, n_ok, True)
+    for dk in range(0, k_per_split, BK):
+        k0 = tl.multiple_of(pid_k * k_per_split + dk, BK)
         if BM == 1:  # no MMA pipeline on this path: fetch the next codes before decoding these
             w = next_w
-            next_w = _words(words, k0 + BK, n_ok, k0 + BK < H)
+            next_w = _words(words, k0 + BK, n_ok, dk + BK < k_per_split)
         else:
             w = _words(words, k0, n_ok, True)
         kk = k0 + tl.arange(0, BK)
@@ -178,6 +203,11 @@ def w13_kernel(x_ptr, stride_x, perm_ptr, w_ptr, s_ptr, z_ptr, b_ptr, h_ptr, out
         acc = _product(a, w, k0, s_ptr, z_ptr, expert, rows, n_ok, blocks, 2 * I, G, KSP, acc,
                        FMT, BK, NG, GS, PACKED, SWAP)
     acc = _result(acc, BM, SWAP)
+    if SPLIT_K > 1:
+        acc, last = _sum_of_splits(acc, part_ptr, arrivals_ptr, pid, pid_k, pair, m_ok, rows, n_ok, num_pairs, 2 * I,
+                                   SPLIT_K)
+        if not last:
+            return
     if HAS_BIAS:
         acc += tl.load(b_ptr + expert * (2 * I) + rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     gate, up = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN)), (0, 2, 1)))

@@ -267,15 +267,16 @@ def _candidates(T: int, model: Model, stored, families=FAMILIES):
             sets = [(DECODE_TILES, "plain"), (SWAP_DECODE_TILES, "swap")]
         else:
             sets = [(PREFILL_TILES, "plain"), (SWAP_PREFILL_TILES, "swap")]
+        w2_splits = DECODE_SPLITS if bm <= 16 else (1, 2) if bm == 32 else (1,)
+        splits = {"w13": DECODE_SPLITS if bm <= 16 else (1,), "w2": w2_splits}
         for tiles, family in sets:
             if family not in families:
                 continue
             for tile in tiles:
                 g = GemmConfig(*tile, swap_ab=family == "swap")
-                splits = DECODE_SPLITS if bm <= 16 else (1, 2) if bm == 32 else (1,)
                 for gemm in ("w13", "w2"):
                     if _fits(bm, tile, gemm):
-                        for split in splits if gemm == "w2" or bm <= 16 else (1,):
+                        for split in splits[gemm]:
                             yield bm, gemm, replace(g, split_k=split)
     if "current" in families:
         cfg = pick_config(stored, T, model.routing.top_k, torch.device("cuda"))

@@ -2,7 +2,8 @@
 
 - ``moeprep._C``: op schemas and CPU kernels. Always built; a missing C++ compiler or a failed
   build stops the install with a message saying so.
-- ``moeprep._C_cuda``: CUDA kernels, built when torch has CUDA and nvcc is found. If that build
+- ``moeprep._C_cuda``: CUDA kernels, built when torch has CUDA and nvcc is found (on CUDA, not
+  ROCm, builds also the tensor-core MoE GEMMs for decode batches, sm_80+). If that build
   fails the install goes on with a warning (the CPU ops still work).
 
 Install with ``pip install --no-build-isolation -e .`` so the build uses the installed torch.
@@ -55,10 +56,13 @@ def _extensions() -> list:
         )
     ]
     if _want_cuda():
+        sources = ["csrc/gpu_ops.cpp", "csrc/gpu_kernels.cu"]
+        if torch.version.hip is None:  # the decode MoE GEMMs are mma.sync PTX; HIP takes the Triton kernels
+            sources += ["csrc/moe_decode_ops.cpp", "csrc/moe_decode.cu"]
         exts.append(
             cpp_extension.CUDAExtension(
                 CUDA_EXT,
-                ["csrc/gpu_ops.cpp", "csrc/gpu_kernels.cu"],
+                sources,
                 depends=headers,
                 extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3"]},
             )

@@ -48,7 +48,8 @@ from triton.testing import do_bench  # noqa: E402
 
 from moeprep.canonical import dequantize  # noqa: E402
 from moeprep.kernels import fused_moe  # noqa: E402
-from moeprep.kernels.configs import GemmConfig, MoEConfig, fit  # noqa: E402
+from moeprep.kernels import mma_decode  # noqa: E402
+from moeprep.kernels.configs import GemmConfig, MmaDecode, MmaGemm, MoEConfig, fit  # noqa: E402
 from moeprep.kernels.fused import launch_w13, launch_w2, pick_config, prepare  # noqa: E402
 from moeprep.kernels.routing import route as route_kernel  # noqa: E402
 from moeprep.kernels.testing import layer_to, linears_to, random_layer  # noqa: E402
@@ -206,13 +207,14 @@ def bench_model(name: str, model: Model, layer_cpu, source_cpu, tokens, copy: fl
         x = torch.randn(T, model.hidden, device="cuda", dtype=torch.bfloat16)
         logits = torch.randn(T, model.experts, device="cuda", dtype=torch.bfloat16)
         cfg = pick_config(stored, T, routing.top_k, x.device)
-        r = route_kernel(logits, routing, cfg.block_m)
+        bm = cfg.block_m if cfg.mma is None or mma_decode.problems(stored, x, act) else cfg.mma.block_m
+        r = route_kernel(logits, routing, bm)
         used = torch.unique(r.topk_ids).numel()
         out = fused_moe(x, logits, routing, experts, act)
         ref = experts_reference(x.float(), r.topk_weights, r.topk_ids.long(), source, act)
         row = dict(
             model=name, target=model.target, T=T,
-            route_us=timed_us(lambda: route_kernel(logits, routing, cfg.block_m)),
+            route_us=timed_us(lambda: route_kernel(logits, routing, bm)),
             torch_route_us=timed_us(lambda: torch_routing_chain(logits, routing, model.experts)),
             moe_us=timed_us(lambda: fused_moe(x, logits, routing, experts, act)),
             bf16_us=timed_us(lambda: baseline(x, logits), graph=baseline.grouped),
@@ -243,7 +245,12 @@ PREFILL_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3
 SWAP_PREFILL_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (32, 64, 4, 3), (64, 32, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3),
                       (128, 64, 8, 3), (256, 64, 8, 3), (128, 32, 4, 4)]
 DECODE_SPLITS = (1, 2, 4, 8)
-FAMILIES = ("one_row", "plain", "swap", "current")  # what --tune sweeps (--families)
+# (warps, k_warps, stages) of the CUDA decode GEMMs (int4 layers, up to 8 rows per expert on average)
+MMA_GEMMS = [(8, 8, 2), (8, 8, 3), (8, 8, 4), (4, 4, 2), (4, 4, 3), (4, 4, 4), (8, 4, 3), (8, 2, 3), (4, 2, 3),
+             (4, 2, 2), (4, 1, 2), (8, 1, 2)]
+MMA_SPLITS = (0, 1, 2, 4, 8)  # w2 CTAs along K (0: mma_decode.w2_split's choice)
+MMA = "mma"  # the key of their block size in the tuner's tables
+FAMILIES = ("one_row", "plain", "swap", "mma", "current")  # what --tune sweeps (--families)
 
 
 def _fits(bm: int, tile: tuple, gemm: str) -> bool:
@@ -278,13 +285,23 @@ def _candidates(T: int, model: Model, stored, families=FAMILIES):
                     if _fits(bm, tile, gemm):
                         for split in splits[gemm]:
                             yield bm, gemm, replace(g, split_k=split)
-    if "current" in families:
+    if "mma" in families and per_expert <= 8 and stored.family == "int4" and mma_decode.built():
+        for f in MMA_GEMMS:
+            yield MMA, "w13", MmaGemm(*f)
+            for split in MMA_SPLITS:
+                yield MMA, "w2", MmaGemm(*f, split=split)
+    if "current" in families:  # with the Triton GEMMs that stand in where the CUDA ones do not apply
         cfg = pick_config(stored, T, model.routing.top_k, torch.device("cuda"))
+        if cfg.mma is not None:
+            yield MMA, "w13", cfg.mma.w13
+            yield MMA, "w2", cfg.mma.w2
         yield cfg.block_m, "w13", cfg.w13
         yield cfg.block_m, "w2", cfg.w2
 
 
-def _fitted(stored, T: int, routing: Routing, bm: int, g: GemmConfig) -> MoEConfig:
+def _fitted(stored, T: int, routing: Routing, bm, g) -> MoEConfig:
+    if bm == MMA:
+        return MoEConfig(MmaDecode().block_m, GemmConfig(64, 64, 4, 3), GemmConfig(64, 64, 4, 3), MmaDecode(g, g))
     return fit(MoEConfig(bm, g, g), T, routing.top_k, stored.experts, stored.hidden, stored.inter, torch.device("cuda"),
                (stored.w13.group_size, stored.w2.group_size), split_k=g.split_k or None)
 
@@ -364,6 +381,8 @@ def tune(names, tokens, jobs: int, deadline_s: float, results: list, log: Option
             stored, model = layers[name], MODELS[name]
             shape_only = _placeholders(stored)
             for bm, gemm, g in _candidates(T, model, stored, families):
+                if bm == MMA:  # compiled with moeprep
+                    continue
                 cfg = _fitted(stored, T, model.routing, bm, g)
                 key = (name, bm, gemm, cfg.w13 if gemm == "w13" else cfg.w2)
                 if key not in compiles:
@@ -418,24 +437,31 @@ def _tune_one(name: str, model: Model, stored, source, T: int, compiles: dict, f
     routed, refs, rejected, seen = {}, None, [], set()
     for bm, gemm, g in _candidates(T, model, stored, families):
         cfg = _fitted(stored, T, model.routing, bm, g)
-        g = cfg.w13 if gemm == "w13" else cfg.w2
-        if (bm, gemm, g) in seen or _compile_error(compiles, (name, bm, gemm, g)):
+        if bm != MMA:
+            g = cfg.w13 if gemm == "w13" else cfg.w2
+        if (bm, gemm, g) in seen or (bm != MMA and _compile_error(compiles, (name, bm, gemm, g))):
             continue
         seen.add((bm, gemm, g))
         if bm not in routed:
-            routed[bm] = route_kernel(logits, model.routing, bm)
+            routed[bm] = route_kernel(logits, model.routing, cfg.block_m)
         r = routed[bm]
         if refs is None:
             refs = _references(x, h, r, source, model.activation)
         if gemm == "w13":
             def run():
-                launch_w13(stored, x, r, h13, out, model.activation, cfg)
+                if bm == MMA:
+                    mma_decode.launch_w13(stored, x, r, h13, out, cfg.mma)
+                else:
+                    launch_w13(stored, x, r, h13, out, model.activation, cfg)
             h13.fill_(float("nan"))
             run()
             err = rel_err(h13, refs[0])
         else:
             def run():
-                launch_w2(stored, h, r, out, cfg)
+                if bm == MMA:
+                    mma_decode.launch_w2(stored, h, r, out, cfg.mma)
+                else:
+                    launch_w2(stored, h, r, out, cfg)
             out.zero_()
             run()
             err = rel_err(out, refs[1])
@@ -447,18 +473,23 @@ def _tune_one(name: str, model: Model, stored, source, T: int, compiles: dict, f
         timings.setdefault(bm, {}).setdefault(gemm, []).append((us, g))
     fastest = {bm: (min(t["w13"], key=lambda p: p[0]), min(t["w2"], key=lambda p: p[0]))
                for bm, t in timings.items() if "w13" in t and "w2" in t}
+    mma = fastest.pop(MMA, None)
     if not fastest:
         return dict(model=name, T=T, error="no candidate compiled")
     bm = min(fastest, key=lambda b: fastest[b][0][0] + fastest[b][1][0])
     (us13, c13), (us2, c2) = fastest[bm]
     top = {bm: {gemm: [(round(us, 1), asdict(c)) for us, c in sorted(v, key=lambda p: p[0])[:4]] for gemm, v in t.items()}
            for bm, t in timings.items()}
-    current = {}  # the times of the configuration pick makes now
+    current = {}  # the times of the configuration pick makes now (CUDA decode GEMMs: "mma_w13", "mma_w2")
     for b, gemm, g in _candidates(T, model, stored, ["current"]):
-        now = getattr(_fitted(stored, T, model.routing, b, g), gemm)
-        current[gemm] = next((round(us, 1) for us, c in timings.get(b, {}).get(gemm, []) if c == now), None)
-    return dict(model=name, T=T, block_m=bm, w13=asdict(c13), w13_us=us13, w2=asdict(c2), w2_us=us2, top=top,
-                current_us=current, rejected=rejected)
+        now = g if b == MMA else getattr(_fitted(stored, T, model.routing, b, g), gemm)
+        key = f"mma_{gemm}" if b == MMA else gemm
+        current[key] = next((round(us, 1) for us, c in timings.get(b, {}).get(gemm, []) if c == now), None)
+    row = dict(model=name, T=T, block_m=bm, w13=asdict(c13), w13_us=us13, w2=asdict(c2), w2_us=us2, top=top,
+               current_us=current, rejected=rejected)
+    if mma is not None:  # the CUDA decode GEMMs' best, which take over if faster
+        row["mma"] = dict(w13=asdict(mma[0][1]), w13_us=mma[0][0], w2=asdict(mma[1][1]), w2_us=mma[1][0])
+    return row
 
 
 TUNED_KEYS = {  # model -> its key in moeprep.kernels.configs.TUNED
@@ -476,11 +507,18 @@ def print_tuned(rows: list) -> None:
         t = (c["block_n"], c["block_k"], c["num_warps"], c["num_stages"]) + ((c["split_k"],) if split else ())
         return t + ("swap",) if c["swap_ab"] else t
 
+    def mma_fields(c: dict) -> tuple:
+        return c["warps"], c["k_warps"], c["stages"], c["split"]
+
     for name in dict.fromkeys(r["model"] for r in rows if "error" not in r):
         print(f"    {TUNED_KEYS.get(name, repr(name))}: [  # {name}")
         for r in sorted((r for r in rows if r["model"] == name and "error" not in r), key=lambda r: r["T"]):
-            print(f"        ({r['T']}, _cfg({r['block_m']}, {tile(r['w13'], False)}, {tile(r['w2'], True)})),"
-                  f"  # {r['w13_us']:.0f} + {r['w2_us']:.0f} us")
+            m = r.get("mma")
+            use = m is not None and m["w13_us"] + m["w2_us"] < r["w13_us"] + r["w2_us"]
+            mma = f", mma=({mma_fields(m['w13'])}, {mma_fields(m['w2'])})" if use else ""
+            note = f" (CUDA decode GEMMs: {m['w13_us']:.0f} + {m['w2_us']:.0f} us)" if use else ""
+            print(f"        ({r['T']}, _cfg({r['block_m']}, {tile(r['w13'], False)}, {tile(r['w2'], True)}{mma})),"
+                  f"  # {r['w13_us']:.0f} + {r['w2_us']:.0f} us{note}")
         print("    ],")
 
 

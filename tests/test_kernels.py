@@ -358,3 +358,96 @@ def test_routing_real_shapes(T):
         sorted_ids, expert_ids, padded = align_reference(r.topk_ids, 128, 64)
         assert torch.equal(r.sorted_ids[:padded].cpu(), sorted_ids)
         assert torch.equal(r.expert_ids[: padded // 64].cpu(), expert_ids)
+
+
+# ---- the CUDA decode GEMMs (kernels/mma_decode.py) ------------------------------------------
+def mma_config(w13: tuple, w2: tuple) -> configs.MoEConfig:
+    g = configs.GemmConfig(64, 64, 4, 3)
+    return configs.MoEConfig(16, g, g, configs.MmaDecode(configs.MmaGemm(*w13), configs.MmaGemm(*w2)))
+
+
+def test_mma_decode_says_why_it_cannot_run():
+    from moeprep.kernels import fused, mma_decode
+
+    layer, _ = random_layer("w4a16_preshuffle", 4, 128, 64)
+    stored = fused.prepare(layer)
+    x = torch.zeros(2, 128, dtype=torch.bfloat16)
+    if not HAS_GPU:
+        assert "needs a CUDA GPU of compute capability >= 8.0" in mma_decode.problems(stored, x, SILU)
+    found = mma_decode.problems(stored, x.half(), SWIGLU)
+    assert "needs bf16 activations in 16-byte aligned rows" in found
+    assert "needs SiLU-and-mul and no input permutation" in found
+    mx = fused.prepare(random_layer("mxfp4_moe", 4, 128, 128)[0])
+    assert "not an int4 target" in mma_decode.problems(mx, x, SILU)
+    biased = fused.prepare(random_layer("w4a16_preshuffle", 4, 128, 64, bias=True)[0])
+    assert any("no biases" in p for p in mma_decode.problems(biased, x, SILU))
+    odd = fused.prepare(random_layer("w4a16_preshuffle", 4, 96, 64, group_size=16)[0])
+    assert any("divisible by 64" in p for p in mma_decode.problems(odd, x, SILU))
+
+
+def test_mma_decode_config_falls_back_where_it_does_not_apply():
+    # fp16 activations everywhere, and no CUDA kernels on the CPU: the Triton GEMMs of the same config run
+    layer, source = random_layer("w4a16_preshuffle", 8, 128, 64, group_size=32)
+    cfg = mma_config((8, 8, 3), (4, 4, 2, 0))
+    run_and_check(layer, source, QWEN3, SILU, 5, torch.float16, config=cfg)
+    if not HAS_GPU:
+        run_and_check(layer, source, QWEN3, SILU, 3, torch.bfloat16, config=cfg)
+
+
+def test_tuned_decode_entries_pick_the_mma_kernels():
+    cfg = configs.pick(1, 2, 8, 4096, 14336, "int4", torch.device("cpu"), (32, 32))
+    assert cfg.mma is not None and cfg.mma.block_m == 8
+    assert configs.pick(8192, 2, 8, 4096, 14336, "int4", torch.device("cpu"), (32, 32)).mma is None
+
+
+def _mma_built() -> bool:
+    from moeprep.kernels import mma_decode
+
+    return HAS_GPU and mma_decode.built()
+
+
+MMA_VARIANTS = [((8, 8, 2), (8, 8, 2, 0)), ((4, 4, 3), (4, 4, 3, 1)), ((8, 2, 4), (8, 1, 2, 2)),
+                ((4, 1, 2), (4, 2, 4, 0)), ((8, 4, 3), (8, 4, 3, 8))]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _mma_built(), reason="needs a CUDA device and moeprep's CUDA decode kernels")
+@pytest.mark.parametrize("target,group", [("w4a16_preshuffle", 32), ("w4a16_preshuffle_zp", 64),
+                                          ("w4a16_preshuffle_zp", 128)])
+def test_mma_decode_variants_small(target, group):
+    # blocks of 8 routed rows: T = 37 with top-3 of 4 experts puts up to 37 rows on an expert
+    layer, source = random_layer(target, 4, 256, 2 * group, group_size=group)
+    for w13, w2 in MMA_VARIANTS:
+        for T in (1, 3, 37):
+            run_and_check(layer, source, Routing("softmax_topk", 3, False), SILU, T, torch.bfloat16,
+                          config=mma_config(w13, w2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _mma_built(), reason="needs a CUDA device and moeprep's CUDA decode kernels")
+@pytest.mark.parametrize("model", ["qwen3-30b-a3b", "qwen3-30b-a3b-zp", "mixtral-8x7b"])
+def test_mma_decode_real_shapes(model):
+    target, E, H, I, routing, act, bias, _ = MODELS[model]
+    layer, source = random_layer(target, E, H, I, bias=bias, group_size=128 if target.endswith("_zp") else 32)
+    for w13, w2 in MMA_VARIANTS:
+        for T in (1, 4, 16, 64):
+            run_and_check(layer, source, routing, act, T, torch.bfloat16, config=mma_config(w13, w2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _mma_built(), reason="needs a CUDA device and moeprep's CUDA decode kernels")
+def test_mma_decode_ops_check_their_arguments():
+    from moeprep.kernels import fused
+
+    stored = fused.prepare(layer_to(random_layer("w4a16_preshuffle", 4, 128, 64)[0], DEVICE))
+    r = route_kernel(torch.randn(2, 4, device=DEVICE), MIXTRAL, 8)
+    x = torch.randn(2, 128, device=DEVICE, dtype=torch.bfloat16)
+    h = torch.empty(4, 64, device=DEVICE, dtype=torch.bfloat16)
+    out = torch.empty(2, 128, device=DEVICE, dtype=torch.bfloat16)
+    w = stored.w13
+    with pytest.raises(RuntimeError, match="warps 4 or 8"):
+        torch.ops.moeprep.moe_decode_w13(x, w.words, w.scale, w.zero, r.sorted_ids, r.expert_ids, r.num_padded, 2,
+                                         6, 2, 3, h, out)
+    with pytest.raises(RuntimeError, match="x must be bf16"):
+        torch.ops.moeprep.moe_decode_w13(x.half(), w.words, w.scale, w.zero, r.sorted_ids, r.expert_ids, r.num_padded,
+                                         2, 4, 4, 3, h, out)

@@ -7,7 +7,9 @@ not fill the GPU, and on the gate/up projection where TUNED asks for it. Prefill
 bound: large tiles, 64- to 128-row blocks so that each decoded weight serves many tokens.
 Swapped operands (``swap_ab``) won most int4 sweeps, in decode and prefill. ``TUNED`` holds what
 ``scripts/bench_moe.py --tune`` measured (and checked against the fp32 reference) on an H100,
-decode re-swept on an H200, for the benchmarked models; other shapes get the heuristic.
+decode re-swept on an H200, for the benchmarked models; other shapes get the heuristic. Decode
+entries of int4 layers may also name the CUDA decode GEMMs (``MmaDecode``), which replace the
+Triton ones on CUDA builds where they apply.
 """
 from __future__ import annotations
 
@@ -31,15 +33,38 @@ class GemmConfig:
 
 
 @dataclass(frozen=True)
+class MmaGemm:
+    """One GEMM of the CUDA tensor-core decode kernels (kernels/mma_decode.py)."""
+
+    warps: int = 8  # per CTA: 4 or 8
+    k_warps: int = 8  # warps of a CTA splitting K for the same rows (divides warps; the rest take more rows)
+    stages: int = 3  # 64-k windows in each warp's shared-memory ring: 2 to 4
+    split: int = 1  # CTAs along K (w2 only; 0: enough to fill the device)
+
+
+@dataclass(frozen=True)
+class MmaDecode:
+    w13: MmaGemm = MmaGemm()
+    w2: MmaGemm = MmaGemm(split=0)
+
+    @property
+    def block_m(self) -> int:
+        return 8  # routed rows per block: the MMA's N
+
+
+@dataclass(frozen=True)
 class MoEConfig:
     block_m: int  # shared by both GEMMs: the routing pads every expert's rows to it
     w13: GemmConfig
     w2: GemmConfig
+    mma: Optional[MmaDecode] = None  # the CUDA decode GEMMs (with their own block_m) where they apply
 
 
-def _cfg(block_m: int, w13: tuple, w2: tuple) -> MoEConfig:
-    """Tuples of GemmConfig's leading fields, ending in "swap" for swap_ab."""
-    return MoEConfig(block_m, _gemm(w13), _gemm(w2))
+def _cfg(block_m: int, w13: tuple, w2: tuple, mma: Optional[tuple] = None) -> MoEConfig:
+    """Tuples of GemmConfig's leading fields, ending in "swap" for swap_ab; ``mma``: the (w13, w2)
+    MmaGemm fields of the CUDA decode GEMMs, which take over where they apply."""
+    decode = None if mma is None else MmaDecode(MmaGemm(*mma[0]), MmaGemm(*mma[1]))
+    return MoEConfig(block_m, _gemm(w13), _gemm(w2), decode)
 
 
 def _gemm(fields: tuple) -> GemmConfig:
@@ -50,12 +75,16 @@ def _gemm(fields: tuple) -> GemmConfig:
 
 # (format family, E, H, I, top_k, w13 group size) -> [(smallest T, config)], ascending T; the comments give the
 # GEMMs' times. From `scripts/bench_moe.py --tune` on an H100, T <= 16 since re-swept on an H200 with the
-# gate/up split along K (docs/benchmarks.md).
+# gate/up split along K, and the CUDA decode GEMMs ("CUDA", mma=...) swept on the H200 against the
+# Triton configuration beside them, kept where the pair was faster (docs/benchmarks.md).
 TUNED: dict[tuple, list[tuple[int, MoEConfig]]] = {
     ("int4", 8, 4096, 14336, 2, 32): [  # mixtral-8x7b
-        (1, _cfg(16, (64, 64, 4, 3, 2, "swap"), (128, 64, 4, 4, 8, "swap"))),  # 81 + 42 us (H200)
-        (4, _cfg(16, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 8, "swap"))),  # 237 + 124 us (H200)
-        (16, _cfg(16, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 8, "swap"))),  # 276 + 142 us (H200)
+        (1, _cfg(16, (64, 64, 4, 3, 2, "swap"), (128, 64, 4, 4, 8, "swap"),
+                 mma=((8, 8, 2), (8, 8, 3, 2)))),  # 82 + 42 us; CUDA 59 + 39 us (H200)
+        (4, _cfg(16, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 8, "swap"),
+                 mma=((4, 4, 3), (4, 1, 2, 0)))),  # 236 + 124 us; CUDA 152 + 94 us (H200)
+        (16, _cfg(16, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 8, "swap"),
+                  mma=((4, 4, 2), (8, 4, 3, 1)))),  # 273 + 141 us; CUDA 167 + 106 us (H200)
         (64, _cfg(32, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 2, "swap"))),  # 306 + 162 us
         (512, _cfg(128, (64, 64, 4, 3, "swap"), (128, 128, 8, 4, 1))),  # 803 + 538 us
         (2048, _cfg(128, (64, 64, 4, 3, "swap"), (256, 64, 8, 3, 1, "swap"))),  # 2262 + 1382 us
@@ -63,9 +92,12 @@ TUNED: dict[tuple, list[tuple[int, MoEConfig]]] = {
     ],
     ("int4", 128, 2048, 768, 8, 32): [  # qwen3-30b-a3b
         (1, _cfg(16, (64, 64, 4, 3, 4, "swap"), (128, 64, 4, 4, 2, "swap"))),  # 17 + 11 us (H200)
-        (4, _cfg(16, (64, 64, 4, 3, 2, "swap"), (128, 64, 4, 4, 1, "swap"))),  # 35 + 23 us (H200)
-        (16, _cfg(16, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 1, "swap"))),  # 86 + 45 us (H200)
-        (64, _cfg(16, (64, 64, 4, 3, "swap"), (128, 64, 4, 4, 1, "swap"))),  # 129 + 66 us
+        (4, _cfg(16, (64, 64, 4, 3, 2, "swap"), (128, 64, 4, 4, 1, "swap"),
+                 mma=((4, 4, 2), (4, 2, 3, 1)))),  # 42 + 23 us; CUDA 27 + 33 us (H200)
+        (16, _cfg(16, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 1, "swap"),
+                  mma=((4, 4, 3), (4, 1, 2, 1)))),  # 87 + 49 us; CUDA 61 + 62 us (H200)
+        (64, _cfg(16, (64, 64, 4, 3, "swap"), (128, 64, 4, 4, 1, "swap"),
+                  mma=((4, 2, 2), (4, 1, 2, 1)))),  # 129 + 67 us; CUDA 82 + 90 us (H200)
         (512, _cfg(64, (64, 64, 4, 3), (128, 64, 4, 3, 1))),  # 172 + 105 us
         (2048, _cfg(128, (64, 64, 4, 3, "swap"), (128, 64, 4, 3, 1))),  # 356 + 217 us
         (8192, _cfg(128, (64, 64, 4, 3, "swap"), (128, 64, 4, 3, 1))),  # 1031 + 640 us
@@ -82,8 +114,10 @@ TUNED: dict[tuple, list[tuple[int, MoEConfig]]] = {
     ("int4", 128, 2048, 768, 8, 128): [  # qwen3-30b-a3b-zp
         (1, _cfg(16, (128, 64, 4, 3, 8), (64, 64, 4, 4, 2))),  # 17 + 11 us (H200)
         (4, _cfg(16, (128, 64, 4, 4, 2), (64, 64, 4, 4, 1))),  # 39 + 22 us (H200)
-        (16, _cfg(16, (64, 64, 4, 4, 2), (128, 64, 4, 3, 1))),  # 89 + 48 us (H200)
-        (64, _cfg(16, (128, 64, 4, 3), (64, 64, 4, 4, 1))),  # 119 + 72 us
+        (16, _cfg(16, (64, 64, 4, 4, 2), (128, 64, 4, 3, 1),
+                  mma=((4, 4, 2), (4, 1, 2, 0)))),  # 95 + 52 us; CUDA 61 + 62 us (H200)
+        (64, _cfg(16, (128, 64, 4, 3), (64, 64, 4, 4, 1),
+                  mma=((4, 2, 2), (4, 1, 2, 1)))),  # 116 + 71 us; CUDA 84 + 91 us (H200)
         (512, _cfg(64, (64, 64, 4, 3), (128, 64, 4, 3, 1))),  # 181 + 109 us
         (2048, _cfg(128, (64, 64, 8, 3), (128, 64, 8, 3, 1))),  # 401 + 227 us
         (8192, _cfg(128, (64, 64, 8, 3), (128, 64, 8, 3, 1))),  # 1210 + 683 us
@@ -108,9 +142,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def sm_count(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _programs_wanted(device: torch.device) -> int:
     if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return 4 * sm_count(device)
     return 1
 
 
@@ -156,7 +194,7 @@ def fit(cfg: MoEConfig, tokens: int, top_k: int, experts: int, hidden: int, inte
     # every split adds each token's top-k partial sums into the output once more, rounded to its
     # dtype each time: keep it to MAX_ADDS roundings (32 measured 8e-3 of bf16 error, near the 1e-2 bound)
     wanted = min(wanted, max(1, MAX_ADDS // top_k))
-    return MoEConfig(cfg.block_m, w13, replace(w2, split_k=_split(wanted, inter // w2.block_k)))
+    return MoEConfig(cfg.block_m, w13, replace(w2, split_k=_split(wanted, inter // w2.block_k)), cfg.mma)
 
 
 def _split(wanted: int, k_tiles: int) -> int:

@@ -1,7 +1,9 @@
-"""``fused_moe``: routing and both expert GEMMs on the stored layouts, three to five launches."""
+"""``fused_moe``: routing and both expert GEMMs on the stored layouts, three to five launches: the
+Triton GEMMs (moe_gemm.py), or for decode batches of int4 layers on CUDA the tensor-core GEMMs of
+mma_decode.py where the configuration asks for them and they apply."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -11,7 +13,7 @@ from ..errors import MoeprepError, UnsupportedError
 from ..serve.loader import ExpertWeights
 from ..serve.reference import Activation
 from ..serve.routing import Routing
-from . import configs, moe_gemm
+from . import configs, mma_decode, moe_gemm
 from ._triton import INTERPRET
 from .routing import RoutedTokens, route
 
@@ -131,11 +133,17 @@ def fused_moe(
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     cfg = pick_config(layer, T, routing.top_k, hidden.device, config)
-    r = route(router_logits, routing, cfg.block_m)
+    if cfg.mma is not None and mma_decode.problems(layer, hidden, activation):
+        cfg = replace(cfg, mma=None)
+    r = route(router_logits, routing, cfg.block_m if cfg.mma is None else cfg.mma.block_m)
     h = torch.empty((T * routing.top_k, layer.inter), dtype=hidden.dtype, device=hidden.device)
     out = torch.empty((T, H), dtype=hidden.dtype, device=hidden.device)
-    launch_w13(layer, hidden, r, h, out, activation, cfg)
-    launch_w2(layer, h, r, out, cfg)
+    if cfg.mma is not None:
+        mma_decode.launch_w13(layer, hidden, r, h, out, cfg.mma)
+        mma_decode.launch_w2(layer, h, r, out, cfg.mma)
+    else:
+        launch_w13(layer, hidden, r, h, out, activation, cfg)
+        launch_w2(layer, h, r, out, cfg)
     return out
 
 

@@ -1,0 +1,35 @@
+// C interface of the decode-size MoE GEMMs (moe_decode.cu, CUDA only). Plain pointers and a
+// stream; each launcher returns 0 or the CUDA error code (moeprep_gpu_error_string turns it into text).
+#pragma once
+
+#include <stdint.h>
+
+extern "C" {
+
+// One projection of an int4 MoE layer in the w4a16 preshuffled layout, and the routed blocks.
+struct MoeDecodeArgs {
+  const uint32_t* words;  // codes [E, n, k / 8] as int32 words
+  const void* scale;      // bf16 [E, groups / 2, n, 2]
+  const void* zero;       // uint8 zero points in the scales' layout, or null (signed codes)
+  int64_t n, k;           // rows (outputs) and columns (inputs) of each expert's matrix
+  int groups, group_size;
+  const int32_t* sorted_ids;  // routing: (token, slot) pairs sorted by expert, padded to blocks of 8
+  const int32_t* expert_ids;
+  const int32_t* num_padded;
+  int num_pairs, num_m_blocks;
+  int warps;    // per CTA: 4 or 8
+  int k_warps;  // warps of a CTA splitting K for the same rows; divides warps
+  int stages;   // 64-k windows in each warp's shared-memory ring: 2, 3 or 4
+};
+
+// h[p] = silu(x[p / top_k] W_gate^T) * (x[p / top_k] W_up^T), bf16 (n = 2 * inter, a multiple of
+// 64: each warp takes two 16-row blocks of gate rows and their up rows); zeroes out[0:out_numel].
+int moeprep_moe_decode_w13(struct MoeDecodeArgs a, const void* x, int64_t stride_x, int top_k, void* h, void* out,
+                           int64_t out_numel, void* stream);
+
+// out[p / top_k] += topk_weights[p] * (h[p] W_down^T), bf16 (n a multiple of 64), k
+// split over `split` CTAs (atomic adds).
+int moeprep_moe_decode_w2(struct MoeDecodeArgs a, const void* h, int top_k, void* out, int64_t stride_out,
+                          const float* topk_weights, int split, void* stream);
+
+}  // extern "C"

@@ -1,0 +1,122 @@
+// torch bindings of the decode-size MoE GEMMs (moe_decode.cu), part of moeprep._C_cuda on CUDA
+// builds: torch.ops.moeprep.moe_decode_w13 / moe_decode_w2. The Python side
+// (moeprep/kernels/mma_decode.py) decides when they apply; the checks here guard memory safety.
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "moe_decode.h"
+
+namespace moeprep {
+namespace {
+
+void check_cuda(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == dtype && t.is_contiguous(), "moeprep: ", name, " must be a contiguous ",
+              dtype, " CUDA tensor");
+}
+
+MoeDecodeArgs args_of(const at::Tensor& words, const at::Tensor& scale, const std::optional<at::Tensor>& zero,
+                      const at::Tensor& sorted_ids, const at::Tensor& expert_ids, const at::Tensor& num_padded,
+                      int64_t num_pairs, int64_t warps, int64_t k_warps, int64_t stages) {
+  check_cuda(words, at::kInt, "words");
+  check_cuda(scale, at::kBFloat16, "scale");
+  check_cuda(sorted_ids, at::kInt, "sorted_ids");
+  check_cuda(expert_ids, at::kInt, "expert_ids");
+  check_cuda(num_padded, at::kInt, "num_padded");
+  TORCH_CHECK(words.dim() == 3, "moeprep: words must be [E, N, K / 8]");
+  const int64_t experts = words.size(0), n = words.size(1), k = words.size(2) * 8;
+  TORCH_CHECK((warps == 4 || warps == 8) && k_warps >= 1 && warps % k_warps == 0 && stages >= 2 && stages <= 4,
+              "moeprep: warps 4 or 8, k_warps dividing warps, stages 2 to 4");
+  TORCH_CHECK(n % 64 == 0 && k % 64 == 0, "moeprep: decode GEMMs need N and K multiples of 64");
+  TORCH_CHECK(scale.numel() % (experts * n) == 0, "moeprep: scales do not match the codes");
+  const int64_t groups = scale.numel() / (experts * n);
+  TORCH_CHECK(groups % 2 == 0 && k % groups == 0, "moeprep: need an even number of scale groups dividing K");
+  const int64_t group_size = k / groups;
+  TORCH_CHECK(group_size >= 32 && (group_size & (group_size - 1)) == 0,
+              "moeprep: group size must be a power of two >= 32");
+  if (zero) {
+    check_cuda(*zero, at::kByte, "zero points");
+    TORCH_CHECK(zero->numel() == scale.numel(), "moeprep: zero points do not match the scales");
+  }
+  TORCH_CHECK(sorted_ids.numel() >= expert_ids.numel() * 8, "moeprep: sorted_ids shorter than the blocks of 8");
+  for (const at::Tensor* t : {&words, &scale, &sorted_ids}) {
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 == 0, "moeprep: tensors must be 16-byte aligned");
+  }
+  TORCH_CHECK(!zero || reinterpret_cast<uintptr_t>(zero->const_data_ptr()) % 16 == 0,
+              "moeprep: tensors must be 16-byte aligned");
+  return MoeDecodeArgs{static_cast<const uint32_t*>(words.const_data_ptr()), scale.const_data_ptr(),
+                       zero ? zero->const_data_ptr() : nullptr, n, k, static_cast<int>(groups),
+                       static_cast<int>(group_size), sorted_ids.const_data_ptr<int32_t>(),
+                       expert_ids.const_data_ptr<int32_t>(), num_padded.const_data_ptr<int32_t>(),
+                       static_cast<int>(num_pairs), static_cast<int>(expert_ids.numel()),
+                       static_cast<int>(warps), static_cast<int>(k_warps), static_cast<int>(stages)};
+}
+
+void check_launch(int error, const char* op) {
+  TORCH_CHECK(error == 0, "moeprep: CUDA kernel ", op, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(error)));
+}
+
+void moe_decode_w13(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scale,
+                    const std::optional<at::Tensor>& zero, const at::Tensor& sorted_ids, const at::Tensor& expert_ids,
+                    const at::Tensor& num_padded, int64_t top_k, int64_t warps, int64_t k_warps, int64_t stages,
+                    at::Tensor& h, at::Tensor& out) {
+  TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0,
+              "moeprep: x must be bf16 [T, H] with rows 16-byte aligned");
+  const int64_t pairs = x.size(0) * top_k;
+  const MoeDecodeArgs a =
+      args_of(words, scale, zero, sorted_ids, expert_ids, num_padded, pairs, warps, k_warps, stages);
+  TORCH_CHECK(x.size(1) == a.k && reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0,
+              "moeprep: x does not match the codes");
+  check_cuda(h, at::kBFloat16, "h");
+  check_cuda(out, at::kBFloat16, "out");
+  TORCH_CHECK(h.numel() == pairs * a.n / 2 && out.numel() % 8 == 0, "moeprep: h must be [T * top_k, I]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_launch(moeprep_moe_decode_w13(a, x.const_data_ptr(), x.stride(0), static_cast<int>(top_k), h.data_ptr(),
+                                      out.data_ptr(), out.numel(), c10::cuda::getCurrentCUDAStream().stream()),
+               "moe_decode_w13");
+}
+
+void moe_decode_w2(const at::Tensor& h, const at::Tensor& words, const at::Tensor& scale,
+                   const std::optional<at::Tensor>& zero, const at::Tensor& sorted_ids, const at::Tensor& expert_ids,
+                   const at::Tensor& num_padded, const at::Tensor& topk_weights, int64_t warps, int64_t k_warps,
+                   int64_t stages, int64_t split, at::Tensor& out) {
+  check_cuda(h, at::kBFloat16, "h");
+  check_cuda(topk_weights, at::kFloat, "topk_weights");
+  check_cuda(out, at::kBFloat16, "out");
+  TORCH_CHECK(topk_weights.dim() == 2 && out.dim() == 2 && out.size(0) == topk_weights.size(0),
+              "moeprep: topk_weights must be [T, top_k] and out [T, H]");
+  const int64_t pairs = topk_weights.numel();
+  const MoeDecodeArgs a =
+      args_of(words, scale, zero, sorted_ids, expert_ids, num_padded, pairs, warps, k_warps, stages);
+  TORCH_CHECK(h.numel() == pairs * a.k && out.size(1) == a.n, "moeprep: h must be [T * top_k, I] and out [T, H]");
+  TORCH_CHECK(split >= 1 && split <= 64, "moeprep: split must be in [1, 64]");
+  const c10::cuda::CUDAGuard guard(h.device());
+  check_launch(moeprep_moe_decode_w2(a, h.const_data_ptr(), static_cast<int>(topk_weights.size(1)), out.data_ptr(),
+                                     out.stride(0), topk_weights.const_data_ptr<float>(), static_cast<int>(split),
+                                     c10::cuda::getCurrentCUDAStream().stream()),
+               "moe_decode_w2");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(moeprep, m) {
+  m.def(
+      "moe_decode_w13(Tensor x, Tensor words, Tensor scale, Tensor? zero, Tensor sorted_ids, Tensor expert_ids, "
+      "Tensor num_padded, int top_k, int warps, int k_warps, int stages, Tensor(a!) h, Tensor(b!) out) -> ()");
+  m.def(
+      "moe_decode_w2(Tensor h, Tensor words, Tensor scale, Tensor? zero, Tensor sorted_ids, Tensor expert_ids, "
+      "Tensor num_padded, Tensor topk_weights, int warps, int k_warps, int stages, int split, "
+      "Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(moeprep, CUDA, m) {
+  m.impl("moe_decode_w13", &moe_decode_w13);
+  m.impl("moe_decode_w2", &moe_decode_w2);
+}
+
+}  // namespace moeprep

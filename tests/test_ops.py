@@ -281,3 +281,12 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
 def test_non_cpu_devices_are_refused():
     with pytest.raises(MoeprepError, match="meta"):
         ops.shuffle_weight(torch.zeros(16, 32, dtype=U8, device="meta"))
+
+
+def test_has_cuda_op_needs_the_cuda_build():
+    # the decode MoE GEMMs are registered by moeprep._C_cuda only; a name nobody registers is never there
+    assert not ops.has_cuda_op("no_such_op")
+    if ops.has_cuda_op("moe_decode_w13"):
+        assert torch.version.hip is None and hasattr(torch.ops.moeprep, "moe_decode_w2")
+    else:
+        assert torch.version.hip is not None or not torch.cuda.is_available()

@@ -2,8 +2,9 @@
 
 At a few tokens per expert a MoE layer streams each touched expert's weights once; the Triton
 kernels spend ~5 instructions per weight there, most of them moving the decoded tile through
-shared memory into the MMA's operand layout. These kernels load each lane's ``mma.sync`` fragment
-straight from the preshuffled bytes and decode it in registers. They serve ``w4a16_preshuffle`` and
+shared memory into the MMA's operand layout. These kernels copy the packed codes into shared
+memory a few windows ahead (cp.async), read each lane's ``mma.sync`` fragment from there and
+decode it in registers (~3 instructions per weight). They serve ``w4a16_preshuffle`` and
 ``w4a16_preshuffle_zp`` with bf16 activations and scales, SiLU-and-mul, no biases and no desc_act
 permutation, on CUDA sm_80+ builds that have them; everything else takes the Triton kernels.
 """
@@ -15,7 +16,6 @@ import torch
 import triton
 
 from .. import ops
-from ..errors import MoeprepError
 from ..serve.reference import Activation
 from . import configs, moe_gemm
 from .routing import RoutedTokens
@@ -29,11 +29,7 @@ def built() -> bool:
     """Whether this build has the kernels (CUDA, not ROCm, with moeprep._C_cuda)."""
     if torch.version.hip is not None or not torch.cuda.is_available():
         return False
-    try:
-        lib = ops._lib()
-    except MoeprepError:
-        return False
-    return hasattr(lib, "moe_decode_w13")
+    return ops.has_cuda_op("moe_decode_w13")
 
 
 def problems(layer, hidden: torch.Tensor, activation: Activation) -> list[str]:

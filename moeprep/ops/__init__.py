@@ -18,6 +18,7 @@ from ..errors import MoeprepError, TargetError
 __all__ = [
     "REPACK_LAYOUTS",
     "decode_layout",
+    "has_cuda_op",
     "SRC_PACKINGS",
     "int4_to_int8",
     "int8_to_int4",
@@ -56,6 +57,16 @@ def _lib():
             _cuda_problem = str(exc) or "not built"
         _ops = torch.ops.moeprep
     return _ops
+
+
+def has_cuda_op(name: str) -> bool:
+    """Whether this build registered ``torch.ops.moeprep.<name>`` with moeprep's CUDA ops (some, like
+    the decode MoE GEMMs, exist only in CUDA builds)."""
+    try:
+        lib = _lib()
+    except MoeprepError:
+        return False
+    return _cuda_problem is None and hasattr(lib, name)
 
 
 def _run(name: str, *tensors_then_args):

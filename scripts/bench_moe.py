@@ -50,7 +50,7 @@ from moeprep.canonical import dequantize  # noqa: E402
 from moeprep.kernels import fused_moe  # noqa: E402
 from moeprep.kernels import mma_decode  # noqa: E402
 from moeprep.kernels.configs import GemmConfig, MmaDecode, MmaGemm, MoEConfig, fit  # noqa: E402
-from moeprep.kernels.fused import launch_w13, launch_w2, pick_config, prepare  # noqa: E402
+from moeprep.kernels.fused import call_config, launch_w13, launch_w2, pick_config, prepare  # noqa: E402
 from moeprep.kernels.routing import route as route_kernel  # noqa: E402
 from moeprep.kernels.testing import layer_to, linears_to, random_layer  # noqa: E402
 from moeprep.serve.reference import Activation, expert_down, expert_hidden, experts_reference  # noqa: E402
@@ -206,15 +206,14 @@ def bench_model(name: str, model: Model, layer_cpu, source_cpu, tokens, copy: fl
     for T in tokens:
         x = torch.randn(T, model.hidden, device="cuda", dtype=torch.bfloat16)
         logits = torch.randn(T, model.experts, device="cuda", dtype=torch.bfloat16)
-        cfg = pick_config(stored, T, routing.top_k, x.device)
-        bm = cfg.block_m if cfg.mma is None or mma_decode.problems(stored, x, act) else cfg.mma.block_m
-        r = route_kernel(logits, routing, bm)
+        cfg = call_config(stored, x, routing.top_k, act)
+        r = route_kernel(logits, routing, cfg.route_block_m)
         used = torch.unique(r.topk_ids).numel()
         out = fused_moe(x, logits, routing, experts, act)
         ref = experts_reference(x.float(), r.topk_weights, r.topk_ids.long(), source, act)
         row = dict(
             model=name, target=model.target, T=T,
-            route_us=timed_us(lambda: route_kernel(logits, routing, bm)),
+            route_us=timed_us(lambda: route_kernel(logits, routing, cfg.route_block_m)),
             torch_route_us=timed_us(lambda: torch_routing_chain(logits, routing, model.experts)),
             moe_us=timed_us(lambda: fused_moe(x, logits, routing, experts, act)),
             bf16_us=timed_us(lambda: baseline(x, logits), graph=baseline.grouped),
@@ -443,7 +442,7 @@ def _tune_one(name: str, model: Model, stored, source, T: int, compiles: dict, f
             continue
         seen.add((bm, gemm, g))
         if bm not in routed:
-            routed[bm] = route_kernel(logits, model.routing, cfg.block_m)
+            routed[bm] = route_kernel(logits, model.routing, cfg.route_block_m)
         r = routed[bm]
         if refs is None:
             refs = _references(x, h, r, source, model.activation)

@@ -59,6 +59,11 @@ class MoEConfig:
     w2: GemmConfig
     mma: Optional[MmaDecode] = None  # the CUDA decode GEMMs (with their own block_m) where they apply
 
+    @property
+    def route_block_m(self) -> int:
+        """The block size the routing pads to: the CUDA decode GEMMs' when they run."""
+        return self.block_m if self.mma is None else self.mma.block_m
+
 
 def _cfg(block_m: int, w13: tuple, w2: tuple, mma: Optional[tuple] = None) -> MoEConfig:
     """Tuples of GemmConfig's leading fields, ending in "swap" for swap_ab; ``mma``: the (w13, w2)

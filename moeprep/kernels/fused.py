@@ -132,10 +132,8 @@ def fused_moe(
         return hidden.new_zeros((0, H))
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
-    cfg = pick_config(layer, T, routing.top_k, hidden.device, config)
-    if cfg.mma is not None and mma_decode.problems(layer, hidden, activation):
-        cfg = replace(cfg, mma=None)
-    r = route(router_logits, routing, cfg.block_m if cfg.mma is None else cfg.mma.block_m)
+    cfg = call_config(layer, hidden, routing.top_k, activation, config)
+    r = route(router_logits, routing, cfg.route_block_m)
     h = torch.empty((T * routing.top_k, layer.inter), dtype=hidden.dtype, device=hidden.device)
     out = torch.empty((T, H), dtype=hidden.dtype, device=hidden.device)
     if cfg.mma is not None:
@@ -145,6 +143,16 @@ def fused_moe(
         launch_w13(layer, hidden, r, h, out, activation, cfg)
         launch_w2(layer, h, r, out, cfg)
     return out
+
+
+def call_config(layer: Layer, hidden: torch.Tensor, top_k: int, activation: Activation,
+                config: Optional[configs.MoEConfig] = None) -> configs.MoEConfig:
+    """The configuration a call on ``hidden`` runs: :func:`pick_config`'s, without the CUDA decode
+    GEMMs where they do not apply (their Triton stand-ins run)."""
+    cfg = pick_config(layer, hidden.shape[0], top_k, hidden.device, config)
+    if cfg.mma is not None and mma_decode.problems(layer, hidden, activation):
+        cfg = replace(cfg, mma=None)
+    return cfg
 
 
 def pick_config(layer: Layer, tokens: int, top_k: int, device: torch.device,

@@ -5,17 +5,25 @@
 // what bounds them is the instructions spent per weight. Triton 3.6 moves every decoded bf16 tile
 // through shared memory to reach the MMA's operand layout (5.4 instructions per weight in all).
 // Here the packed codes, activations and scales are copied into a per-warp shared-memory ring by
-// cp.async, a few 64-k windows ahead; each lane reads exactly the codes of its mma.sync fragments
-// and decodes them in registers, two bf16 per instruction, straight into the MMA: 2.9
-// instructions per weight in the loop.
+// cp.async, a few 64-k windows ahead, and each lane reads exactly the codes of its mma.sync
+// fragments.
+//
+// The decode is one `lop3` per two weights: it drops each code u into the mantissa of the bf16
+// 128 (unit in the last place 1), so the MMA takes the exact 128 + u. The offset and the scale
+// are applied per 32-k half window (one quantization group, group sizes >= 32) in fp32: the MMA
+// of a half window starts from -(128 + z) * sum(a), which another MMA of the activations with a
+// constant operand computes once per warp (signed codes: z = 8 for every row), and the sum is
+// scaled into the accumulator. fp32 holds each product and the offset's cancellation loses a
+// few of its 24 bits, so the result stays far closer to sum((q - z) * s * a) than a bf16 rounding
+// of (q - z) * s would.
 //
 // The (16,16) preshuffle (LAYOUTS.md) stores each 16-row block of a matrix as 16-k chunks of
 // 16 rows x 8 bytes; row r of chunk c is the int32 pair at word (c * 16 + r) * 2 of the block,
 // value j of a word (k = 8 * word + j) in bits 8 * (j % 4) + 4 * (j / 4). Lane (g, t) of a warp
-// takes rows g and g + 8 of a block and chunk t of each 64-k window: one 8-byte read per row.
-// A dot product may run over k in any order as long as both operands use the same one, so the
-// MMA's k slots are assigned to whatever pairs one `lop3` decodes (values j and j + 2 of a word),
-// and the activations are paired the same way with `prmt`.
+// takes rows g and g + 8 of a block and, for half window h, word t % 2 of chunk 2 h + t / 2:
+// k = 32 h + 8 t + j. A dot product may run over k in any order as long as both operands use the
+// same one, so the MMA's k slots are assigned to whatever pairs one `lop3` decodes (values j and
+// j + 2 of a word), and the activations are paired the same way with `prmt`.
 //
 // CUDA only: HIP builds and other GPUs take the Triton kernels (moeprep/kernels/moe_gemm.py).
 
@@ -28,32 +36,25 @@
 namespace moeprep {
 namespace {
 
-constexpr int kWindow = 64;  // k per warp step: 4 lanes x one 16-k chunk
+constexpr int kWindow = 64;  // k per warp step: two quantization groups of 32 at most
+constexpr int kBlocks = 4;   // 16-row blocks per warp (w13: two of gate rows, then their two of up rows)
 
-// bf16 arithmetic and bf16 MMAs need sm_80; builds for older GPUs keep the kernels as traps (the
-// Python side only launches them on sm_80+)
+// bf16 MMAs need sm_80; builds for older GPUs keep the kernels as traps (the Python side only
+// launches them on sm_80+)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #define MOEPREP_BF16_MMA 0
 #else
 #define MOEPREP_BF16_MMA 1
 #endif
 
-__device__ __forceinline__ uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d = 0;
-#if MOEPREP_BF16_MMA
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-#else
-  __trap();
-#endif
-  return d;
-}
-
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+// d = a b + c
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                                         const float* c) {
 #if MOEPREP_BF16_MMA
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+      "{%10, %11, %12, %13};"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 #else
   __trap();
 #endif
@@ -68,20 +69,37 @@ __device__ __forceinline__ void wait_copies() {
   asm volatile("cp.async.wait_group %0;" ::"n"(PENDING));
 }
 
-// The bf16 pair (u_lo - z, u_hi - z) * s of the nibbles at bits sh and sh + 16: each code lands in
-// the mantissa of the bf16 128 (unit in the last place 1), the zero point's 128 + z is subtracted
-// exactly, and the product with the scale is rounded once, as bf16 of the exact (u - z) * s.
-// Signed codes are stored as two's complement nibbles: u = q ^ 8 with zero point 8, the xor
-// folded into the same lop3 (0x6A: (a & b) ^ c, where c's bit 3 flips the nibble's top bit).
+// out[0:2] += (lo, hi) rounded to bf16: one bf16x2 reduction in L2 on sm_90, which has them;
+// earlier GPUs take two compare-and-swap loops
+__device__ __forceinline__ void add_bf16x2(__nv_bfloat16* out, float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.noftz.bf16x2 [%0], %1;" ::"l"(out), "r"(*reinterpret_cast<const uint32_t*>(&v))
+               : "memory");
+#else
+  atomicAdd(out, v.x);
+  atomicAdd(out + 1, v.y);
+#endif
+}
+
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+
+// The bf16 pair (128 + u_lo, 128 + u_hi) of the nibbles at bits 0 and 16. Signed codes are two's
+// complement nibbles: u = q ^ 8 = q + 8, the xor folded into the same lop3 (0x6A: (a & b) ^ c,
+// where c's bit 3 flips the nibble's top bit); unsigned ones keep u = q (0xEA: (a & b) | c).
 template <bool ZP>
-__device__ __forceinline__ uint32_t dequant_pair(uint32_t word, int sh, uint32_t offset2, uint32_t scale2) {
+__device__ __forceinline__ uint32_t codes_pair(uint32_t word) {
   uint32_t x;
   if (ZP) {
-    asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(x) : "r"(word >> sh));  // (a & b) | c
+    asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(x) : "r"(word));
   } else {
-    asm("lop3.b32 %0, %1, 0x000F000F, 0x43084308, 0x6A;" : "=r"(x) : "r"(word >> sh));  // (a & b) ^ c
+    asm("lop3.b32 %0, %1, 0x000F000F, 0x43084308, 0x6A;" : "=r"(x) : "r"(word));
   }
-  return fma_bf16x2(fma_bf16x2(offset2, 0xBF80BF80u, x), scale2, 0x80008000u);  // 0xBF80: -1, 0x8000: -0
+  return x;
 }
 
 struct Problem {
@@ -98,72 +116,84 @@ struct Problem {
   const int32_t* num_padded;
   int num_pairs;
   int k_warps;  // warps of a CTA that split K for the same rows (the others take further rows)
+  // 2^28, 2^20: the decode's right shifts by 4 and 12 as multiply-highs. Read from the kernel's
+  // parameters, the compiler cannot turn them back into shifts, and they run on the FMA pipe
+  // beside the lop3s on the integer pipe; the shift by 8 stays there, which balances the two.
+  uint32_t shift_mul[2];
 };
 
-// A warp's shared-memory copy of one 64-k window (bytes): the codes of its NB 16-row blocks (four
+// A warp's shared-memory copy of one 64-k window (bytes): the codes of its 16-row blocks (four
 // 128-byte chunks each), its 8 tokens' activations, and the blocks' scale and zero-point words of
 // the window's group pair (group sizes >= 32 keep a window inside one pair).
-template <int NB>
 struct Stage {
   static constexpr int kCodes = 0;
-  static constexpr int kAct = NB * 512;
+  static constexpr int kAct = kBlocks * 512;
   static constexpr int kScale = kAct + 1024;
-  static constexpr int kZero = kScale + NB * 64;
-  static constexpr int kBytes = kZero + NB * 32;
+  static constexpr int kZero = kScale + kBlocks * 64;
+  static constexpr int kBytes = kZero + kBlocks * 32;
 };
-constexpr int kBlocks = 4;  // 16-row blocks per warp (w13: two of gate rows, then their two of up rows)
 
 template <int WARPS, int STAGES>
 constexpr int ring_bytes() {
-  return WARPS * STAGES * Stage<kBlocks>::kBytes;
+  return WARPS * STAGES * Stage::kBytes;
 }
 
 // Where 16-byte unit `unit` of a 128-byte row of 8 units lands: units are xor-swizzled so that
-// the fragment reads of a warp hit distinct banks.
-__device__ __forceinline__ int code_unit(int chunk, int unit) { return chunk * 8 + (unit ^ ((2 * chunk) & 7)); }
-__device__ __forceinline__ int act_unit(int token, int unit) { return token * 8 + (unit ^ (token & 1)); }
+// the fragment reads of a warp hit distinct banks (odd chunks and odd tokens take the other half).
+__device__ __forceinline__ int code_unit(int chunk, int unit) { return chunk * 8 + (unit ^ (4 * (chunk & 1))); }
+__device__ __forceinline__ int act_unit(int token, int unit) { return token * 8 + (unit ^ (4 * (token & 1))); }
 
-// One warp's product of NB 16-row blocks of an expert's matrix with the 8 routed rows of a block,
-// over a range of 64-k windows. Lane (g, t) ends with acc[b] = rows g and g + 8 of block b times
-// tokens 2t and 2t + 1 (the mma.sync accumulator layout).
-template <int NB, int STAGES, bool ZP>
+// One warp's product of kBlocks 16-row blocks of an expert's matrix with the 8 routed rows of a
+// block, over a range of 64-k windows. Lane (g, t) ends with acc[b] = rows g and g + 8 of block b
+// times tokens 2t and 2t + 1 (the mma.sync accumulator layout).
+template <int STAGES, bool ZP, bool G32>
 struct WarpGemm {
-  using S = Stage<NB>;
+  using S = Stage;
   // copies issued by this lane, at window 0
-  const uint32_t* codes_src[NB];  // unit `lane` of each block's 512 bytes
-  const __nv_bfloat16* act_src[2];  // units lane and lane + 32 of the 8 token rows
-  const char* meta_src;           // lanes 0 to 4 NB - 1: 16 bytes of scales; from lane 16: of zero points
+  const char* codes_src[kBlocks];  // unit `lane` of each block's 512 bytes
+  const char* act_src[2];          // units lane and lane + 32 of the 8 token rows
+  const char* meta_src;            // lanes 0 to 4 kBlocks - 1: 16 bytes of scales; from lane 16: of zero points
   int meta_dst;
-  int lane, t, log2_group;
+  int log2_group;
   int64_t meta_pair_stride;  // meta_src's step from one group pair to the next, in bytes
   uint32_t ring;             // this warp's STAGES stages
+  // this lane's shared-memory offsets within a stage: its copies' destinations, and its reads of
+  // rows g and g + 8 (codes of half window 0) and of half windows 0 and 1 (activations)
+  uint32_t code_dst, act_dst[2], code_rd[2], act_rd[2], row_g;
 
-  __device__ void init(const Problem& p, int64_t expert, const int64_t (&rows)[NB], const int32_t* ids,
+  __device__ void init(const Problem& p, int64_t expert, const int64_t (&rows)[kBlocks], const int32_t* ids,
                        uint32_t ring_) {
-    lane = threadIdx.x % 32;
-    t = lane % 4;
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     ring = ring_;
     log2_group = __ffs(p.group_size) - 1;
     const uint32_t* words = p.words + expert * (p.n * p.k / 8);
 #pragma unroll
-    for (int b = 0; b < NB; ++b) codes_src[b] = words + rows[b] / 16 * (2 * p.k) + lane * 4;
+    for (int b = 0; b < kBlocks; ++b) {
+      codes_src[b] = reinterpret_cast<const char*>(words + rows[b] / 16 * (2 * p.k) + lane * 4);
+    }
+    code_dst = code_unit(lane / 8, lane % 8) * 16;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int unit = lane + 32 * h;
       const int pair = __ldg(ids + unit / 8);
       // padding reads row 0: it only feeds its own column of the product, which is never stored
       const int64_t row = pair < p.num_pairs ? pair / p.act_div : 0;
-      act_src[h] = p.act + row * p.act_stride + (unit % 8) * 8;
+      act_src[h] = reinterpret_cast<const char*>(p.act + row * p.act_stride + (unit % 8) * 8);
+      act_dst[h] = S::kAct + act_unit(unit / 8, unit % 8) * 16;
+      act_rd[h] = S::kAct + act_unit(g, 4 * h + t) * 16;
+      const int row_in_block = g + 8 * h;
+      code_rd[h] = S::kCodes + code_unit(t / 2, row_in_block / 2) * 16 + (row_in_block % 2) * 8 + (t % 2) * 4;
     }
+    row_g = g;
     const int64_t scale_words = expert * p.groups * p.n / 2;
     meta_src = nullptr;
     meta_dst = -1;
     meta_pair_stride = 0;
-    if (lane < 4 * NB) {
+    if (lane < 4 * kBlocks) {
       meta_src = reinterpret_cast<const char*>(p.scale + scale_words + rows[lane / 4] + (lane % 4) * 4);
       meta_dst = S::kScale + lane * 16;
       meta_pair_stride = p.n * 4;
-    } else if (ZP && lane >= 16 && lane < 16 + 2 * NB) {
+    } else if (ZP && lane >= 16 && lane < 16 + 2 * kBlocks) {
       meta_src = reinterpret_cast<const char*>(p.zero + scale_words + rows[(lane - 16) / 2] + (lane % 2) * 8);
       meta_dst = S::kZero + (lane - 16) * 16;
       meta_pair_stride = p.n * 2;
@@ -172,152 +202,185 @@ struct WarpGemm {
 
   __device__ void copy(int window, int stage) const {
     const uint32_t base = ring + stage * S::kBytes;
+    const uint32_t codes = static_cast<uint32_t>(window) * 512u, act = static_cast<uint32_t>(window) * (kWindow * 2);
 #pragma unroll
-    for (int b = 0; b < NB; ++b) {
-      copy16(base + S::kCodes + b * 512 + code_unit(lane / 8, lane % 8) * 16, codes_src[b] + window * (kWindow * 2));
-    }
+    for (int b = 0; b < kBlocks; ++b) copy16(base + S::kCodes + b * 512 + code_dst, codes_src[b] + codes);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int unit = lane + 32 * h;
-      copy16(base + S::kAct + act_unit(unit / 8, unit % 8) * 16, act_src[h] + window * kWindow);
-    }
+    for (int h = 0; h < 2; ++h) copy16(base + act_dst[h], act_src[h] + act);
     if (meta_dst >= 0) {
       const int64_t pair = static_cast<int64_t>((window * kWindow) >> log2_group) >> 1;
       copy16(base + meta_dst, meta_src + pair * meta_pair_stride);
     }
   }
 
-  __device__ void multiply(float (&acc)[NB][4], int window, int stage) const {
+  // acc += this window's products. Per half window h: the activations' B fragments (m: values
+  // j = 0, 2, 4, 6 or 1, 3, 5, 7 of each lane's word) and the MMAs' starting value. The constant
+  // operand makes that -136 sum(a) for signed codes (offset 128 + 8), and -sum(a) for zero points,
+  // multiplied by each row's 128 + z below. With groups of 32 each half window has its own scale;
+  // larger groups cover the whole window, which then takes one scale.
+  __device__ void multiply(const Problem& p, float (&acc)[kBlocks][4], int window, int stage) const {
+    constexpr int kRuns = G32 ? 2 : 1;
+    constexpr uint32_t kConst = ZP ? 0xBF80BF80u : 0xC308C308u;  // bf16 -1, -136
+    const uint32_t konst[4] = {kConst, kConst, kConst, kConst};
+    const float zeros[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const uint32_t base = ring + stage * S::kBytes;
-    const int g = lane / 4;
-    const int group = (window * kWindow + t * 16) >> log2_group;
-    const uint32_t pick_scale = (group & 1) ? 0x3232u : 0x1010u;
-    const uint32_t pick_zero = (group & 1) ? 0x4141u : 0x4040u;
-    // activations j and j + 2 of each 4, as the codes pair up: B fragment (mma m, half h)
-    uint32_t a[8], bfrag[4][2];
+    uint32_t bfrag[2][2][2];
+    float start[kRuns][4];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
+      uint32_t a[4];
       asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                   : "=r"(a[4 * h]), "=r"(a[4 * h + 1]), "=r"(a[4 * h + 2]), "=r"(a[4 * h + 3])
-                   : "r"(base + S::kAct + act_unit(g, 2 * t + h) * 16));
-    }
+                   : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                   : "r"(base + act_rd[h]));
 #pragma unroll
-    for (int m = 0; m < 4; ++m) {
-      const uint32_t sel = (m & 1) ? 0x7632u : 0x5410u;
-      bfrag[m][0] = __byte_perm(a[4 * (m / 2)], a[4 * (m / 2) + 1], sel);
-      bfrag[m][1] = __byte_perm(a[4 * (m / 2) + 2], a[4 * (m / 2) + 3], sel);
+      for (int m = 0; m < 2; ++m) {
+        const uint32_t sel = m ? 0x7632u : 0x5410u;
+        bfrag[h][m][0] = __byte_perm(a[0], a[1], sel);
+        bfrag[h][m][1] = __byte_perm(a[2], a[3], sel);
+        float(&st)[4] = start[G32 ? h : 0];
+        mma_bf16(st, konst, bfrag[h][m][0], bfrag[h][m][1], (m == 0 && (G32 || h == 0)) ? zeros : st);
+      }
     }
+    // which half of a scale or zero-point word holds the window's group (larger groups)
+    const uint32_t half = ((window * kWindow) >> log2_group) & 1;
 #pragma unroll
-    for (int b = 0; b < NB; ++b) {
-      uint32_t w[2][2], scale2[2], offset2[2];
+    for (int b = 0; b < kBlocks; ++b) {
+      uint32_t sw[2], zw[2] = {0, 0}, w[2][2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int row = g + 8 * r;
-        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
-                     : "=r"(w[r][0]), "=r"(w[r][1])
-                     : "r"(base + S::kCodes + b * 512 + code_unit(t, row / 2) * 16 + (row % 2) * 8));
-        uint32_t sw;
-        asm volatile("ld.shared.u32 %0, [%1];" : "=r"(sw) : "r"(base + S::kScale + b * 64 + row * 4));
-        scale2[r] = __byte_perm(sw, 0, pick_scale);
+        sw[r] = lds32(base + S::kScale + b * 64 + (row_g + 8 * r) * 4);
         if (ZP) {
-          uint32_t zw;
-          asm volatile("ld.shared.u16 %0, [%1];" : "=r"(zw) : "r"(base + S::kZero + b * 32 + row * 2));
-          offset2[r] = __byte_perm(zw, 0, pick_zero) | 0x43004300u;
-        } else {
-          offset2[r] = 0x43084308u;
+          asm volatile("ld.shared.u16 %0, [%1];" : "=r"(zw[r]) : "r"(base + S::kZero + b * 32 + (row_g + 8 * r) * 2));
         }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) w[h][r] = lds32(base + code_rd[r] + b * 512 + h * 256);
       }
 #pragma unroll
-      for (int m = 0; m < 4; ++m) {
-        const int sh = 8 * (m & 1);
-        const uint32_t frag[4] = {dequant_pair<ZP>(w[0][m / 2], sh, offset2[0], scale2[0]),
-                                  dequant_pair<ZP>(w[1][m / 2], sh, offset2[1], scale2[1]),
-                                  dequant_pair<ZP>(w[0][m / 2], sh + 4, offset2[0], scale2[0]),
-                                  dequant_pair<ZP>(w[1][m / 2], sh + 4, offset2[1], scale2[1])};
-        mma_bf16(acc[b], frag, bfrag[m][0], bfrag[m][1]);
+      for (int run = 0; run < kRuns; ++run) {
+        const uint32_t which = G32 ? run : half;
+        float s[2], c[4];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          // the row's bf16 scale as fp32: its 16 bits on top of a zero half
+          if (G32) {
+            s[r] = __uint_as_float(run ? sw[r] & 0xFFFF0000u : sw[r] << 16);
+          } else {
+            s[r] = __uint_as_float(__byte_perm(sw[r], 0, half ? 0x3244u : 0x1044u));
+          }
+          float offset = 1.0f;
+          if (ZP) {
+            // 2^23 + z from the byte under the float 2^23's bits, less 2^23 - 128: the row's 128 + z
+            offset = __uint_as_float(__byte_perm(zw[r], 0x4B000000u, 0x7440u | which)) - 8388480.0f;
+          }
+          c[2 * r] = ZP ? start[run][2 * r] * offset : start[run][2 * r];
+          c[2 * r + 1] = ZP ? start[run][2 * r + 1] * offset : start[run][2 * r + 1];
+        }
+        float sum[4];
+#pragma unroll
+        for (int i = 0; i < 2 / kRuns; ++i) {
+          const int h = G32 ? run : i;
+#pragma unroll
+          for (int m = 0; m < 2; ++m) {
+            // values j, j + 2 (m = 0: j = 0; m = 1: j = 1) and j + 4, j + 6 of each row's word
+            uint32_t lo[2], hi[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              lo[r] = m ? w[h][r] >> 8 : w[h][r];
+              hi[r] = __umulhi(w[h][r], p.shift_mul[m]);
+            }
+            const uint32_t frag[4] = {codes_pair<ZP>(lo[0]), codes_pair<ZP>(lo[1]), codes_pair<ZP>(hi[0]),
+                                      codes_pair<ZP>(hi[1])};
+            mma_bf16(sum, frag, bfrag[h][m][0], bfrag[h][m][1], (i == 0 && m == 0) ? c : sum);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[b][i] = fmaf(s[i / 2], sum[i], acc[b][i]);
       }
     }
   }
 
-  // acc += windows [first, last), each copied STAGES - 1 windows ahead of its product; window
-  // first + i sits in stage i % STAGES, so the loop runs STAGES windows per turn
-  __device__ void run(float (&acc)[NB][4], int first, int last) const {
+  // acc += windows first, first + step, ... (< last), each copied STAGES - 1 windows ahead of its
+  // product; the i-th sits in stage i % STAGES, so the loop runs STAGES windows per turn
+  __device__ void run(const Problem& p, float (&acc)[kBlocks][4], int first, int last, int step) const {
+    const int count = first < last ? (last - first + step - 1) / step : 0;
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i) {
-      if (first + i < last) copy(first + i, i);
+      if (i < count) copy(first + i * step, i);
       copies_done();  // empty groups keep the count uniform
     }
-    for (int w = first; w < last; w += STAGES) {
+    for (int j = 0; j < count; j += STAGES) {
 #pragma unroll
       for (int i = 0; i < STAGES; ++i) {
-        if (w + i < last) {
-          wait_copies<STAGES - 2>();  // window w + i has landed (this lane's part) ...
+        if (j + i < count) {
+          wait_copies<STAGES - 2>();  // window j + i has landed (this lane's part) ...
           __syncwarp();               // ... every lane's, and the stage refilled next is read out
-          if (w + i + STAGES - 1 < last) copy(w + i + STAGES - 1, (i + STAGES - 1) % STAGES);
+          if (j + i + STAGES - 1 < count) copy(first + (j + i + STAGES - 1) * step, (i + STAGES - 1) % STAGES);
           copies_done();
-          multiply(acc, w + i, i);
+          multiply(p, acc, first + (j + i) * step, i);
         }
       }
     }
   }
 };
 
-// Runs a CTA's GEMM: warp w takes the NB blocks `rows(w / k_warps)` (skipped past n) and the
-// (w % k_warps)-th share of K's windows of CTA-split `part` of `parts`. The k_warps partial
+// Runs a CTA's GEMM: warp w takes the blocks `rows(w / k_warps)` (skipped past n) and every
+// k_warps-th window, from the (w % k_warps)-th on, of CTA-split `part` of `parts` of K. The k_warps partial
 // products of each row group are summed in warp order (results do not depend on timing) into
 // the group's first warp, which gets true and the sums.
-template <int NB, int STAGES, bool ZP, typename Rows>
-__device__ bool cta_gemm(const Problem& p, int mb, int part, int parts, Rows rows_of, float (&acc)[NB][4]) {
+template <int STAGES, bool ZP, bool G32, typename Rows>
+__device__ bool cta_gemm(const Problem& p, int mb, int part, int parts, Rows rows_of, float (&acc)[kBlocks][4]) {
   extern __shared__ __align__(16) unsigned char ring[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = warp / p.k_warps, kpart = warp % p.k_warps;
-  int64_t rows[NB];
+  int64_t rows[kBlocks];
   rows_of(group, rows);
   const bool in_range = rows[0] < p.n;
 #pragma unroll
-  for (int b = 0; b < NB; ++b) {
+  for (int b = 0; b < kBlocks; ++b) {
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[b][c] = 0.0f;
   }
   if (in_range) {
-    WarpGemm<NB, STAGES, ZP> gemm;
+    WarpGemm<STAGES, ZP, G32> gemm;
     const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
-    gemm.init(p, __ldg(p.expert_ids + mb), rows, p.sorted_ids + mb * 8, base + warp * STAGES * Stage<NB>::kBytes);
-    const int64_t windows = p.k / kWindow, share = static_cast<int64_t>(part) * p.k_warps + kpart;
-    const int all = parts * p.k_warps;
-    gemm.run(acc, static_cast<int>(windows * share / all), static_cast<int>(windows * (share + 1) / all));
+    gemm.init(p, __ldg(p.expert_ids + mb), rows, p.sorted_ids + mb * 8, base + warp * STAGES * Stage::kBytes);
+    // the CTA's share of K, its windows dealt out to the k_warps warps in turn: together they read
+    // k_warps consecutive windows of each block at a time, longer runs of DRAM than a quarter each
+    const int64_t windows = p.k / kWindow;
+    const int first = static_cast<int>(windows * part / parts), last = static_cast<int>(windows * (part + 1) / parts);
+    gemm.run(p, acc, first + kpart, last, p.k_warps);
   }
   wait_copies<0>();
   __syncthreads();  // every warp is done with its ring: the partial sums reuse it
   float* sums = reinterpret_cast<float*>(ring);
   if (kpart > 0) {
 #pragma unroll
-    for (int b = 0; b < NB; ++b) {
+    for (int b = 0; b < kBlocks; ++b) {
 #pragma unroll
-      for (int c = 0; c < 4; ++c) sums[(warp * NB * 4 + b * 4 + c) * 32 + lane] = acc[b][c];
+      for (int c = 0; c < 4; ++c) sums[(warp * kBlocks * 4 + b * 4 + c) * 32 + lane] = acc[b][c];
     }
   }
   __syncthreads();
   if (kpart > 0 || !in_range) return false;
   for (int w = warp + 1; w < warp + p.k_warps; ++w) {
 #pragma unroll
-    for (int b = 0; b < NB; ++b) {
+    for (int b = 0; b < kBlocks; ++b) {
 #pragma unroll
-      for (int c = 0; c < 4; ++c) acc[b][c] += sums[(w * NB * 4 + b * 4 + c) * 32 + lane];
+      for (int c = 0; c < 4; ++c) acc[b][c] += sums[(w * kBlocks * 4 + b * 4 + c) * 32 + lane];
     }
   }
   return true;
 }
 
-// Calls f(b, c, pair, row) for lane (g, t)'s accumulator values acc[b][c], b < NB, of real routed
+// Calls f(b, c, pair, row) for lane (g, t)'s accumulator values acc[b][c], b < BLOCKS, of real routed
 // pairs: c is token 2t + c % 2 of block mb and weight row g + 8 (c / 2) of the b-th block from `first`.
-template <int NB, typename F>
+template <int BLOCKS, typename F>
 __device__ __forceinline__ void for_each_output(const Problem& p, int mb, int64_t first, F f) {
   const int lane = threadIdx.x % 32;
   const int32_t* ids = p.sorted_ids + mb * 8 + 2 * (lane % 4);
   const int pairs[2] = {__ldg(ids), __ldg(ids + 1)};
 #pragma unroll
-  for (int b = 0; b < NB; ++b) {
+  for (int b = 0; b < BLOCKS; ++b) {
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       if (pairs[c % 2] < p.num_pairs) f(b, c, pairs[c % 2], first + 16 * b + lane / 4 + 8 * (c / 2));
@@ -325,11 +388,11 @@ __device__ __forceinline__ void for_each_output(const Problem& p, int mb, int64_
   }
 }
 
-// h[p, c] = silu(x W_gate^T)[c] * (x W_up^T)[c]: each warp group takes NB / 2 blocks of 16
+// h[p, c] = silu(x W_gate^T)[c] * (x W_up^T)[c]: each warp group takes kBlocks / 2 blocks of 16
 // columns (their gate rows, then their up rows). Also zeroes `out` for w2_kernel.
-// (Both kernels ask for 24 warps per SM: 80 registers, enough to hide the latency the rings leave.)
-template <int WARPS, int STAGES, bool ZP>
-__global__ void __launch_bounds__(WARPS * 32, 24 / WARPS)
+// (Both kernels ask for 20 warps per SM with 4-warp CTAs, 16 with 8: 96 or 128 registers.)
+template <int WARPS, int STAGES, bool ZP, bool G32>
+__global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
     w13_kernel(Problem p, __nv_bfloat16* h, uint4* out, int64_t out_units) {
   const int64_t cta = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
   const int64_t ctas = static_cast<int64_t>(gridDim.x) * gridDim.y;
@@ -339,10 +402,10 @@ __global__ void __launch_bounds__(WARPS * 32, 24 / WARPS)
 
   const int mb = blockIdx.x;
   if (mb * 8 >= __ldg(p.num_padded)) return;
-  constexpr int NB = kBlocks, C = NB / 2;  // C: column blocks per warp
+  constexpr int C = kBlocks / 2;  // column blocks per warp
   const int64_t inter = p.n / 2, groups = WARPS / p.k_warps;
   const int64_t col0 = static_cast<int64_t>(blockIdx.y) * groups * C * 16;
-  auto rows_of = [&](int group, int64_t (&rows)[NB]) {
+  auto rows_of = [&](int group, int64_t (&rows)[kBlocks]) {
     const int64_t first = col0 + group * C * 16;
 #pragma unroll
     for (int b = 0; b < C; ++b) {
@@ -350,39 +413,55 @@ __global__ void __launch_bounds__(WARPS * 32, 24 / WARPS)
       rows[C + b] = inter + first + 16 * b;
     }
   };
-  float acc[NB][4];
-  if (!cta_gemm<NB, STAGES, ZP>(p, mb, 0, 1, rows_of, acc)) return;
+  float acc[kBlocks][4];
+  if (!cta_gemm<STAGES, ZP, G32>(p, mb, 0, 1, rows_of, acc)) return;
   for_each_output<C>(p, mb, col0 + (threadIdx.x / 32 / p.k_warps) * C * 16, [&](int b, int c, int pair, int64_t col) {
     const float gate = acc[b][c], up = acc[C + b][c];
     h[pair * inter + col] = __float2bfloat16_rn(gate / (1.0f + __expf(-gate)) * up);
   });
 }
 
-// out[p / top_k, c] += topk_weight[p] * (h[p] W_down^T)[c]: each warp group takes NB blocks of 16
+// out[p / top_k, c] += topk_weight[p] * (h[p] W_down^T)[c]: each warp group takes kBlocks blocks of 16
 // output columns, and each CTA along z its share of K.
-template <int WARPS, int STAGES, bool ZP>
-__global__ void __launch_bounds__(WARPS * 32, 24 / WARPS)
+template <int WARPS, int STAGES, bool ZP, bool G32>
+__global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
     w2_kernel(Problem p, __nv_bfloat16* out, int64_t stride_out, const float* topk_weights, int top_k) {
   const int mb = blockIdx.x;
   if (mb * 8 >= __ldg(p.num_padded)) return;
-  constexpr int NB = kBlocks;
   const int64_t groups = WARPS / p.k_warps;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * groups * NB * 16;
-  auto rows_of = [&](int group, int64_t (&rows)[NB]) {
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * groups * kBlocks * 16;
+  auto rows_of = [&](int group, int64_t (&rows)[kBlocks]) {
 #pragma unroll
-    for (int b = 0; b < NB; ++b) rows[b] = row0 + (group * NB + b) * 16;
+    for (int b = 0; b < kBlocks; ++b) rows[b] = row0 + (group * kBlocks + b) * 16;
   };
-  float acc[NB][4];
-  if (!cta_gemm<NB, STAGES, ZP>(p, mb, blockIdx.z, gridDim.z, rows_of, acc)) return;
-  for_each_output<NB>(p, mb, row0 + (threadIdx.x / 32 / p.k_warps) * NB * 16, [&](int b, int c, int pair, int64_t col) {
-    atomicAdd(out + (pair / top_k) * stride_out + col, __float2bfloat16_rn(acc[b][c] * __ldg(topk_weights + pair)));
-  });
+  float acc[kBlocks][4];
+  if (!cta_gemm<STAGES, ZP, G32>(p, mb, blockIdx.z, gridDim.z, rows_of, acc)) return;
+  // Lanes g and g ^ 1 swap halves so that each adds two adjacent output columns of one token in a
+  // single bf16x2 reduction: even g for token 2t, odd g for token 2t + 1.
+  const int lane = threadIdx.x % 32, g = lane / 4, odd = g & 1;
+  const int32_t* ids = p.sorted_ids + mb * 8 + 2 * (lane % 4);
+  const int pairs[2] = {__ldg(ids), __ldg(ids + 1)};
+  float weight[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) weight[i] = pairs[i] < p.num_pairs ? __ldg(topk_weights + pairs[i]) : 0.0f;
+  const int pair = pairs[odd];
+  __nv_bfloat16* dst = out + (pair / top_k) * stride_out + row0 + (threadIdx.x / 32 / p.k_warps) * kBlocks * 16 + (g & ~1);
+#pragma unroll
+  for (int b = 0; b < kBlocks; ++b) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float v0 = acc[b][2 * r] * weight[0], v1 = acc[b][2 * r + 1] * weight[1];
+      const float other = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+      if (pair < p.num_pairs) add_bf16x2(dst + 16 * b + 8 * r, odd ? other : v0, odd ? v1 : other);
+    }
+  }
 }
 
 Problem make_problem(const MoeDecodeArgs& a, const void* act, int64_t act_stride, int act_div) {
   return Problem{static_cast<const __nv_bfloat16*>(act), act_stride, act_div, a.words,
                  static_cast<const uint32_t*>(a.scale), static_cast<const uint16_t*>(a.zero), a.n, a.k, a.groups,
-                 a.group_size, a.sorted_ids, a.expert_ids, a.num_padded, a.num_pairs, a.k_warps};
+                 a.group_size, a.sorted_ids, a.expert_ids, a.num_padded, a.num_pairs, a.k_warps,
+                 {1u << 28, 1u << 20}};
 }
 
 template <int WARPS, int STAGES, typename... Params, typename... Args>
@@ -395,10 +474,16 @@ int launch(void (*kernel)(Params...), dim3 grid, void* stream, Args... args) {
   return static_cast<int>(cudaGetLastError());
 }
 
-// KERNEL instantiated for the supported (warps per CTA, stages, zero points)
-#define MOEPREP_LAUNCH(KERNEL, W, S, GRID, ...)                                                   \
-  return a.zero ? launch<W, S>(KERNEL<W, S, true>, GRID, stream, __VA_ARGS__)                    \
-                : launch<W, S>(KERNEL<W, S, false>, GRID, stream, __VA_ARGS__)
+// KERNEL instantiated for the supported (warps per CTA, stages, zero points, groups of 32)
+#define MOEPREP_LAUNCH(KERNEL, W, S, GRID, ...)                                                        \
+  do {                                                                                                \
+    if (a.group_size == 32) {                                                                         \
+      return a.zero ? launch<W, S>(KERNEL<W, S, true, true>, GRID, stream, __VA_ARGS__)               \
+                    : launch<W, S>(KERNEL<W, S, false, true>, GRID, stream, __VA_ARGS__);             \
+    }                                                                                                 \
+    return a.zero ? launch<W, S>(KERNEL<W, S, true, false>, GRID, stream, __VA_ARGS__)                \
+                  : launch<W, S>(KERNEL<W, S, false, false>, GRID, stream, __VA_ARGS__);              \
+  } while (0)
 #define MOEPREP_DISPATCH(KERNEL, GRID, ...)                                                       \
   do {                                                                                           \
     if (a.warps == 4 && a.stages == 2) MOEPREP_LAUNCH(KERNEL, 4, 2, GRID, __VA_ARGS__);          \

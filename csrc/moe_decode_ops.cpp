@@ -94,6 +94,8 @@ void moe_decode_w2(const at::Tensor& h, const at::Tensor& words, const at::Tenso
   const MoeDecodeArgs a =
       args_of(words, scale, zero, sorted_ids, expert_ids, num_padded, pairs, warps, k_warps, stages);
   TORCH_CHECK(h.numel() == pairs * a.k && out.size(1) == a.n, "moeprep: h must be [T * top_k, I] and out [T, H]");
+  // the output takes bf16x2 reductions: two columns at a time (rows of n, an even number)
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0, "moeprep: out must be 4-byte aligned");
   TORCH_CHECK(split >= 1 && split <= 64, "moeprep: split must be in [1, 64]");
   const c10::cuda::CUDAGuard guard(h.device());
   check_launch(moeprep_moe_decode_w2(a, h.const_data_ptr(), static_cast<int>(topk_weights.size(1)), out.data_ptr(),

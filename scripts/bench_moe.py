@@ -245,8 +245,8 @@ SWAP_PREFILL_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (32, 64, 4, 3), (64, 32, 4
                       (128, 64, 8, 3), (256, 64, 8, 3), (128, 32, 4, 4)]
 DECODE_SPLITS = (1, 2, 4, 8)
 # (warps, k_warps, stages) of the CUDA decode GEMMs (int4 layers, up to 8 rows per expert on average)
-MMA_GEMMS = [(8, 8, 2), (8, 8, 3), (8, 8, 4), (4, 4, 2), (4, 4, 3), (4, 4, 4), (8, 4, 3), (8, 2, 3), (4, 2, 3),
-             (4, 2, 2), (4, 1, 2), (8, 1, 2)]
+MMA_GEMMS = [(8, 8, 2), (8, 8, 3), (8, 8, 4), (4, 4, 2), (4, 4, 3), (4, 4, 4), (8, 4, 3), (8, 4, 4), (8, 2, 3),
+             (8, 2, 4), (4, 2, 3), (4, 2, 4), (4, 1, 2), (4, 1, 3), (4, 1, 4), (8, 1, 2), (8, 1, 4)]
 MMA_SPLITS = (0, 1, 2, 4, 8)  # w2 CTAs along K (0: mma_decode.w2_split's choice)
 MMA = "mma"  # the key of their block size in the tuner's tables
 FAMILIES = ("one_row", "plain", "swap", "mma", "current")  # what --tune sweeps (--families)

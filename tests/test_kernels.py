@@ -412,7 +412,8 @@ MMA_VARIANTS = [((8, 8, 2), (8, 8, 2, 0)), ((4, 4, 3), (4, 4, 3, 1)), ((8, 2, 4)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _mma_built(), reason="needs a CUDA device and moeprep's CUDA decode kernels")
-@pytest.mark.parametrize("target,group", [("w4a16_preshuffle", 32), ("w4a16_preshuffle_zp", 64),
+@pytest.mark.parametrize("target,group", [("w4a16_preshuffle", 32), ("w4a16_preshuffle", 128),
+                                          ("w4a16_preshuffle_zp", 32), ("w4a16_preshuffle_zp", 64),
                                           ("w4a16_preshuffle_zp", 128)])
 def test_mma_decode_variants_small(target, group):
     # blocks of 8 routed rows: T = 37 with top-3 of 4 experts puts up to 37 rows on an expert
@@ -451,3 +452,8 @@ def test_mma_decode_ops_check_their_arguments():
     with pytest.raises(RuntimeError, match="x must be bf16"):
         torch.ops.moeprep.moe_decode_w13(x.half(), w.words, w.scale, w.zero, r.sorted_ids, r.expert_ids, r.num_padded,
                                          2, 4, 4, 3, h, out)
+    w2 = stored.w2
+    with pytest.raises(RuntimeError, match="4-byte aligned"):
+        torch.ops.moeprep.moe_decode_w2(h, w2.words, w2.scale, w2.zero, r.sorted_ids, r.expert_ids, r.num_padded,
+                                        r.topk_weights, 4, 4, 3, 1,
+                                        torch.empty(257, device=DEVICE, dtype=torch.bfloat16)[1:].view(2, 128))

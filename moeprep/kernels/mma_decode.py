@@ -4,7 +4,8 @@ At a few tokens per expert a MoE layer streams each touched expert's weights onc
 kernels spend ~5 instructions per weight there, most of them moving the decoded tile through
 shared memory into the MMA's operand layout. These kernels copy the packed codes into shared
 memory a few windows ahead (cp.async), read each lane's ``mma.sync`` fragment from there and
-decode it in registers (~3 instructions per weight). They serve ``w4a16_preshuffle`` and
+decode it in registers, one ``lop3`` per two codes, with the zero point and scale applied per
+group in fp32 (~2.5 instructions per weight). They serve ``w4a16_preshuffle`` and
 ``w4a16_preshuffle_zp`` with bf16 activations and scales, SiLU-and-mul, no biases and no desc_act
 permutation, on CUDA sm_80+ builds that have them; everything else takes the Triton kernels.
 """
@@ -55,7 +56,7 @@ def problems(layer, hidden: torch.Tensor, activation: Activation) -> list[str]:
 
 
 def w2_split(layer, r: RoutedTokens, g: configs.MmaGemm, device: torch.device) -> int:
-    """CTAs along the down projection's K: as configured, or enough for ~24 warps per SM; each warp
+    """CTAs along the down projection's K: as configured, or enough for ~20 warps per SM; each warp
     keeps >= 2 windows and each output element takes at most MAX_ADDS rounded additions."""
     top_k = r.topk_ids.shape[1]
     wanted = g.split
@@ -63,7 +64,7 @@ def w2_split(layer, r: RoutedTokens, g: configs.MmaGemm, device: torch.device) -
         blocks = min(layer.experts, r.topk_ids.numel())  # blocks that do work, at least
         rows_per_cta = g.warps // g.k_warps * BLOCKS * 16
         ctas = blocks * triton.cdiv(layer.hidden, rows_per_cta)
-        wanted = triton.cdiv(24 * configs.sm_count(device), ctas * g.warps)
+        wanted = triton.cdiv(20 * configs.sm_count(device), ctas * g.warps)
     most = max(1, min(configs.MAX_ADDS // top_k, layer.inter // WINDOW // (2 * g.k_warps)))
     return max(1, min(wanted, most))
 

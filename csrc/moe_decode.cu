@@ -324,9 +324,9 @@ struct WarpGemm {
 };
 
 // Runs a CTA's GEMM: warp w takes the blocks `rows(w / k_warps)` (skipped past n) and every
-// k_warps-th window, from the (w % k_warps)-th on, of CTA-split `part` of `parts` of K. The k_warps partial
-// products of each row group are summed in warp order (results do not depend on timing) into
-// the group's first warp, which gets true and the sums.
+// k_warps-th window, from the (w % k_warps)-th on, of CTA-split `part` of `parts` of K. The
+// k_warps partial products of each row group are summed in warp order (results do not depend on
+// timing) into the group's first warp, which gets true and the sums.
 template <int STAGES, bool ZP, bool G32, typename Rows>
 __device__ bool cta_gemm(const Problem& p, int mb, int part, int parts, Rows rows_of, float (&acc)[kBlocks][4]) {
   extern __shared__ __align__(16) unsigned char ring[];

@@ -1,5 +1,6 @@
-// Decode-size grouped GEMMs of the int4 MoE targets (w4a16_preshuffle, w4a16_preshuffle_zp) on
-// CUDA tensor cores: mma.sync m16n8k16 with bf16 operands (sm_80+), fp32 accumulation.
+// Decode-size grouped GEMMs of the 4-bit MoE targets (w4a16_preshuffle, w4a16_preshuffle_zp,
+// mxfp4_preshuffle, mxfp4_moe) on CUDA tensor cores: mma.sync m16n8k16 with bf16 operands
+// (sm_80+), fp32 accumulation.
 //
 // Why a hand-written kernel: at a few tokens per expert the GEMMs stream the weights once, and
 // what bounds them is the instructions spent per weight. Triton 3.6 moves every decoded bf16 tile
@@ -17,13 +18,21 @@
 // few of its 24 bits, so the result stays far closer to sum((q - z) * s * a) than a bf16 rounding
 // of (q - z) * s would.
 //
-// The (16,16) preshuffle (LAYOUTS.md) stores each 16-row block of a matrix as 16-k chunks of
-// 16 rows x 8 bytes; row r of chunk c is the int32 pair at word (c * 16 + r) * 2 of the block,
+// The (16,16) preshuffle (LAYOUTS.md) stores each 16-row block of an int4 matrix as 16-k chunks
+// of 16 rows x 8 bytes; row r of chunk c is the int32 pair at word (c * 16 + r) * 2 of the block,
 // value j of a word (k = 8 * word + j) in bits 8 * (j % 4) + 4 * (j / 4). Lane (g, t) of a warp
 // takes rows g and g + 8 of a block and, for half window h, word t % 2 of chunk 2 h + t / 2:
 // k = 32 h + 8 t + j. A dot product may run over k in any order as long as both operands use the
 // same one, so the MMA's k slots are assigned to whatever pairs one `lop3` decodes (values j and
 // j + 2 of a word), and the activations are paired the same way with `prmt`.
+//
+// MXFP4 (E2M1 codes, one E8M0 scale per 32 k) stores 32-k chunks of 16 rows x 16 bytes, value j
+// of a word in bits 4 j; lane (g, t) takes word t of chunk h, the same k = 32 h + 8 t + j. Its
+// decode cannot be one lop3 (the value is not affine in the code): the magnitude bits move to the
+// bottom of a bf16's exponent and the sign to its top, which makes the value times 2^-126
+// (subnormal for 0 and 0.5, which the MMA takes exactly). The activations are multiplied by 2^63
+// so that the products stay clear of fp32's subnormals, and the scale 2^(e - 127) by 2^63 in fp32
+// undoes both. Pairs are values j and j + 4 (bits 4 j and 4 j + 16: one shift puts both in place).
 //
 // CUDA only: HIP builds and other GPUs take the Triton kernels (moeprep/kernels/moe_gemm.py).
 
@@ -69,6 +78,24 @@ __device__ __forceinline__ void wait_copies() {
   asm volatile("cp.async.wait_group %0;" ::"n"(PENDING));
 }
 
+// Programmatic dependent launch (sm_90): w2_kernel is launched while w13_kernel still runs, so
+// that its CTAs set up and request their first weights early. wait_for_primary blocks until the
+// kernel launched before it has finished and its writes (h, the zeroed output) are visible; a
+// kernel launched the ordinary way returns from it at once. w13_kernel lets the next kernel start
+// once each CTA is past its main loop (at its start, the early CTAs of w2_kernel took bandwidth and
+// SM slots from w13_kernel's last wave: Mixtral T = 1 ran 13% slower). w13_kernel was launched
+// after the routing finished, so w2_kernel may read the routing's results before it waits.
+__device__ __forceinline__ void wait_for_primary() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
 // out[0:2] += (lo, hi) rounded to bf16: one bf16x2 reduction in L2 on sm_90, which has them;
 // earlier GPUs take two compare-and-swap loops
 __device__ __forceinline__ void add_bf16x2(__nv_bfloat16* out, float lo, float hi) {
@@ -88,6 +115,9 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   return v;
 }
 
+// How the codes are stored: int4 with zero point 8 (signed) or per-group zero points, or E2M1
+enum class Codes { kSigned, kZeroPoint, kE2m1 };
+
 // The bf16 pair (128 + u_lo, 128 + u_hi) of the nibbles at bits 0 and 16. Signed codes are two's
 // complement nibbles: u = q ^ 8 = q + 8, the xor folded into the same lop3 (0x6A: (a & b) ^ c,
 // where c's bit 3 flips the nibble's top bit); unsigned ones keep u = q (0xEA: (a & b) | c).
@@ -102,65 +132,94 @@ __device__ __forceinline__ uint32_t codes_pair(uint32_t word) {
   return x;
 }
 
+// The bf16 pair (v_j, v_j+4) * 2^-126 of the E2M1 codes at bits 4 j and 4 j + 16 (j < 4, a
+// constant once unrolled): magnitude bits e1 e0 m to bits 8..6, sign to bit 15. The right shifts
+// are multiply-highs by shift_mul = (2^30, 2^26), as in the int4 decode.
+__device__ __forceinline__ uint32_t e2m1_pair(uint32_t word, int j, const uint32_t (&shift_mul)[2]) {
+  const uint32_t moved = j < 2 ? word << (6 - 4 * j) : __umulhi(word, shift_mul[j - 2]);
+  return (moved & 0x01C001C0u) | ((word << (12 - 4 * j)) & 0x80008000u);
+}
+
+// x * 2^63 for a bf16 pair (exact unless |x| >= 2^65)
+__device__ __forceinline__ uint32_t times_2_63(uint32_t x) {
+  uint32_t y;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(y) : "r"(x), "r"(0x5F005F00u), "r"(0x80008000u));
+  return y;
+}
+
 struct Problem {
   const __nv_bfloat16* act;  // activation rows; pair p reads row p / act_div
   int64_t act_stride;
   int act_div;
   const uint32_t* words;  // [E, N, K / 8] in the preshuffled order
-  const uint32_t* scale;  // bf16 [E, G / 2, N, 2] read as one word per (row, group pair)
-  const uint16_t* zero;   // uint8 in the scales' layout, or null (signed codes, zero point 8)
+  // int4: bf16 [E, G / 2, N, 2] read as one word per (row, group pair); E2M1: E8M0 bytes in 32-row
+  // tiles of `groups` (padded) columns, (LAYOUTS.md, e8m0_shuffle)
+  const void* scale;
+  const uint16_t* zero;  // uint8 in the scales' layout, or null (signed codes, zero point 8)
   int64_t n, k;
   int groups, group_size;
+  int gu_interleaved;  // w13 of mxfp4_moe: the 16-row blocks of gate and up alternate
   const int32_t* sorted_ids;  // the routed pairs, in blocks of 8 per expert
   const int32_t* expert_ids;
   const int32_t* num_padded;
   int num_pairs;
   int k_warps;  // warps of a CTA that split K for the same rows (the others take further rows)
-  // 2^28, 2^20: the decode's right shifts by 4 and 12 as multiply-highs. Read from the kernel's
-  // parameters, the compiler cannot turn them back into shifts, and they run on the FMA pipe
-  // beside the lop3s on the integer pipe; the shift by 8 stays there, which balances the two.
+  // int4: 2^28, 2^20, the decode's right shifts by 4 and 12 as multiply-highs (E2M1: by 2 and 6).
+  // Read from the kernel's parameters, the compiler cannot turn them back into shifts, and they
+  // run on the FMA pipe beside the lop3s on the integer pipe; int4's shift by 8 stays there, which
+  // balances the two. exp_mul = 2^23 likewise builds E2M1's fp32 scales with an FMA-pipe multiply.
   uint32_t shift_mul[2];
+  uint32_t exp_mul;
 };
 
-// A warp's shared-memory copy of one 64-k window (bytes): the codes of its 16-row blocks (four
-// 128-byte chunks each), its 8 tokens' activations, and the blocks' scale and zero-point words of
-// the window's group pair (group sizes >= 32 keep a window inside one pair).
+// A warp's shared-memory copy of one 64-k window (bytes): the codes of its 16-row blocks (512
+// bytes each), its 8 tokens' activations, and the blocks' scales of the window. int4: the scale and
+// zero-point words of the window's group pair (group sizes >= 32 keep a window inside one pair);
+// E2M1: 128 bytes of each block's scale tile, both groups of the window for its 32-row tile.
+template <Codes C>
 struct Stage {
   static constexpr int kCodes = 0;
   static constexpr int kAct = kBlocks * 512;
   static constexpr int kScale = kAct + 1024;
   static constexpr int kZero = kScale + kBlocks * 64;
-  static constexpr int kBytes = kZero + kBlocks * 32;
+  static constexpr int kBytes = C == Codes::kE2m1 ? kScale + kBlocks * 128 : kZero + kBlocks * 32;
 };
 
-template <int WARPS, int STAGES>
+template <int WARPS, int STAGES, Codes C>
 constexpr int ring_bytes() {
-  return WARPS * STAGES * Stage::kBytes;
+  return WARPS * STAGES * Stage<C>::kBytes;
 }
 
 // Where 16-byte unit `unit` of a 128-byte row of 8 units lands: units are xor-swizzled so that
 // the fragment reads of a warp hit distinct banks (odd chunks and odd tokens take the other half).
+// E2M1 codes need no swizzle: a warp's reads of one 16-row chunk cover 128 consecutive bytes.
 __device__ __forceinline__ int code_unit(int chunk, int unit) { return chunk * 8 + (unit ^ (4 * (chunk & 1))); }
 __device__ __forceinline__ int act_unit(int token, int unit) { return token * 8 + (unit ^ (4 * (token & 1))); }
 
 // One warp's product of kBlocks 16-row blocks of an expert's matrix with the 8 routed rows of a
 // block, over a range of 64-k windows. Lane (g, t) ends with acc[b] = rows g and g + 8 of block b
 // times tokens 2t and 2t + 1 (the mma.sync accumulator layout).
-template <int STAGES, bool ZP, bool G32>
+template <int STAGES, Codes C, bool G32>
 struct WarpGemm {
-  using S = Stage;
+  using S = Stage<C>;
+  static constexpr bool ZP = C == Codes::kZeroPoint;
+  static constexpr bool E2M1 = C == Codes::kE2m1;
   // copies issued by this lane, at window 0
   const char* codes_src[kBlocks];  // unit `lane` of each block's 512 bytes
   const char* act_src[2];          // units lane and lane + 32 of the 8 token rows
-  const char* meta_src;            // lanes 0 to 4 kBlocks - 1: 16 bytes of scales; from lane 16: of zero points
+  // int4: lanes 0 to 4 kBlocks - 1: 16 bytes of scales; from lane 16: of zero points. E2M1: unit
+  // lane % 8 of block lane / 8's 128 bytes
+  const char* meta_src;
   int meta_dst;
   int log2_group;
-  int64_t meta_pair_stride;  // meta_src's step from one group pair to the next, in bytes
+  int64_t meta_pair_stride;  // int4: meta_src's step from one group pair to the next, in bytes
   uint32_t ring;             // this warp's STAGES stages
   // this lane's shared-memory offsets within a stage: its copies' destinations, and its reads of
   // rows g and g + 8 (codes of half window 0) and of half windows 0 and 1 (activations)
   uint32_t code_dst, act_dst[2], code_rd[2], act_rd[2], row_g;
+  uint32_t scale_rd[kBlocks];  // E2M1: row g's scale byte of half window 0 in each block's copy
 
+  // rows[b]: the first stored row of the warp's b-th block
   __device__ void init(const Problem& p, int64_t expert, const int64_t (&rows)[kBlocks], const int32_t* ids,
                        uint32_t ring_) {
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -171,7 +230,7 @@ struct WarpGemm {
     for (int b = 0; b < kBlocks; ++b) {
       codes_src[b] = reinterpret_cast<const char*>(words + rows[b] / 16 * (2 * p.k) + lane * 4);
     }
-    code_dst = code_unit(lane / 8, lane % 8) * 16;
+    code_dst = E2M1 ? lane * 16 : code_unit(lane / 8, lane % 8) * 16;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int unit = lane + 32 * h;
@@ -182,34 +241,71 @@ struct WarpGemm {
       act_dst[h] = S::kAct + act_unit(unit / 8, unit % 8) * 16;
       act_rd[h] = S::kAct + act_unit(g, 4 * h + t) * 16;
       const int row_in_block = g + 8 * h;
-      code_rd[h] = S::kCodes + code_unit(t / 2, row_in_block / 2) * 16 + (row_in_block % 2) * 8 + (t % 2) * 4;
+      code_rd[h] = E2M1 ? S::kCodes + row_in_block * 16 + t * 4
+                        : S::kCodes + code_unit(t / 2, row_in_block / 2) * 16 + (row_in_block % 2) * 8 + (t % 2) * 4;
     }
     row_g = g;
-    const int64_t scale_words = expert * p.groups * p.n / 2;
     meta_src = nullptr;
     meta_dst = -1;
     meta_pair_stride = 0;
-    if (lane < 4 * kBlocks) {
-      meta_src = reinterpret_cast<const char*>(p.scale + scale_words + rows[lane / 4] + (lane % 4) * 4);
+    if (E2M1) {
+      // a 32-row tile of the scales holds two 16-row blocks (counted over all experts): row r of
+      // block m, group c at tile m / 2, byte (c / 8) * 256 + (c % 4) * 64 + r * 4 + ((c / 4) % 2) * 2 + m % 2
+      const unsigned char* scale = static_cast<const unsigned char*>(p.scale);
+#pragma unroll
+      for (int b = 0; b < kBlocks; ++b) {
+        const int64_t block = expert * (p.n / 16) + rows[b] / 16;
+        scale_rd[b] = S::kScale + b * 128 + g * 4 + static_cast<uint32_t>(block % 2);
+        if (b == lane / 8) {
+          meta_src = reinterpret_cast<const char*>(scale + block / 2 * (32 * p.groups) + (lane % 8) * 16);
+        }
+      }
       meta_dst = S::kScale + lane * 16;
-      meta_pair_stride = p.n * 4;
-    } else if (ZP && lane >= 16 && lane < 16 + 2 * kBlocks) {
-      meta_src = reinterpret_cast<const char*>(p.zero + scale_words + rows[(lane - 16) / 2] + (lane % 2) * 8);
-      meta_dst = S::kZero + (lane - 16) * 16;
-      meta_pair_stride = p.n * 2;
+    } else {
+      const int64_t scale_words = expert * p.groups * p.n / 2;
+      if (lane < 4 * kBlocks) {
+        meta_src = reinterpret_cast<const char*>(static_cast<const uint32_t*>(p.scale) + scale_words +
+                                                 rows[lane / 4] + (lane % 4) * 4);
+        meta_dst = S::kScale + lane * 16;
+        meta_pair_stride = p.n * 4;
+      } else if (ZP && lane >= 16 && lane < 16 + 2 * kBlocks) {
+        meta_src = reinterpret_cast<const char*>(p.zero + scale_words + rows[(lane - 16) / 2] + (lane % 2) * 8);
+        meta_dst = S::kZero + (lane - 16) * 16;
+        meta_pair_stride = p.n * 2;
+      }
     }
   }
 
   __device__ void copy(int window, int stage) const {
-    const uint32_t base = ring + stage * S::kBytes;
-    const uint32_t codes = static_cast<uint32_t>(window) * 512u, act = static_cast<uint32_t>(window) * (kWindow * 2);
-#pragma unroll
-    for (int b = 0; b < kBlocks; ++b) copy16(base + S::kCodes + b * 512 + code_dst, codes_src[b] + codes);
+    copy_weights(window, stage);
+    copy_act(window, stage);
+  }
+
+  __device__ void copy_act(int window, int stage) const {
+    const uint32_t base = ring + stage * S::kBytes, act = static_cast<uint32_t>(window) * (kWindow * 2);
 #pragma unroll
     for (int h = 0; h < 2; ++h) copy16(base + act_dst[h], act_src[h] + act);
-    if (meta_dst >= 0) {
+  }
+
+  // the codes and scales of a window
+  __device__ void copy_weights(int window, int stage) const {
+    const uint32_t base = ring + stage * S::kBytes, codes = static_cast<uint32_t>(window) * 512u;
+#pragma unroll
+    for (int b = 0; b < kBlocks; ++b) copy16(base + S::kCodes + b * 512 + code_dst, codes_src[b] + codes);
+    if (E2M1) {
+      // groups 2 w and 2 w + 1 sit at (c % 4) * 64 = (w % 2) * 128 + h * 64 of the 256 bytes of c / 8
+      copy16(base + meta_dst, meta_src + (window >> 2) * 256 + (window & 1) * 128);
+    } else if (meta_dst >= 0) {
       const int64_t pair = static_cast<int64_t>((window * kWindow) >> log2_group) >> 1;
       copy16(base + meta_dst, meta_src + pair * meta_pair_stride);
+    }
+  }
+
+  __device__ void multiply(const Problem& p, float (&acc)[kBlocks][4], int window, int stage) const {
+    if (E2M1) {
+      multiply_e2m1(p, acc, window, stage);
+    } else {
+      multiply_int4(p, acc, window, stage);
     }
   }
 
@@ -218,7 +314,7 @@ struct WarpGemm {
   // operand makes that -136 sum(a) for signed codes (offset 128 + 8), and -sum(a) for zero points,
   // multiplied by each row's 128 + z below. With groups of 32 each half window has its own scale;
   // larger groups cover the whole window, which then takes one scale.
-  __device__ void multiply(const Problem& p, float (&acc)[kBlocks][4], int window, int stage) const {
+  __device__ void multiply_int4(const Problem& p, float (&acc)[kBlocks][4], int window, int stage) const {
     constexpr int kRuns = G32 ? 2 : 1;
     constexpr uint32_t kConst = ZP ? 0xBF80BF80u : 0xC308C308u;  // bf16 -1, -136
     const uint32_t konst[4] = {kConst, kConst, kConst, kConst};
@@ -299,13 +395,70 @@ struct WarpGemm {
     }
   }
 
+  // acc += this window's products for E2M1 codes. Per half window h (one group): the activations'
+  // B fragments times 2^63 (m: values j = 0, 1, 4, 5 or 2, 3, 6, 7 of each lane's word, paired
+  // as j, j + 4), and per block the MMAs from zero, scaled into the accumulator by 2^(e - 64).
+  __device__ void multiply_e2m1(const Problem& p, float (&acc)[kBlocks][4], int window, int stage) const {
+    const float zeros[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const uint32_t base = ring + stage * S::kBytes;
+    const uint32_t half_word = ((window >> 1) & 1) * 2;  // which half of each row's 4 scale bytes
+    uint32_t bfrag[2][2][2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t a[4];
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                   : "r"(base + act_rd[h]));
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        bfrag[h][m][0] = times_2_63(__byte_perm(a[m], a[m + 2], 0x5410u));
+        bfrag[h][m][1] = times_2_63(__byte_perm(a[m], a[m + 2], 0x7632u));
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kBlocks; ++b) {
+      uint32_t w[2][2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) w[h][r] = lds32(base + code_rd[r] + b * 512 + h * 256);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float s[2], sum[4];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          uint32_t e;
+          asm volatile("ld.shared.u8 %0, [%1];" : "=r"(e) : "r"(base + scale_rd[b] + h * 64 + r * 32 + half_word));
+          s[r] = __uint_as_float(e * p.exp_mul + (63u << 23));
+        }
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+          const uint32_t frag[4] = {e2m1_pair(w[h][0], 2 * m, p.shift_mul), e2m1_pair(w[h][1], 2 * m, p.shift_mul),
+                                    e2m1_pair(w[h][0], 2 * m + 1, p.shift_mul),
+                                    e2m1_pair(w[h][1], 2 * m + 1, p.shift_mul)};
+          mma_bf16(sum, frag, bfrag[h][m][0], bfrag[h][m][1], m == 0 ? zeros : sum);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[b][i] = fmaf(s[i / 2], sum[i], acc[b][i]);
+      }
+    }
+  }
+
   // acc += windows first, first + step, ... (< last), each copied STAGES - 1 windows ahead of its
-  // product; the i-th sits in stage i % STAGES, so the loop runs STAGES windows per turn
+  // product; the i-th sits in stage i % STAGES, so the loop runs STAGES windows per turn. The
+  // first windows' weights are requested before the kernel waits for the one launched before it
+  // (which wrote the activations, see wait_for_primary), and land in the first copy group.
   __device__ void run(const Problem& p, float (&acc)[kBlocks][4], int first, int last, int step) const {
     const int count = first < last ? (last - first + step - 1) / step : 0;
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i) {
-      if (i < count) copy(first + i * step, i);
+      if (i < count) copy_weights(first + i * step, i);
+    }
+    wait_for_primary();
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) {
+      if (i < count) copy_act(first + i * step, i);
       copies_done();  // empty groups keep the count uniform
     }
     for (int j = 0; j < count; j += STAGES) {
@@ -327,7 +480,7 @@ struct WarpGemm {
 // k_warps-th window, from the (w % k_warps)-th on, of CTA-split `part` of `parts` of K. The
 // k_warps partial products of each row group are summed in warp order (results do not depend on
 // timing) into the group's first warp, which gets true and the sums.
-template <int STAGES, bool ZP, bool G32, typename Rows>
+template <int STAGES, Codes C, bool G32, typename Rows>
 __device__ bool cta_gemm(const Problem& p, int mb, int part, int parts, Rows rows_of, float (&acc)[kBlocks][4]) {
   extern __shared__ __align__(16) unsigned char ring[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -341,9 +494,9 @@ __device__ bool cta_gemm(const Problem& p, int mb, int part, int parts, Rows row
     for (int c = 0; c < 4; ++c) acc[b][c] = 0.0f;
   }
   if (in_range) {
-    WarpGemm<STAGES, ZP, G32> gemm;
+    WarpGemm<STAGES, C, G32> gemm;
     const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
-    gemm.init(p, __ldg(p.expert_ids + mb), rows, p.sorted_ids + mb * 8, base + warp * STAGES * Stage::kBytes);
+    gemm.init(p, __ldg(p.expert_ids + mb), rows, p.sorted_ids + mb * 8, base + warp * STAGES * Stage<C>::kBytes);
     // the CTA's share of K, its windows dealt out to the k_warps warps in turn: together they read
     // k_warps consecutive windows of each block at a time, longer runs of DRAM than a quarter each
     const int64_t windows = p.k / kWindow;
@@ -372,28 +525,35 @@ __device__ bool cta_gemm(const Problem& p, int mb, int part, int parts, Rows row
   return true;
 }
 
+// The routed pairs of lane (g, t)'s accumulator columns, tokens 2t and 2t + 1 of block mb
+__device__ __forceinline__ void lane_pairs(const Problem& p, int mb, int (&pairs)[2]) {
+  const int32_t* ids = p.sorted_ids + mb * 8 + 2 * (threadIdx.x % 4);
+  pairs[0] = __ldg(ids);
+  pairs[1] = __ldg(ids + 1);
+}
+
 // Calls f(b, c, pair, row) for lane (g, t)'s accumulator values acc[b][c], b < BLOCKS, of real routed
 // pairs: c is token 2t + c % 2 of block mb and weight row g + 8 (c / 2) of the b-th block from `first`.
 template <int BLOCKS, typename F>
 __device__ __forceinline__ void for_each_output(const Problem& p, int mb, int64_t first, F f) {
-  const int lane = threadIdx.x % 32;
-  const int32_t* ids = p.sorted_ids + mb * 8 + 2 * (lane % 4);
-  const int pairs[2] = {__ldg(ids), __ldg(ids + 1)};
+  int pairs[2];
+  lane_pairs(p, mb, pairs);
 #pragma unroll
   for (int b = 0; b < BLOCKS; ++b) {
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      if (pairs[c % 2] < p.num_pairs) f(b, c, pairs[c % 2], first + 16 * b + lane / 4 + 8 * (c / 2));
+      if (pairs[c % 2] < p.num_pairs) f(b, c, pairs[c % 2], first + 16 * b + threadIdx.x % 32 / 4 + 8 * (c / 2));
     }
   }
 }
 
-// h[p, c] = silu(x W_gate^T)[c] * (x W_up^T)[c]: each warp group takes kBlocks / 2 blocks of 16
-// columns (their gate rows, then their up rows). Also zeroes `out` for w2_kernel.
+// h[p, c] = act(x W_gate^T + b_gate, x W_up^T + b_up)[c]: each warp group takes kBlocks / 2 blocks
+// of 16 columns (their gate rows, then their up rows). Also zeroes `out` for w2_kernel.
 // (Both kernels ask for 20 warps per SM with 4-warp CTAs, 16 with 8: 96 or 128 registers.)
-template <int WARPS, int STAGES, bool ZP, bool G32>
+template <int WARPS, int STAGES, Codes C, bool G32>
 __global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
-    w13_kernel(Problem p, __nv_bfloat16* h, uint4* out, int64_t out_units) {
+    w13_kernel(Problem p, const __nv_bfloat16* bias, MoeDecodeActivation act, __nv_bfloat16* h, uint4* out,
+               int64_t out_units) {
   const int64_t cta = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
   const int64_t ctas = static_cast<int64_t>(gridDim.x) * gridDim.y;
   for (int64_t i = cta * blockDim.x + threadIdx.x; i < out_units; i += ctas * blockDim.x) {
@@ -402,30 +562,48 @@ __global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
 
   const int mb = blockIdx.x;
   if (mb * 8 >= __ldg(p.num_padded)) return;
-  constexpr int C = kBlocks / 2;  // column blocks per warp
+  constexpr int CB = kBlocks / 2;  // column blocks per warp
   const int64_t inter = p.n / 2, groups = WARPS / p.k_warps;
-  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * groups * C * 16;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * groups * CB * 16;
+  // stored rows of the blocks: [gate; up], or gate and up blocks alternating
   auto rows_of = [&](int group, int64_t (&rows)[kBlocks]) {
-    const int64_t first = col0 + group * C * 16;
+    const int64_t first = col0 + group * CB * 16;
 #pragma unroll
-    for (int b = 0; b < C; ++b) {
-      rows[b] = first < inter ? first + 16 * b : p.n;  // past the end: skipped
-      rows[C + b] = inter + first + 16 * b;
+    for (int b = 0; b < CB; ++b) {
+      const int64_t col = first + 16 * b;
+      rows[b] = first >= inter ? p.n : p.gu_interleaved ? 2 * col : col;  // past the end: skipped
+      rows[CB + b] = p.gu_interleaved ? 2 * col + 16 : inter + col;
     }
   };
   float acc[kBlocks][4];
-  if (!cta_gemm<STAGES, ZP, G32>(p, mb, 0, 1, rows_of, acc)) return;
-  for_each_output<C>(p, mb, col0 + (threadIdx.x / 32 / p.k_warps) * C * 16, [&](int b, int c, int pair, int64_t col) {
-    const float gate = acc[b][c], up = acc[C + b][c];
-    h[pair * inter + col] = __float2bfloat16_rn(gate / (1.0f + __expf(-gate)) * up);
+  const bool first = cta_gemm<STAGES, C, G32>(p, mb, 0, 1, rows_of, acc);
+  allow_dependents();
+  if (!first) return;
+  if (bias) bias += __ldg(p.expert_ids + mb) * p.n;
+  for_each_output<CB>(p, mb, col0 + (threadIdx.x / 32 / p.k_warps) * CB * 16, [&](int b, int c, int pair, int64_t col) {
+    float gate = acc[b][c], up = acc[CB + b][c];
+    if (bias) {
+      gate += __bfloat162float(bias[col]);
+      up += __bfloat162float(bias[inter + col]);
+    }
+    float y;
+    if (act.swiglu) {
+      gate = fminf(gate, act.limit);
+      up = fminf(fmaxf(up, -act.limit), act.limit);
+      y = gate / (1.0f + __expf(-act.alpha * gate)) * (up + 1.0f);
+    } else {
+      y = gate / (1.0f + __expf(-gate)) * up;
+    }
+    h[pair * inter + col] = __float2bfloat16_rn(y);
   });
 }
 
-// out[p / top_k, c] += topk_weight[p] * (h[p] W_down^T)[c]: each warp group takes kBlocks blocks of 16
-// output columns, and each CTA along z its share of K.
-template <int WARPS, int STAGES, bool ZP, bool G32>
+// out[p / top_k, c] += topk_weight[p] * (h[p] W_down^T + b)[c]: each warp group takes kBlocks
+// blocks of 16 output columns, and each CTA along z its share of K (the first adds the bias).
+template <int WARPS, int STAGES, Codes C, bool G32>
 __global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
-    w2_kernel(Problem p, __nv_bfloat16* out, int64_t stride_out, const float* topk_weights, int top_k) {
+    w2_kernel(Problem p, const __nv_bfloat16* bias, __nv_bfloat16* out, int64_t stride_out, const float* topk_weights,
+              int top_k) {
   const int mb = blockIdx.x;
   if (mb * 8 >= __ldg(p.num_padded)) return;
   const int64_t groups = WARPS / p.k_warps;
@@ -435,22 +613,26 @@ __global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
     for (int b = 0; b < kBlocks; ++b) rows[b] = row0 + (group * kBlocks + b) * 16;
   };
   float acc[kBlocks][4];
-  if (!cta_gemm<STAGES, ZP, G32>(p, mb, blockIdx.z, gridDim.z, rows_of, acc)) return;
+  if (!cta_gemm<STAGES, C, G32>(p, mb, blockIdx.z, gridDim.z, rows_of, acc)) return;
   // Lanes g and g ^ 1 swap halves so that each adds two adjacent output columns of one token in a
   // single bf16x2 reduction: even g for token 2t, odd g for token 2t + 1.
   const int lane = threadIdx.x % 32, g = lane / 4, odd = g & 1;
-  const int32_t* ids = p.sorted_ids + mb * 8 + 2 * (lane % 4);
-  const int pairs[2] = {__ldg(ids), __ldg(ids + 1)};
+  int pairs[2];
+  lane_pairs(p, mb, pairs);
   float weight[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) weight[i] = pairs[i] < p.num_pairs ? __ldg(topk_weights + pairs[i]) : 0.0f;
   const int pair = pairs[odd];
-  __nv_bfloat16* dst = out + (pair / top_k) * stride_out + row0 + (threadIdx.x / 32 / p.k_warps) * kBlocks * 16 + (g & ~1);
+  const int64_t col = row0 + (threadIdx.x / 32 / p.k_warps) * kBlocks * 16 + g;  // of acc[0][0]
+  __nv_bfloat16* dst = out + (pair / top_k) * stride_out + (col & ~1);
+  if (blockIdx.z > 0) bias = nullptr;
+  if (bias) bias += __ldg(p.expert_ids + mb) * p.n + col;
 #pragma unroll
   for (int b = 0; b < kBlocks; ++b) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float v0 = acc[b][2 * r] * weight[0], v1 = acc[b][2 * r + 1] * weight[1];
+      const float add = bias ? __bfloat162float(bias[16 * b + 8 * r]) : 0.0f;
+      const float v0 = (acc[b][2 * r] + add) * weight[0], v1 = (acc[b][2 * r + 1] + add) * weight[1];
       const float other = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
       if (pair < p.num_pairs) add_bf16x2(dst + 16 * b + 8 * r, odd ? other : v0, odd ? v1 : other);
     }
@@ -458,31 +640,49 @@ __global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
 }
 
 Problem make_problem(const MoeDecodeArgs& a, const void* act, int64_t act_stride, int act_div) {
-  return Problem{static_cast<const __nv_bfloat16*>(act), act_stride, act_div, a.words,
-                 static_cast<const uint32_t*>(a.scale), static_cast<const uint16_t*>(a.zero), a.n, a.k, a.groups,
-                 a.group_size, a.sorted_ids, a.expert_ids, a.num_padded, a.num_pairs, a.k_warps,
-                 {1u << 28, 1u << 20}};
+  return Problem{static_cast<const __nv_bfloat16*>(act), act_stride, act_div, a.words, a.scale,
+                 static_cast<const uint16_t*>(a.zero), a.n, a.k, a.groups, a.group_size, a.gu_interleaved,
+                 a.sorted_ids, a.expert_ids, a.num_padded, a.num_pairs, a.k_warps,
+                 {a.e2m1 ? 1u << 30 : 1u << 28, a.e2m1 ? 1u << 26 : 1u << 20}, 1u << 23};
 }
 
-template <int WARPS, int STAGES, typename... Params, typename... Args>
-int launch(void (*kernel)(Params...), dim3 grid, void* stream, Args... args) {
-  constexpr int smem = ring_bytes<WARPS, STAGES>();
+// Launches kernel, as a programmatic dependent of the stream's previous kernel if `dependent` and
+// the GPU has them (sm_90+)
+template <int WARPS, int STAGES, Codes C, typename... Params, typename... Args>
+int launch(void (*kernel)(Params...), dim3 grid, void* stream, bool dependent, Args... args) {
+  constexpr int smem = ring_bytes<WARPS, STAGES, C>();
   static_assert(smem >= WARPS * kBlocks * 4 * 32 * 4, "the ring holds the partial sums");
-  const cudaError_t set = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (set != cudaSuccess) return static_cast<int>(set);
-  kernel<<<grid, WARPS * 32, smem, static_cast<cudaStream_t>(stream)>>>(args...);
-  return static_cast<int>(cudaGetLastError());
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return static_cast<int>(err);
+  int device = 0, major = 0;
+  err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) return static_cast<int>(err);
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(WARPS * 32);
+  config.dynamicSmemBytes = smem;
+  config.stream = static_cast<cudaStream_t>(stream);
+  config.attrs = &attr;
+  config.numAttrs = dependent && major >= 9 ? 1 : 0;
+  return static_cast<int>(cudaLaunchKernelEx(&config, kernel, args...));
 }
 
-// KERNEL instantiated for the supported (warps per CTA, stages, zero points, groups of 32)
-#define MOEPREP_LAUNCH(KERNEL, W, S, GRID, ...)                                                        \
-  do {                                                                                                \
-    if (a.group_size == 32) {                                                                         \
-      return a.zero ? launch<W, S>(KERNEL<W, S, true, true>, GRID, stream, __VA_ARGS__)               \
-                    : launch<W, S>(KERNEL<W, S, false, true>, GRID, stream, __VA_ARGS__);             \
-    }                                                                                                 \
-    return a.zero ? launch<W, S>(KERNEL<W, S, true, false>, GRID, stream, __VA_ARGS__)                \
-                  : launch<W, S>(KERNEL<W, S, false, false>, GRID, stream, __VA_ARGS__);              \
+// KERNEL instantiated for the supported (warps per CTA, stages, codes, groups of 32)
+#define MOEPREP_LAUNCH_CODES(KERNEL, W, S, C, G32, GRID, ...) \
+  return launch<W, S, C>(KERNEL<W, S, C, G32>, GRID, stream, __VA_ARGS__)
+#define MOEPREP_LAUNCH(KERNEL, W, S, GRID, ...)                                                         \
+  do {                                                                                                 \
+    if (a.e2m1) MOEPREP_LAUNCH_CODES(KERNEL, W, S, Codes::kE2m1, true, GRID, __VA_ARGS__);             \
+    if (a.group_size == 32) {                                                                          \
+      if (a.zero) MOEPREP_LAUNCH_CODES(KERNEL, W, S, Codes::kZeroPoint, true, GRID, __VA_ARGS__);      \
+      MOEPREP_LAUNCH_CODES(KERNEL, W, S, Codes::kSigned, true, GRID, __VA_ARGS__);                     \
+    }                                                                                                  \
+    if (a.zero) MOEPREP_LAUNCH_CODES(KERNEL, W, S, Codes::kZeroPoint, false, GRID, __VA_ARGS__);       \
+    MOEPREP_LAUNCH_CODES(KERNEL, W, S, Codes::kSigned, false, GRID, __VA_ARGS__);                      \
   } while (0)
 #define MOEPREP_DISPATCH(KERNEL, GRID, ...)                                                       \
   do {                                                                                           \
@@ -500,14 +700,15 @@ int launch(void (*kernel)(Params...), dim3 grid, void* stream, Args... args) {
 
 extern "C" {
 
-int moeprep_moe_decode_w13(MoeDecodeArgs a, const void* x, int64_t stride_x, int top_k, void* h, void* out,
-                           int64_t out_numel, void* stream) {
+int moeprep_moe_decode_w13(MoeDecodeArgs a, const void* x, int64_t stride_x, int top_k, MoeDecodeActivation act,
+                           void* h, void* out, int64_t out_numel, void* stream) {
   using namespace moeprep;
   const Problem p = make_problem(a, x, stride_x, top_k);
   const int64_t cols_per_cta = static_cast<int64_t>(a.warps / a.k_warps) * (kBlocks / 2) * 16;
   const dim3 grid(static_cast<unsigned>(a.num_m_blocks),
                   static_cast<unsigned>((a.n / 2 + cols_per_cta - 1) / cols_per_cta));
-  MOEPREP_DISPATCH(w13_kernel, grid, p, static_cast<__nv_bfloat16*>(h), static_cast<uint4*>(out), out_numel / 8);
+  MOEPREP_DISPATCH(w13_kernel, grid, false, p, static_cast<const __nv_bfloat16*>(a.bias), act,
+                   static_cast<__nv_bfloat16*>(h), static_cast<uint4*>(out), out_numel / 8);
 }
 
 int moeprep_moe_decode_w2(MoeDecodeArgs a, const void* h, int top_k, void* out, int64_t stride_out,
@@ -517,7 +718,8 @@ int moeprep_moe_decode_w2(MoeDecodeArgs a, const void* h, int top_k, void* out, 
   const int64_t rows_per_cta = static_cast<int64_t>(a.warps / a.k_warps) * kBlocks * 16;
   const dim3 grid(static_cast<unsigned>(a.num_m_blocks), static_cast<unsigned>((a.n + rows_per_cta - 1) / rows_per_cta),
                   static_cast<unsigned>(split));
-  MOEPREP_DISPATCH(w2_kernel, grid, p, static_cast<__nv_bfloat16*>(out), stride_out, topk_weights, top_k);
+  MOEPREP_DISPATCH(w2_kernel, grid, true, p, static_cast<const __nv_bfloat16*>(a.bias),
+                   static_cast<__nv_bfloat16*>(out), stride_out, topk_weights, top_k);
 }
 
 }  // extern "C"

@@ -6,13 +6,18 @@
 
 extern "C" {
 
-// One projection of an int4 MoE layer in the w4a16 preshuffled layout, and the routed blocks.
+// One projection of a 4-bit MoE layer in a preshuffled layout, and the routed blocks.
 struct MoeDecodeArgs {
   const uint32_t* words;  // codes [E, n, k / 8] as int32 words
-  const void* scale;      // bf16 [E, groups / 2, n, 2]
-  const void* zero;       // uint8 zero points in the scales' layout, or null (signed codes)
-  int64_t n, k;           // rows (outputs) and columns (inputs) of each expert's matrix
+  // int4 (w4a16_preshuffle[_zp]): bf16 [E, groups / 2, n, 2]; E2M1 (mxfp4_preshuffle, mxfp4_moe):
+  // E8M0 bytes shuffled in 32-row tiles of `groups` columns (groups padded to a multiple of 8)
+  const void* scale;
+  const void* zero;  // uint8 zero points in the scales' layout, or null (signed codes)
+  const void* bias;  // bf16 [E, n], or null
+  int64_t n, k;      // rows (outputs) and columns (inputs) of each expert's matrix
   int groups, group_size;
+  int e2m1;            // the codes are E2M1 (group size 32) rather than int4
+  int gu_interleaved;  // mxfp4_moe's w13: the 16-row blocks of gate and up alternate
   const int32_t* sorted_ids;  // routing: (token, slot) pairs sorted by expert, padded to blocks of 8
   const int32_t* expert_ids;
   const int32_t* num_padded;
@@ -22,12 +27,20 @@ struct MoeDecodeArgs {
   int stages;   // 64-k windows in each warp's shared-memory ring: 2, 3 or 4
 };
 
-// h[p] = silu(x[p / top_k] W_gate^T) * (x[p / top_k] W_up^T), bf16 (n = 2 * inter, a multiple of
-// 64: each warp takes two 16-row blocks of gate rows and their up rows); zeroes out[0:out_numel].
-int moeprep_moe_decode_w13(struct MoeDecodeArgs a, const void* x, int64_t stride_x, int top_k, void* h, void* out,
-                           int64_t out_numel, void* stream);
+// The gate/up projection's activation: silu(gate) * up, or gpt-oss's clamped SwiGLU
+// (up + 1) * gate * sigmoid(alpha * gate) with gate <= limit and |up| <= limit.
+struct MoeDecodeActivation {
+  int swiglu;
+  float alpha, limit;
+};
 
-// out[p / top_k] += topk_weights[p] * (h[p] W_down^T), bf16 (n a multiple of 64), k
+// h[p] = act(x[p / top_k] W_gate^T + b_gate, x[p / top_k] W_up^T + b_up), bf16 (n = 2 * inter, a
+// multiple of 64: each warp takes two 16-row blocks of gate rows and their up rows); zeroes
+// out[0:out_numel].
+int moeprep_moe_decode_w13(struct MoeDecodeArgs a, const void* x, int64_t stride_x, int top_k,
+                           struct MoeDecodeActivation act, void* h, void* out, int64_t out_numel, void* stream);
+
+// out[p / top_k] += topk_weights[p] * (h[p] W_down^T + b_down), bf16 (n a multiple of 64), k
 // split over `split` CTAs (atomic adds).
 int moeprep_moe_decode_w2(struct MoeDecodeArgs a, const void* h, int top_k, void* out, int64_t stride_out,
                           const float* topk_weights, int split, void* stream);

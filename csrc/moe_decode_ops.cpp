@@ -20,11 +20,15 @@ void check_cuda(const at::Tensor& t, at::ScalarType dtype, const char* name) {
               dtype, " CUDA tensor");
 }
 
+// The codes' format follows the scales: bf16 for int4 (w4a16_preshuffle[_zp]), uint8 E8M0 for
+// E2M1 (mxfp4_preshuffle, mxfp4_moe: 32-row tiles of the padded group count, the last dim).
 MoeDecodeArgs args_of(const at::Tensor& words, const at::Tensor& scale, const std::optional<at::Tensor>& zero,
-                      const at::Tensor& sorted_ids, const at::Tensor& expert_ids, const at::Tensor& num_padded,
-                      int64_t num_pairs, int64_t warps, int64_t k_warps, int64_t stages) {
+                      const std::optional<at::Tensor>& bias, bool gu_interleaved, const at::Tensor& sorted_ids,
+                      const at::Tensor& expert_ids, const at::Tensor& num_padded, int64_t num_pairs, int64_t warps,
+                      int64_t k_warps, int64_t stages) {
   check_cuda(words, at::kInt, "words");
-  check_cuda(scale, at::kBFloat16, "scale");
+  const bool e2m1 = scale.scalar_type() == at::kByte;
+  check_cuda(scale, e2m1 ? at::kByte : at::kBFloat16, "scale");
   check_cuda(sorted_ids, at::kInt, "sorted_ids");
   check_cuda(expert_ids, at::kInt, "expert_ids");
   check_cuda(num_padded, at::kInt, "num_padded");
@@ -33,15 +37,29 @@ MoeDecodeArgs args_of(const at::Tensor& words, const at::Tensor& scale, const st
   TORCH_CHECK((warps == 4 || warps == 8) && k_warps >= 1 && warps % k_warps == 0 && stages >= 2 && stages <= 4,
               "moeprep: warps 4 or 8, k_warps dividing warps, stages 2 to 4");
   TORCH_CHECK(n % 64 == 0 && k % 64 == 0, "moeprep: decode GEMMs need N and K multiples of 64");
-  TORCH_CHECK(scale.numel() % (experts * n) == 0, "moeprep: scales do not match the codes");
-  const int64_t groups = scale.numel() / (experts * n);
-  TORCH_CHECK(groups % 2 == 0 && k % groups == 0, "moeprep: need an even number of scale groups dividing K");
-  const int64_t group_size = k / groups;
-  TORCH_CHECK(group_size >= 32 && (group_size & (group_size - 1)) == 0,
-              "moeprep: group size must be a power of two >= 32");
+  int64_t groups, group_size;
+  if (e2m1) {
+    groups = scale.dim() > 0 ? scale.size(-1) : 0;
+    group_size = 32;
+    TORCH_CHECK(groups % 8 == 0 && groups >= k / 32 && scale.numel() >= (experts * n / 16 + 1) / 2 * 32 * groups,
+                "moeprep: E8M0 scales must hold the 32-row tiles of K / 32 groups, padded to a multiple of 8");
+    TORCH_CHECK(!zero, "moeprep: E2M1 codes take no zero points");
+  } else {
+    TORCH_CHECK(!gu_interleaved, "moeprep: int4 layouts keep gate and up apart");
+    TORCH_CHECK(scale.numel() % (experts * n) == 0, "moeprep: scales do not match the codes");
+    groups = scale.numel() / (experts * n);
+    TORCH_CHECK(groups % 2 == 0 && k % groups == 0, "moeprep: need an even number of scale groups dividing K");
+    group_size = k / groups;
+    TORCH_CHECK(group_size >= 32 && (group_size & (group_size - 1)) == 0,
+                "moeprep: group size must be a power of two >= 32");
+  }
   if (zero) {
     check_cuda(*zero, at::kByte, "zero points");
     TORCH_CHECK(zero->numel() == scale.numel(), "moeprep: zero points do not match the scales");
+  }
+  if (bias) {
+    check_cuda(*bias, at::kBFloat16, "bias");
+    TORCH_CHECK(bias->numel() == experts * n, "moeprep: bias must be [E, N]");
   }
   TORCH_CHECK(sorted_ids.numel() >= expert_ids.numel() * 8, "moeprep: sorted_ids shorter than the blocks of 8");
   for (const at::Tensor* t : {&words, &scale, &sorted_ids}) {
@@ -50,11 +68,12 @@ MoeDecodeArgs args_of(const at::Tensor& words, const at::Tensor& scale, const st
   TORCH_CHECK(!zero || reinterpret_cast<uintptr_t>(zero->const_data_ptr()) % 16 == 0,
               "moeprep: tensors must be 16-byte aligned");
   return MoeDecodeArgs{static_cast<const uint32_t*>(words.const_data_ptr()), scale.const_data_ptr(),
-                       zero ? zero->const_data_ptr() : nullptr, n, k, static_cast<int>(groups),
-                       static_cast<int>(group_size), sorted_ids.const_data_ptr<int32_t>(),
-                       expert_ids.const_data_ptr<int32_t>(), num_padded.const_data_ptr<int32_t>(),
-                       static_cast<int>(num_pairs), static_cast<int>(expert_ids.numel()),
-                       static_cast<int>(warps), static_cast<int>(k_warps), static_cast<int>(stages)};
+                       zero ? zero->const_data_ptr() : nullptr, bias ? bias->const_data_ptr() : nullptr, n, k,
+                       static_cast<int>(groups), static_cast<int>(group_size), e2m1 ? 1 : 0, gu_interleaved ? 1 : 0,
+                       sorted_ids.const_data_ptr<int32_t>(), expert_ids.const_data_ptr<int32_t>(),
+                       num_padded.const_data_ptr<int32_t>(), static_cast<int>(num_pairs),
+                       static_cast<int>(expert_ids.numel()), static_cast<int>(warps), static_cast<int>(k_warps),
+                       static_cast<int>(stages)};
 }
 
 void check_launch(int error, const char* op) {
@@ -62,27 +81,30 @@ void check_launch(int error, const char* op) {
 }
 
 void moe_decode_w13(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scale,
-                    const std::optional<at::Tensor>& zero, const at::Tensor& sorted_ids, const at::Tensor& expert_ids,
-                    const at::Tensor& num_padded, int64_t top_k, int64_t warps, int64_t k_warps, int64_t stages,
-                    at::Tensor& h, at::Tensor& out) {
+                    const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias, bool gu_interleaved,
+                    const at::Tensor& sorted_ids, const at::Tensor& expert_ids, const at::Tensor& num_padded,
+                    int64_t top_k, bool swiglu, double alpha, double limit, int64_t warps, int64_t k_warps,
+                    int64_t stages, at::Tensor& h, at::Tensor& out) {
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0,
               "moeprep: x must be bf16 [T, H] with rows 16-byte aligned");
   const int64_t pairs = x.size(0) * top_k;
-  const MoeDecodeArgs a =
-      args_of(words, scale, zero, sorted_ids, expert_ids, num_padded, pairs, warps, k_warps, stages);
+  const MoeDecodeArgs a = args_of(words, scale, zero, bias, gu_interleaved, sorted_ids, expert_ids, num_padded, pairs,
+                                  warps, k_warps, stages);
   TORCH_CHECK(x.size(1) == a.k && reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0,
               "moeprep: x does not match the codes");
   check_cuda(h, at::kBFloat16, "h");
   check_cuda(out, at::kBFloat16, "out");
   TORCH_CHECK(h.numel() == pairs * a.n / 2 && out.numel() % 8 == 0, "moeprep: h must be [T * top_k, I]");
   const c10::cuda::CUDAGuard guard(x.device());
-  check_launch(moeprep_moe_decode_w13(a, x.const_data_ptr(), x.stride(0), static_cast<int>(top_k), h.data_ptr(),
+  const MoeDecodeActivation act{swiglu ? 1 : 0, static_cast<float>(alpha), static_cast<float>(limit)};
+  check_launch(moeprep_moe_decode_w13(a, x.const_data_ptr(), x.stride(0), static_cast<int>(top_k), act, h.data_ptr(),
                                       out.data_ptr(), out.numel(), c10::cuda::getCurrentCUDAStream().stream()),
                "moe_decode_w13");
 }
 
 void moe_decode_w2(const at::Tensor& h, const at::Tensor& words, const at::Tensor& scale,
-                   const std::optional<at::Tensor>& zero, const at::Tensor& sorted_ids, const at::Tensor& expert_ids,
+                   const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias,
+                   const at::Tensor& sorted_ids, const at::Tensor& expert_ids,
                    const at::Tensor& num_padded, const at::Tensor& topk_weights, int64_t warps, int64_t k_warps,
                    int64_t stages, int64_t split, at::Tensor& out) {
   check_cuda(h, at::kBFloat16, "h");
@@ -92,7 +114,7 @@ void moe_decode_w2(const at::Tensor& h, const at::Tensor& words, const at::Tenso
               "moeprep: topk_weights must be [T, top_k] and out [T, H]");
   const int64_t pairs = topk_weights.numel();
   const MoeDecodeArgs a =
-      args_of(words, scale, zero, sorted_ids, expert_ids, num_padded, pairs, warps, k_warps, stages);
+      args_of(words, scale, zero, bias, false, sorted_ids, expert_ids, num_padded, pairs, warps, k_warps, stages);
   TORCH_CHECK(h.numel() == pairs * a.k && out.size(1) == a.n, "moeprep: h must be [T * top_k, I] and out [T, H]");
   // the output takes bf16x2 reductions: two columns at a time (rows of n, an even number)
   TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0, "moeprep: out must be 4-byte aligned");
@@ -108,11 +130,12 @@ void moe_decode_w2(const at::Tensor& h, const at::Tensor& words, const at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(moeprep, m) {
   m.def(
-      "moe_decode_w13(Tensor x, Tensor words, Tensor scale, Tensor? zero, Tensor sorted_ids, Tensor expert_ids, "
-      "Tensor num_padded, int top_k, int warps, int k_warps, int stages, Tensor(a!) h, Tensor(b!) out) -> ()");
+      "moe_decode_w13(Tensor x, Tensor words, Tensor scale, Tensor? zero, Tensor? bias, bool gate_up_interleaved, "
+      "Tensor sorted_ids, Tensor expert_ids, Tensor num_padded, int top_k, bool swiglu, float alpha, float limit, "
+      "int warps, int k_warps, int stages, Tensor(a!) h, Tensor(b!) out) -> ()");
   m.def(
-      "moe_decode_w2(Tensor h, Tensor words, Tensor scale, Tensor? zero, Tensor sorted_ids, Tensor expert_ids, "
-      "Tensor num_padded, Tensor topk_weights, int warps, int k_warps, int stages, int split, "
+      "moe_decode_w2(Tensor h, Tensor words, Tensor scale, Tensor? zero, Tensor? bias, Tensor sorted_ids, "
+      "Tensor expert_ids, Tensor num_padded, Tensor topk_weights, int warps, int k_warps, int stages, int split, "
       "Tensor(a!) out) -> ()");
 }
 

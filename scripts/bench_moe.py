@@ -15,6 +15,9 @@ layout) and each batch size T, in one run:
                 in the same run (bytes read + written)
 * err         : ||out - ref|| / ||ref|| against the fp32 reference on the same routing
 
+Router logits are drawn from a seed per (model, T) (router_logits), so that every run and every
+sweep routes to the same experts and touches the same bytes; activations are fresh each run.
+
 Every time is the median of CUDA-graph replays with the L2 cache flushed before each one
 (triton.testing.do_bench), so launch gaps and cached weights do not flatter anything.
 
@@ -33,6 +36,7 @@ import multiprocessing
 import os
 import sys
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
@@ -95,6 +99,12 @@ def timed_us(fn, graph: bool = True, rep_ms: int = 60) -> float:
             fn()
         fn = g.replay
     return do_bench(fn, warmup=10, rep=rep_ms, return_mode="median") * 1e3
+
+
+def router_logits(name: str, model: Model, T: int) -> torch.Tensor:
+    """Random normal router logits, the same for a (model, T) in every run."""
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(f"{name}/{T}".encode()))
+    return torch.randn(T, model.experts, device="cuda", generator=gen).to(torch.bfloat16)
 
 
 def copy_gbps() -> float:
@@ -205,7 +215,7 @@ def bench_model(name: str, model: Model, layer_cpu, source_cpu, tokens, copy: fl
     stored = prepare(experts)
     for T in tokens:
         x = torch.randn(T, model.hidden, device="cuda", dtype=torch.bfloat16)
-        logits = torch.randn(T, model.experts, device="cuda", dtype=torch.bfloat16)
+        logits = router_logits(name, model, T)
         cfg = call_config(stored, x, routing.top_k, act)
         r = route_kernel(logits, routing, cfg.route_block_m)
         used = torch.unique(r.topk_ids).numel()
@@ -244,7 +254,7 @@ PREFILL_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3
 SWAP_PREFILL_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (32, 64, 4, 3), (64, 32, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3),
                       (128, 64, 8, 3), (256, 64, 8, 3), (128, 32, 4, 4)]
 DECODE_SPLITS = (1, 2, 4, 8)
-# (warps, k_warps, stages) of the CUDA decode GEMMs (int4 layers, up to 8 rows per expert on average)
+# (warps, k_warps, stages) of the CUDA decode GEMMs (up to 8 rows per expert on average)
 MMA_GEMMS = [(8, 8, 2), (8, 8, 3), (8, 8, 4), (4, 4, 2), (4, 4, 3), (4, 4, 4), (8, 4, 3), (8, 4, 4), (8, 2, 3),
              (8, 2, 4), (4, 2, 3), (4, 2, 4), (4, 1, 2), (4, 1, 3), (4, 1, 4), (8, 1, 2), (8, 1, 4)]
 MMA_SPLITS = (0, 1, 2, 4, 8)  # w2 CTAs along K (0: mma_decode.w2_split's choice)
@@ -284,7 +294,7 @@ def _candidates(T: int, model: Model, stored, families=FAMILIES):
                     if _fits(bm, tile, gemm):
                         for split in splits[gemm]:
                             yield bm, gemm, replace(g, split_k=split)
-    if "mma" in families and per_expert <= 8 and stored.family == "int4" and mma_decode.built():
+    if "mma" in families and per_expert <= 8 and mma_decode.built():
         for f in MMA_GEMMS:
             yield MMA, "w13", MmaGemm(*f)
             for split in MMA_SPLITS:
@@ -428,7 +438,7 @@ def _tune_one(name: str, model: Model, stored, source, T: int, compiles: dict, f
     """The fastest configuration of one (model, T), from the candidates whose results match the
     fp32 reference (each GEMM is checked once, on poisoned buffers, besides being timed)."""
     x = torch.randn(T, model.hidden, device="cuda", dtype=torch.bfloat16)
-    logits = torch.randn(T, model.experts, device="cuda", dtype=torch.bfloat16)
+    logits = router_logits(name, model, T)
     h = torch.randn(T * model.routing.top_k, model.inter, device="cuda", dtype=torch.bfloat16)
     h13 = torch.empty_like(h)
     out = torch.empty(T, model.hidden, device="cuda", dtype=torch.bfloat16)
@@ -449,7 +459,7 @@ def _tune_one(name: str, model: Model, stored, source, T: int, compiles: dict, f
         if gemm == "w13":
             def run():
                 if bm == MMA:
-                    mma_decode.launch_w13(stored, x, r, h13, out, cfg.mma)
+                    mma_decode.launch_w13(stored, x, r, h13, out, model.activation, cfg.mma)
                 else:
                     launch_w13(stored, x, r, h13, out, model.activation, cfg)
             h13.fill_(float("nan"))

@@ -369,20 +369,22 @@ def mma_config(w13: tuple, w2: tuple) -> configs.MoEConfig:
 def test_mma_decode_says_why_it_cannot_run():
     from moeprep.kernels import fused, mma_decode
 
-    layer, _ = random_layer("w4a16_preshuffle", 4, 128, 64)
-    stored = fused.prepare(layer)
+    stored = fused.prepare(random_layer("w4a16_preshuffle", 4, 128, 64)[0])
     x = torch.zeros(2, 128, dtype=torch.bfloat16)
     if not HAS_GPU:
         assert "needs a CUDA GPU of compute capability >= 8.0" in mma_decode.problems(stored, x, SILU)
-    found = mma_decode.problems(stored, x.half(), SWIGLU)
-    assert "needs bf16 activations in 16-byte aligned rows" in found
-    assert "needs SiLU-and-mul and no input permutation" in found
-    mx = fused.prepare(random_layer("mxfp4_moe", 4, 128, 128)[0])
-    assert "not an int4 target" in mma_decode.problems(mx, x, SILU)
-    biased = fused.prepare(random_layer("w4a16_preshuffle", 4, 128, 64, bias=True)[0])
-    assert any("no biases" in p for p in mma_decode.problems(biased, x, SILU))
+    assert "needs bf16 activations in 16-byte aligned rows" in mma_decode.problems(stored, x.half(), SILU)
+    permuted = fused.prepare(random_layer("w4a16_preshuffle_zp", 4, 128, 64, desc_act=True)[0])
+    assert "needs no input permutation" in mma_decode.problems(permuted, x, SILU)
+    biased = fused.prepare(random_layer("mxfp4_preshuffle", 4, 128, 64, bias=True)[0])
+    fp32_bias = dataclasses.replace(biased, w2=dataclasses.replace(biased.w2, bias=biased.w2.bias.float()))
+    assert "needs bf16 biases or none" in mma_decode.problems(fp32_bias, x, SWIGLU)
     odd = fused.prepare(random_layer("w4a16_preshuffle", 4, 96, 64, group_size=16)[0])
     assert any("divisible by 64" in p for p in mma_decode.problems(odd, x, SILU))
+    if _mma_built():  # MXFP4, both layouts, with biases and gpt-oss's activation
+        for target in ("mxfp4_preshuffle", "mxfp4_moe"):
+            mx = fused.prepare(layer_to(random_layer(target, 4, 128, 128, bias=True)[0], DEVICE))
+            assert mma_decode.problems(mx, x.to(DEVICE), SWIGLU) == []
 
 
 def test_mma_decode_config_falls_back_where_it_does_not_apply():
@@ -412,21 +414,24 @@ MMA_VARIANTS = [((8, 8, 2), (8, 8, 2, 0)), ((4, 4, 3), (4, 4, 3, 1)), ((8, 2, 4)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _mma_built(), reason="needs a CUDA device and moeprep's CUDA decode kernels")
-@pytest.mark.parametrize("target,group", [("w4a16_preshuffle", 32), ("w4a16_preshuffle", 128),
-                                          ("w4a16_preshuffle_zp", 32), ("w4a16_preshuffle_zp", 64),
-                                          ("w4a16_preshuffle_zp", 128)])
-def test_mma_decode_variants_small(target, group):
-    # blocks of 8 routed rows: T = 37 with top-3 of 4 experts puts up to 37 rows on an expert
-    layer, source = random_layer(target, 4, 256, 2 * group, group_size=group)
+@pytest.mark.parametrize("target,group,act", [("w4a16_preshuffle", 32, SILU), ("w4a16_preshuffle", 128, SILU),
+                                              ("w4a16_preshuffle_zp", 32, SILU), ("w4a16_preshuffle_zp", 64, SWIGLU),
+                                              ("w4a16_preshuffle_zp", 128, SILU), ("mxfp4_preshuffle", 32, SWIGLU),
+                                              ("mxfp4_preshuffle", 32, SILU), ("mxfp4_moe", 32, SWIGLU)])
+def test_mma_decode_variants_small(target, group, act):
+    # blocks of 8 routed rows: T = 37 with top-3 of 4 experts puts up to 37 rows on an expert; the
+    # gpt-oss activation comes with biases (mxfp4_moe needs K in multiples of 128)
+    layer, source = random_layer(target, 4, 256, max(2 * group, 128), group_size=group, bias=act is SWIGLU)
     for w13, w2 in MMA_VARIANTS:
         for T in (1, 3, 37):
-            run_and_check(layer, source, Routing("softmax_topk", 3, False), SILU, T, torch.bfloat16,
+            run_and_check(layer, source, Routing("softmax_topk", 3, False), act, T, torch.bfloat16,
                           config=mma_config(w13, w2))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _mma_built(), reason="needs a CUDA device and moeprep's CUDA decode kernels")
-@pytest.mark.parametrize("model", ["qwen3-30b-a3b", "qwen3-30b-a3b-zp", "mixtral-8x7b"])
+@pytest.mark.parametrize("model", ["qwen3-30b-a3b", "qwen3-30b-a3b-zp", "qwen3-30b-a3b-mxfp4_moe", "gpt-oss-120b",
+                                   "mixtral-8x7b"])
 def test_mma_decode_real_shapes(model):
     target, E, H, I, routing, act, bias, _ = MODELS[model]
     layer, source = random_layer(target, E, H, I, bias=bias, group_size=128 if target.endswith("_zp") else 32)
@@ -447,13 +452,20 @@ def test_mma_decode_ops_check_their_arguments():
     out = torch.empty(2, 128, device=DEVICE, dtype=torch.bfloat16)
     w = stored.w13
     with pytest.raises(RuntimeError, match="warps 4 or 8"):
-        torch.ops.moeprep.moe_decode_w13(x, w.words, w.scale, w.zero, r.sorted_ids, r.expert_ids, r.num_padded, 2,
-                                         6, 2, 3, h, out)
+        torch.ops.moeprep.moe_decode_w13(x, w.words, w.scale, w.zero, None, False, r.sorted_ids, r.expert_ids,
+                                         r.num_padded, 2, False, 1.0, 1.0, 6, 2, 3, h, out)
     with pytest.raises(RuntimeError, match="x must be bf16"):
-        torch.ops.moeprep.moe_decode_w13(x.half(), w.words, w.scale, w.zero, r.sorted_ids, r.expert_ids, r.num_padded,
-                                         2, 4, 4, 3, h, out)
+        torch.ops.moeprep.moe_decode_w13(x.half(), w.words, w.scale, w.zero, None, False, r.sorted_ids, r.expert_ids,
+                                         r.num_padded, 2, False, 1.0, 1.0, 4, 4, 3, h, out)
+    with pytest.raises(RuntimeError, match="keep gate and up apart"):
+        torch.ops.moeprep.moe_decode_w13(x, w.words, w.scale, w.zero, None, True, r.sorted_ids, r.expert_ids,
+                                         r.num_padded, 2, False, 1.0, 1.0, 4, 4, 3, h, out)
+    short_bias = torch.zeros(3, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        torch.ops.moeprep.moe_decode_w13(x, w.words, w.scale, w.zero, short_bias, False, r.sorted_ids, r.expert_ids,
+                                         r.num_padded, 2, False, 1.0, 1.0, 4, 4, 3, h, out)
     w2 = stored.w2
     with pytest.raises(RuntimeError, match="4-byte aligned"):
-        torch.ops.moeprep.moe_decode_w2(h, w2.words, w2.scale, w2.zero, r.sorted_ids, r.expert_ids, r.num_padded,
+        torch.ops.moeprep.moe_decode_w2(h, w2.words, w2.scale, w2.zero, None, r.sorted_ids, r.expert_ids, r.num_padded,
                                         r.topk_weights, 4, 4, 3, 1,
                                         torch.empty(257, device=DEVICE, dtype=torch.bfloat16)[1:].view(2, 128))

@@ -4,7 +4,7 @@ Modules, each beside its reference (``reference.py``) and tests (``tests/test_ke
 ``routing`` (scores, top-k, per-expert block alignment), ``w4a16`` and ``mxfp4`` (in-register
 dequantization of each stored format), ``moe_gemm`` (the two grouped GEMMs with the activation
 and the weighted top-k sum fused in), ``configs`` (tile sizes), ``fused`` (the entry point, :func:`fused_moe`).
-On CUDA, decode batches of the int4 targets take hand-written tensor-core GEMMs instead
+On CUDA, decode batches take hand-written tensor-core GEMMs instead
 (``mma_decode``, ``csrc/moe_decode.cu``) where the configuration asks for them.
 
 Triton is optional: :func:`available` says whether these kernels can run here.

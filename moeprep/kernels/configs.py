@@ -8,8 +8,8 @@ bound: large tiles, 64- to 128-row blocks so that each decoded weight serves man
 Swapped operands (``swap_ab``) won most int4 sweeps, in decode and prefill. ``TUNED`` holds what
 ``scripts/bench_moe.py --tune`` measured (and checked against the fp32 reference) on an H100,
 decode re-swept on an H200, for the benchmarked models; other shapes get the heuristic. Decode
-entries of int4 layers may also name the CUDA decode GEMMs (``MmaDecode``), which replace the
-Triton ones on CUDA builds where they apply.
+entries may also name the CUDA decode GEMMs (``MmaDecode``), which replace the Triton ones on CUDA
+builds where they apply.
 """
 from __future__ import annotations
 
@@ -109,10 +109,14 @@ TUNED: dict[tuple, list[tuple[int, MoEConfig]]] = {
         (8192, _cfg(128, (64, 64, 4, 3, "swap"), (128, 64, 4, 3, 1))),  # 1031 + 640 us
     ],
     ("mxfp4", 128, 2880, 2880, 4, 32): [  # gpt-oss-120b
-        (1, _cfg(16, (32, 64, 4, 3, 5), (64, 64, 4, 3, 3))),  # 37 + 23 us (H200)
-        (4, _cfg(16, (128, 64, 4, 3, 3), (64, 64, 4, 3, 3))),  # 88 + 54 us (H200)
-        (16, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 3))),  # 259 + 148 us (H200)
-        (64, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 3))),  # 549 + 324 us
+        (1, _cfg(16, (32, 64, 4, 3, 5), (64, 64, 4, 3, 3),
+                 mma=((4, 4, 4), (4, 2, 3, 8)))),  # 37 + 23 us; CUDA 25 + 16 us (H200)
+        (4, _cfg(16, (128, 64, 4, 3, 3), (64, 64, 4, 3, 3),
+                 mma=((4, 4, 4), (4, 1, 3, 2)))),  # 97 + 58 us; CUDA 65 + 39 us (H200)
+        (16, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 3),
+                  mma=((8, 2, 4), (4, 4, 3, 0)))),  # 278 + 151 us; CUDA 167 + 94 us (H200)
+        (64, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 3),
+                  mma=((8, 2, 4), (4, 2, 3, 1)))),  # 513 + 293 us; CUDA 318 + 175 us (H200)
         (512, _cfg(32, (32, 64, 4, 3, "swap"), (64, 64, 4, 4, 1, "swap"))),  # 827 + 446 us
         (2048, _cfg(64, (128, 64, 4, 3), (128, 64, 4, 3, 1))),  # 1261 + 753 us
         (8192, _cfg(128, (64, 64, 8, 3), (128, 64, 4, 3, 1, "swap"))),  # 3680 + 1814 us

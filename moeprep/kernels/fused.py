@@ -1,6 +1,6 @@
 """``fused_moe``: routing and both expert GEMMs on the stored layouts, three to five launches: the
-Triton GEMMs (moe_gemm.py), or for decode batches of int4 layers on CUDA the tensor-core GEMMs of
-mma_decode.py where the configuration asks for them and they apply."""
+Triton GEMMs (moe_gemm.py), or for decode batches on CUDA the tensor-core GEMMs of mma_decode.py
+where the configuration asks for them and they apply."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -137,7 +137,7 @@ def fused_moe(
     h = torch.empty((T * routing.top_k, layer.inter), dtype=hidden.dtype, device=hidden.device)
     out = torch.empty((T, H), dtype=hidden.dtype, device=hidden.device)
     if cfg.mma is not None:
-        mma_decode.launch_w13(layer, hidden, r, h, out, cfg.mma)
+        mma_decode.launch_w13(layer, hidden, r, h, out, activation, cfg.mma)
         mma_decode.launch_w2(layer, h, r, out, cfg.mma)
     else:
         launch_w13(layer, hidden, r, h, out, activation, cfg)

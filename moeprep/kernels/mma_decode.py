@@ -1,12 +1,13 @@
-"""The CUDA tensor-core GEMMs for decode batches of the int4 targets (``csrc/moe_decode.cu``).
+"""The CUDA tensor-core GEMMs for decode batches of the 4-bit targets (``csrc/moe_decode.cu``).
 
 At a few tokens per expert a MoE layer streams each touched expert's weights once; the Triton
 kernels spend ~5 instructions per weight there, most of them moving the decoded tile through
 shared memory into the MMA's operand layout. These kernels copy the packed codes into shared
 memory a few windows ahead (cp.async), read each lane's ``mma.sync`` fragment from there and
-decode it in registers, one ``lop3`` per two codes, with the zero point and scale applied per
-group in fp32 (~2.5 instructions per weight). They serve ``w4a16_preshuffle`` and
-``w4a16_preshuffle_zp`` with bf16 activations and scales, SiLU-and-mul, no biases and no desc_act
+decode it in registers (int4: one ``lop3`` per two codes, ~2.5 instructions per weight in all;
+E2M1: four per two, ~3.5), with the zero point and scale applied per group in fp32. They serve
+``w4a16_preshuffle``, ``w4a16_preshuffle_zp``, ``mxfp4_preshuffle`` and ``mxfp4_moe`` with bf16
+activations, SiLU-and-mul or gpt-oss's clamped SwiGLU, bf16 biases or none, and no desc_act
 permutation, on CUDA sm_80+ builds that have them; everything else takes the Triton kernels.
 """
 from __future__ import annotations
@@ -36,18 +37,20 @@ def built() -> bool:
 def problems(layer, hidden: torch.Tensor, activation: Activation) -> list[str]:
     """Why these kernels cannot run this call (empty when they can)."""
     found = []
-    if layer.fmt not in (moe_gemm.W4A16.value, moe_gemm.W4A16_ZP.value):
-        found.append("not an int4 target")
     if hidden.device.type != "cuda" or torch.cuda.get_device_capability(hidden.device)[0] < 8:
         found.append("needs a CUDA GPU of compute capability >= 8.0")
     if hidden.dtype != torch.bfloat16 or hidden.stride(0) % 8 or hidden.data_ptr() % 16:
         found.append("needs bf16 activations in 16-byte aligned rows")
-    if activation.kind != "silu" or layer.input_perm is not None:
-        found.append("needs SiLU-and-mul and no input permutation")
+    if layer.input_perm is not None:
+        found.append("needs no input permutation")
     for proj in (layer.w13, layer.w2):
+        if proj.bias is not None and proj.bias.dtype != torch.bfloat16:
+            found.append("needs bf16 biases or none")
+        if layer.fmt == moe_gemm.MXFP4.value:
+            continue  # E8M0 scales in groups of 32 (fused.problems)
         gs = proj.group_size
-        if proj.bias is not None or proj.scale.dtype != torch.bfloat16 or gs < 32 or gs & (gs - 1) or proj.groups % 2:
-            found.append("needs bf16 scales in an even number of power-of-two groups >= 32, no biases")
+        if proj.scale.dtype != torch.bfloat16 or gs < 32 or gs & (gs - 1) or proj.groups % 2:
+            found.append("needs bf16 scales in an even number of power-of-two groups >= 32")
     if layer.hidden % WINDOW or layer.inter % WINDOW:
         found.append(f"needs hidden and intermediate sizes divisible by {WINDOW}")
     if not found and not built():
@@ -70,15 +73,18 @@ def w2_split(layer, r: RoutedTokens, g: configs.MmaGemm, device: torch.device) -
 
 
 def launch_w13(layer, hidden: torch.Tensor, r: RoutedTokens, h: torch.Tensor, out: torch.Tensor,
-               mma: configs.MmaDecode) -> None:
-    """``h = silu(hidden W_gate^T) * (hidden W_up^T)`` per routed pair; zeroes ``out``."""
+               activation: Activation, mma: configs.MmaDecode) -> None:
+    """``h = act(hidden W_gate^T + b_gate, hidden W_up^T + b_up)`` per routed pair; zeroes ``out``."""
     w, g = layer.w13, mma.w13
-    torch.ops.moeprep.moe_decode_w13(hidden, w.words, w.scale, w.zero, r.sorted_ids, r.expert_ids, r.num_padded,
-                                     r.topk_ids.shape[1], g.warps, g.k_warps, g.stages, h, out)
+    torch.ops.moeprep.moe_decode_w13(hidden, w.words, w.scale, w.zero, w.bias, layer.gate_up_interleaved, r.sorted_ids,
+                                     r.expert_ids, r.num_padded, r.topk_ids.shape[1], activation.kind == "swiglu_oai",
+                                     activation.alpha, activation.limit, g.warps, g.k_warps, g.stages, h, out)
 
 
 def launch_w2(layer, h: torch.Tensor, r: RoutedTokens, out: torch.Tensor, mma: configs.MmaDecode) -> None:
-    """``out[t] += w[t, j] * (h[t * k + j] W_down^T)``."""
+    """``out[t] += w[t, j] * (h[t * k + j] W_down^T + b_down)``. On sm_90 the kernel is launched as a
+    programmatic dependent of the stream's previous kernel, which must have started after ``r`` was
+    complete (as launch_w13's does): it reads the routing before waiting for that kernel."""
     w, g = layer.w2, mma.w2
-    torch.ops.moeprep.moe_decode_w2(h, w.words, w.scale, w.zero, r.sorted_ids, r.expert_ids, r.num_padded,
+    torch.ops.moeprep.moe_decode_w2(h, w.words, w.scale, w.zero, w.bias, r.sorted_ids, r.expert_ids, r.num_padded,
                                     r.topk_weights, g.warps, g.k_warps, g.stages, w2_split(layer, r, g, h.device), out)

@@ -114,6 +114,9 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
   return v;
 }
+__device__ __forceinline__ void lds128(uint32_t addr, uint32_t (&v)[4]) {
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "r"(addr));
+}
 
 // How the codes are stored: int4 with zero point 8 (signed) or per-group zero points, or E2M1
 enum class Codes { kSigned, kZeroPoint, kE2m1 };
@@ -325,9 +328,7 @@ struct WarpGemm {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       uint32_t a[4];
-      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                   : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-                   : "r"(base + act_rd[h]));
+      lds128(base + act_rd[h], a);
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
         const uint32_t sel = m ? 0x7632u : 0x5410u;
@@ -406,9 +407,7 @@ struct WarpGemm {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       uint32_t a[4];
-      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                   : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-                   : "r"(base + act_rd[h]));
+      lds128(base + act_rd[h], a);
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
         bfrag[h][m][0] = times_2_63(__byte_perm(a[m], a[m + 2], 0x5410u));

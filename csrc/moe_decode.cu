@@ -304,6 +304,28 @@ struct WarpGemm {
     }
   }
 
+  // The MMAs' B fragments (the 8 tokens' activations) of half windows h = 0, 1 and their two MMAs
+  // m, paired as the decode pairs the codes: int4 values j, j + 2 (m = 0: j = 0, 4; m = 1: j = 1,
+  // 5); E2M1 values j, j + 4 (m = 0: j = 0, 1; m = 1: j = 2, 3), times 2^63.
+  __device__ void b_fragments(uint32_t base, uint32_t (&bfrag)[2][2][2]) const {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t a[4];
+      lds128(base + act_rd[h], a);
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        if (E2M1) {
+          bfrag[h][m][0] = times_2_63(__byte_perm(a[m], a[m + 2], 0x5410u));
+          bfrag[h][m][1] = times_2_63(__byte_perm(a[m], a[m + 2], 0x7632u));
+        } else {
+          const uint32_t sel = m ? 0x7632u : 0x5410u;
+          bfrag[h][m][0] = __byte_perm(a[0], a[1], sel);
+          bfrag[h][m][1] = __byte_perm(a[2], a[3], sel);
+        }
+      }
+    }
+  }
+
   __device__ void multiply(const Problem& p, float (&acc)[kBlocks][4], int window, int stage) const {
     if (E2M1) {
       multiply_e2m1(p, acc, window, stage);
@@ -312,11 +334,10 @@ struct WarpGemm {
     }
   }
 
-  // acc += this window's products. Per half window h: the activations' B fragments (m: values
-  // j = 0, 2, 4, 6 or 1, 3, 5, 7 of each lane's word) and the MMAs' starting value. The constant
-  // operand makes that -136 sum(a) for signed codes (offset 128 + 8), and -sum(a) for zero points,
-  // multiplied by each row's 128 + z below. With groups of 32 each half window has its own scale;
-  // larger groups cover the whole window, which then takes one scale.
+  // acc += this window's products for int4 codes. Per half window h: the MMAs' starting value. The
+  // constant operand makes that -136 sum(a) for signed codes (offset 128 + 8), and -sum(a) for zero
+  // points, multiplied by each row's 128 + z below. With groups of 32 each half window has its own
+  // scale; larger groups cover the whole window, which then takes one scale.
   __device__ void multiply_int4(const Problem& p, float (&acc)[kBlocks][4], int window, int stage) const {
     constexpr int kRuns = G32 ? 2 : 1;
     constexpr uint32_t kConst = ZP ? 0xBF80BF80u : 0xC308C308u;  // bf16 -1, -136
@@ -324,16 +345,12 @@ struct WarpGemm {
     const float zeros[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const uint32_t base = ring + stage * S::kBytes;
     uint32_t bfrag[2][2][2];
+    b_fragments(base, bfrag);
     float start[kRuns][4];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      uint32_t a[4];
-      lds128(base + act_rd[h], a);
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
-        const uint32_t sel = m ? 0x7632u : 0x5410u;
-        bfrag[h][m][0] = __byte_perm(a[0], a[1], sel);
-        bfrag[h][m][1] = __byte_perm(a[2], a[3], sel);
         float(&st)[4] = start[G32 ? h : 0];
         mma_bf16(st, konst, bfrag[h][m][0], bfrag[h][m][1], (m == 0 && (G32 || h == 0)) ? zeros : st);
       }
@@ -396,24 +413,14 @@ struct WarpGemm {
     }
   }
 
-  // acc += this window's products for E2M1 codes. Per half window h (one group): the activations'
-  // B fragments times 2^63 (m: values j = 0, 1, 4, 5 or 2, 3, 6, 7 of each lane's word, paired
-  // as j, j + 4), and per block the MMAs from zero, scaled into the accumulator by 2^(e - 64).
+  // acc += this window's products for E2M1 codes: per block and half window h (one group), the
+  // MMAs from zero, scaled into the accumulator by 2^(e - 64).
   __device__ void multiply_e2m1(const Problem& p, float (&acc)[kBlocks][4], int window, int stage) const {
     const float zeros[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const uint32_t base = ring + stage * S::kBytes;
     const uint32_t half_word = ((window >> 1) & 1) * 2;  // which half of each row's 4 scale bytes
     uint32_t bfrag[2][2][2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      uint32_t a[4];
-      lds128(base + act_rd[h], a);
-#pragma unroll
-      for (int m = 0; m < 2; ++m) {
-        bfrag[h][m][0] = times_2_63(__byte_perm(a[m], a[m + 2], 0x5410u));
-        bfrag[h][m][1] = times_2_63(__byte_perm(a[m], a[m + 2], 0x7632u));
-      }
-    }
+    b_fragments(base, bfrag);
 #pragma unroll
     for (int b = 0; b < kBlocks; ++b) {
       uint32_t w[2][2];

@@ -653,16 +653,16 @@ Problem make_problem(const MoeDecodeArgs& a, const void* act, int64_t act_stride
 }
 
 // Launches kernel, as a programmatic dependent of the stream's previous kernel if `dependent` and
-// the GPU has them (sm_90+)
+// the kernel was compiled for sm_90+: one compiled for an older GPU (run through PTX JIT) has no
+// wait_for_primary and must not start early
 template <int WARPS, int STAGES, Codes C, typename... Params, typename... Args>
 int launch(void (*kernel)(Params...), dim3 grid, void* stream, bool dependent, Args... args) {
   constexpr int smem = ring_bytes<WARPS, STAGES, C>();
   static_assert(smem >= WARPS * kBlocks * 4 * 32 * 4, "the ring holds the partial sums");
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return static_cast<int>(err);
-  int device = 0, major = 0;
-  err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaFuncAttributes compiled;
+  err = cudaFuncGetAttributes(&compiled, kernel);
   if (err != cudaSuccess) return static_cast<int>(err);
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -673,7 +673,7 @@ int launch(void (*kernel)(Params...), dim3 grid, void* stream, bool dependent, A
   config.dynamicSmemBytes = smem;
   config.stream = static_cast<cudaStream_t>(stream);
   config.attrs = &attr;
-  config.numAttrs = dependent && major >= 9 ? 1 : 0;
+  config.numAttrs = dependent && compiled.ptxVersion >= 90 ? 1 : 0;
   return static_cast<int>(cudaLaunchKernelEx(&config, kernel, args...));
 }
 

@@ -43,19 +43,22 @@ def problems(layer, hidden: torch.Tensor, activation: Activation) -> list[str]:
         found.append("needs bf16 activations in 16-byte aligned rows")
     if layer.input_perm is not None:
         found.append("needs no input permutation")
-    for proj in (layer.w13, layer.w2):
-        if proj.bias is not None and proj.bias.dtype != torch.bfloat16:
-            found.append("needs bf16 biases or none")
-        if layer.fmt == moe_gemm.MXFP4.value:
-            continue  # E8M0 scales in groups of 32 (fused.problems)
-        gs = proj.group_size
-        if proj.scale.dtype != torch.bfloat16 or gs < 32 or gs & (gs - 1) or proj.groups % 2:
-            found.append("needs bf16 scales in an even number of power-of-two groups >= 32")
+    projs = (layer.w13, layer.w2)
+    if any(p.bias is not None and p.bias.dtype != torch.bfloat16 for p in projs):
+        found.append("needs bf16 biases or none")
+    # MXFP4: E8M0 scales in groups of 32 (fused.problems)
+    if layer.fmt != moe_gemm.MXFP4.value and not all(_int4_scales_fit(p) for p in projs):
+        found.append("needs bf16 scales in an even number of power-of-two groups >= 32")
     if layer.hidden % WINDOW or layer.inter % WINDOW:
         found.append(f"needs hidden and intermediate sizes divisible by {WINDOW}")
     if not found and not built():
         found.append("this build of moeprep has no CUDA decode kernels")
     return found
+
+
+def _int4_scales_fit(proj) -> bool:
+    gs = proj.group_size
+    return proj.scale.dtype == torch.bfloat16 and gs >= 32 and not gs & (gs - 1) and proj.groups % 2 == 0
 
 
 def w2_split(layer, r: RoutedTokens, g: configs.MmaGemm, device: torch.device) -> int:

@@ -194,6 +194,15 @@ def _warps(logits_tile: int) -> int:
     return max(4, min(16, logits_tile // 1024))
 
 
+def _fused_warps(block_t: int, block_e: int) -> int:
+    """Warps of the one-program decode routing. One token's top-k is a chain of row reductions,
+    within one warp the cheapest (H200, 128 experts: 2.7 us against 3.6 with 4 warps); from 16
+    tokens, 8 warps (6.0 us against 6.7 at 16 x 128 logits)."""
+    if block_t == 1:
+        return 1
+    return max(4, min(8, block_t * block_e // 256))
+
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -233,7 +242,7 @@ def route(logits: torch.Tensor, routing: Routing, block_m: int, fused_max_tokens
         _route_fused_kernel[(1,)](
             logits, logits.stride(0), T, E, out.topk_weights, out.topk_ids, out.sorted_ids, out.expert_ids, out.num_padded,
             BLOCK_M=block_m, BLOCK_T=block_t, CHUNK_B=_pow2(triton.cdiv(block_t, block_m)),
-            num_warps=_warps(block_t * meta["BLOCK_E"]), **meta,
+            num_warps=_fused_warps(block_t, meta["BLOCK_E"]), **meta,
         )
         return out
     chunks = triton.cdiv(T, _SPLIT_BLOCK_T)

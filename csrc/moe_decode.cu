@@ -40,6 +40,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <mutex>
+
 #include "moe_decode.h"
 
 namespace moeprep {
@@ -82,9 +84,11 @@ __device__ __forceinline__ void wait_copies() {
 // that its CTAs set up and request their first weights early. wait_for_primary blocks until the
 // kernel launched before it has finished and its writes (h, the zeroed output) are visible; a
 // kernel launched the ordinary way returns from it at once. w13_kernel lets the next kernel start
-// once each CTA is past its main loop (at its start, the early CTAs of w2_kernel took bandwidth and
-// SM slots from w13_kernel's last wave: Mixtral T = 1 ran 13% slower). w13_kernel was launched
-// after the routing finished, so w2_kernel may read the routing's results before it waits.
+// at its own start when all its CTAs are resident at once: then w2_kernel's CTAs take free slots
+// and stream their first windows while the gate/up GEMM runs. Otherwise once each CTA is past its
+// main loop (at the start, early CTAs of w2_kernel took bandwidth and SM slots from w13_kernel's
+// later waves: Mixtral T = 1 ran 13% slower). w13_kernel was launched after the routing finished,
+// so w2_kernel may read the routing's results before it waits.
 __device__ __forceinline__ void wait_for_primary() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -554,12 +558,14 @@ __device__ __forceinline__ void for_each_output(const Problem& p, int mb, int64_
 }
 
 // h[p, c] = act(x W_gate^T + b_gate, x W_up^T + b_up)[c]: each warp group takes kBlocks / 2 blocks
-// of 16 columns (their gate rows, then their up rows). Also zeroes `out` for w2_kernel.
+// of 16 columns (their gate rows, then their up rows). Also zeroes `out` for w2_kernel. one_wave:
+// the whole grid is resident at once, so the down projection may start now (wait_for_primary).
 // (Both kernels ask for 20 warps per SM with 4-warp CTAs, 16 with 8: 96 or 128 registers.)
 template <int WARPS, int STAGES, Codes C, bool G32>
 __global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
     w13_kernel(Problem p, const __nv_bfloat16* bias, MoeDecodeActivation act, __nv_bfloat16* h, uint4* out,
-               int64_t out_units) {
+               int64_t out_units, int one_wave) {
+  if (one_wave) allow_dependents();
   const int64_t cta = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
   const int64_t ctas = static_cast<int64_t>(gridDim.x) * gridDim.y;
   for (int64_t i = cta * blockDim.x + threadIdx.x; i < out_units; i += ctas * blockDim.x) {
@@ -583,7 +589,7 @@ __global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
   };
   float acc[kBlocks][4];
   const bool first = cta_gemm<STAGES, C, G32>(p, mb, 0, 1, rows_of, acc);
-  allow_dependents();
+  if (!one_wave) allow_dependents();
   if (!first) return;
   if (bias) bias += __ldg(p.expert_ids + mb) * p.n;
   for_each_output<CB>(p, mb, col0 + (threadIdx.x / 32 / p.k_warps) * CB * 16, [&](int b, int c, int pair, int64_t col) {
@@ -652,18 +658,52 @@ Problem make_problem(const MoeDecodeArgs& a, const void* act, int64_t act_stride
                  {a.e2m1 ? 1u << 30 : 1u << 28, a.e2m1 ? 1u << 26 : 1u << 20}, 1u << 23};
 }
 
-// Launches kernel, as a programmatic dependent of the stream's previous kernel if `dependent` and
+// What a launch needs to know of a kernel on a device, found on its first launch there: the
+// shared-memory opt-in set (a per-device attribute), the PTX version it was compiled for, and how
+// many of its CTAs the device holds at once.
+struct KernelFacts {
+  cudaError_t error;
+  int ptx_version;
+  int64_t resident_ctas;
+};
+
+template <int WARPS, int SMEM, typename Kernel>
+KernelFacts query(Kernel kernel, int device) {
+  KernelFacts f{cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM), 0, 0};
+  cudaFuncAttributes compiled{};
+  int per_sm = 0, sms = 0;
+  if (f.error == cudaSuccess) f.error = cudaFuncGetAttributes(&compiled, kernel);
+  if (f.error == cudaSuccess) f.error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, SMEM);
+  if (f.error == cudaSuccess) f.error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  f.ptx_version = compiled.ptxVersion;
+  f.resident_ctas = static_cast<int64_t>(per_sm) * sms;
+  return f;
+}
+
+// (one cache per kernel: KERNEL is a template parameter)
+template <auto KERNEL, int WARPS, int SMEM>
+KernelFacts facts_of() {
+  constexpr int kDevices = 64;  // cached for devices 0 to 63, asked each time past them
+  static std::once_flag once[kDevices];
+  static KernelFacts known[kDevices];
+  int device = 0;
+  const cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return KernelFacts{err, 0, 0};
+  if (device >= kDevices) return query<WARPS, SMEM>(KERNEL, device);
+  std::call_once(once[device], [&] { known[device] = query<WARPS, SMEM>(KERNEL, device); });
+  return known[device];
+}
+
+// Launches KERNEL, as a programmatic dependent of the stream's previous kernel if `dependent` and
 // the kernel was compiled for sm_90+: one compiled for an older GPU (run through PTX JIT) has no
-// wait_for_primary and must not start early
-template <int WARPS, int STAGES, Codes C, typename... Params, typename... Args>
-int launch(void (*kernel)(Params...), dim3 grid, void* stream, bool dependent, Args... args) {
+// wait_for_primary and must not start early. ONE_WAVE: the kernel's last parameter says whether all
+// its CTAs are resident at once.
+template <int WARPS, int STAGES, Codes C, bool ONE_WAVE, auto KERNEL, typename... Args>
+int launch(dim3 grid, void* stream, bool dependent, Args... args) {
   constexpr int smem = ring_bytes<WARPS, STAGES, C>();
   static_assert(smem >= WARPS * kBlocks * 4 * 32 * 4, "the ring holds the partial sums");
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return static_cast<int>(err);
-  cudaFuncAttributes compiled;
-  err = cudaFuncGetAttributes(&compiled, kernel);
-  if (err != cudaSuccess) return static_cast<int>(err);
+  const KernelFacts facts = facts_of<KERNEL, WARPS, smem>();
+  if (facts.error != cudaSuccess) return static_cast<int>(facts.error);
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
@@ -673,31 +713,36 @@ int launch(void (*kernel)(Params...), dim3 grid, void* stream, bool dependent, A
   config.dynamicSmemBytes = smem;
   config.stream = static_cast<cudaStream_t>(stream);
   config.attrs = &attr;
-  config.numAttrs = dependent && compiled.ptxVersion >= 90 ? 1 : 0;
-  return static_cast<int>(cudaLaunchKernelEx(&config, kernel, args...));
+  config.numAttrs = dependent && facts.ptx_version >= 90 ? 1 : 0;
+  if constexpr (ONE_WAVE) {
+    const int one_wave = static_cast<int64_t>(grid.x) * grid.y * grid.z <= facts.resident_ctas;
+    return static_cast<int>(cudaLaunchKernelEx(&config, KERNEL, args..., one_wave));
+  } else {
+    return static_cast<int>(cudaLaunchKernelEx(&config, KERNEL, args...));
+  }
 }
 
 // KERNEL instantiated for the supported (warps per CTA, stages, codes, groups of 32)
-#define MOEPREP_LAUNCH_CODES(KERNEL, W, S, C, G32, GRID, ...) \
-  return launch<W, S, C>(KERNEL<W, S, C, G32>, GRID, stream, __VA_ARGS__)
-#define MOEPREP_LAUNCH(KERNEL, W, S, GRID, ...)                                                         \
-  do {                                                                                                 \
-    if (a.e2m1) MOEPREP_LAUNCH_CODES(KERNEL, W, S, Codes::kE2m1, true, GRID, __VA_ARGS__);             \
-    if (a.group_size == 32) {                                                                          \
-      if (a.zero) MOEPREP_LAUNCH_CODES(KERNEL, W, S, Codes::kZeroPoint, true, GRID, __VA_ARGS__);      \
-      MOEPREP_LAUNCH_CODES(KERNEL, W, S, Codes::kSigned, true, GRID, __VA_ARGS__);                     \
-    }                                                                                                  \
-    if (a.zero) MOEPREP_LAUNCH_CODES(KERNEL, W, S, Codes::kZeroPoint, false, GRID, __VA_ARGS__);       \
-    MOEPREP_LAUNCH_CODES(KERNEL, W, S, Codes::kSigned, false, GRID, __VA_ARGS__);                      \
+#define MOEPREP_LAUNCH_CODES(KERNEL, ONE_WAVE, W, S, C, G32, GRID, ...) \
+  return launch<W, S, C, ONE_WAVE, &KERNEL<W, S, C, G32>>(GRID, stream, __VA_ARGS__)
+#define MOEPREP_LAUNCH(KERNEL, ONE_WAVE, W, S, GRID, ...)                                                   \
+  do {                                                                                                     \
+    if (a.e2m1) MOEPREP_LAUNCH_CODES(KERNEL, ONE_WAVE, W, S, Codes::kE2m1, true, GRID, __VA_ARGS__);       \
+    if (a.group_size == 32) {                                                                              \
+      if (a.zero) MOEPREP_LAUNCH_CODES(KERNEL, ONE_WAVE, W, S, Codes::kZeroPoint, true, GRID, __VA_ARGS__); \
+      MOEPREP_LAUNCH_CODES(KERNEL, ONE_WAVE, W, S, Codes::kSigned, true, GRID, __VA_ARGS__);               \
+    }                                                                                                      \
+    if (a.zero) MOEPREP_LAUNCH_CODES(KERNEL, ONE_WAVE, W, S, Codes::kZeroPoint, false, GRID, __VA_ARGS__); \
+    MOEPREP_LAUNCH_CODES(KERNEL, ONE_WAVE, W, S, Codes::kSigned, false, GRID, __VA_ARGS__);                \
   } while (0)
-#define MOEPREP_DISPATCH(KERNEL, GRID, ...)                                                       \
+#define MOEPREP_DISPATCH(KERNEL, ONE_WAVE, GRID, ...)                                             \
   do {                                                                                           \
-    if (a.warps == 4 && a.stages == 2) MOEPREP_LAUNCH(KERNEL, 4, 2, GRID, __VA_ARGS__);          \
-    if (a.warps == 4 && a.stages == 3) MOEPREP_LAUNCH(KERNEL, 4, 3, GRID, __VA_ARGS__);          \
-    if (a.warps == 4 && a.stages == 4) MOEPREP_LAUNCH(KERNEL, 4, 4, GRID, __VA_ARGS__);          \
-    if (a.warps == 8 && a.stages == 2) MOEPREP_LAUNCH(KERNEL, 8, 2, GRID, __VA_ARGS__);          \
-    if (a.warps == 8 && a.stages == 3) MOEPREP_LAUNCH(KERNEL, 8, 3, GRID, __VA_ARGS__);          \
-    if (a.warps == 8 && a.stages == 4) MOEPREP_LAUNCH(KERNEL, 8, 4, GRID, __VA_ARGS__);          \
+    if (a.warps == 4 && a.stages == 2) MOEPREP_LAUNCH(KERNEL, ONE_WAVE, 4, 2, GRID, __VA_ARGS__); \
+    if (a.warps == 4 && a.stages == 3) MOEPREP_LAUNCH(KERNEL, ONE_WAVE, 4, 3, GRID, __VA_ARGS__); \
+    if (a.warps == 4 && a.stages == 4) MOEPREP_LAUNCH(KERNEL, ONE_WAVE, 4, 4, GRID, __VA_ARGS__); \
+    if (a.warps == 8 && a.stages == 2) MOEPREP_LAUNCH(KERNEL, ONE_WAVE, 8, 2, GRID, __VA_ARGS__); \
+    if (a.warps == 8 && a.stages == 3) MOEPREP_LAUNCH(KERNEL, ONE_WAVE, 8, 3, GRID, __VA_ARGS__); \
+    if (a.warps == 8 && a.stages == 4) MOEPREP_LAUNCH(KERNEL, ONE_WAVE, 8, 4, GRID, __VA_ARGS__); \
     return static_cast<int>(cudaErrorInvalidValue);                                              \
   } while (0)
 
@@ -713,7 +758,7 @@ int moeprep_moe_decode_w13(MoeDecodeArgs a, const void* x, int64_t stride_x, int
   const int64_t cols_per_cta = static_cast<int64_t>(a.warps / a.k_warps) * (kBlocks / 2) * 16;
   const dim3 grid(static_cast<unsigned>(a.num_m_blocks),
                   static_cast<unsigned>((a.n / 2 + cols_per_cta - 1) / cols_per_cta));
-  MOEPREP_DISPATCH(w13_kernel, grid, false, p, static_cast<const __nv_bfloat16*>(a.bias), act,
+  MOEPREP_DISPATCH(w13_kernel, true, grid, false, p, static_cast<const __nv_bfloat16*>(a.bias), act,
                    static_cast<__nv_bfloat16*>(h), static_cast<uint4*>(out), out_numel / 8);
 }
 
@@ -724,7 +769,7 @@ int moeprep_moe_decode_w2(MoeDecodeArgs a, const void* h, int top_k, void* out, 
   const int64_t rows_per_cta = static_cast<int64_t>(a.warps / a.k_warps) * kBlocks * 16;
   const dim3 grid(static_cast<unsigned>(a.num_m_blocks), static_cast<unsigned>((a.n + rows_per_cta - 1) / rows_per_cta),
                   static_cast<unsigned>(split));
-  MOEPREP_DISPATCH(w2_kernel, grid, true, p, static_cast<const __nv_bfloat16*>(a.bias),
+  MOEPREP_DISPATCH(w2_kernel, false, grid, true, p, static_cast<const __nv_bfloat16*>(a.bias),
                    static_cast<__nv_bfloat16*>(out), stride_out, topk_weights, top_k);
 }
 

@@ -23,6 +23,7 @@ Every time is the median of CUDA-graph replays with the L2 cache flushed before 
 
     python scripts/bench_moe.py                       # the table
     python scripts/bench_moe.py --tune --tokens 1,64  # sweep tile configs per GEMM, print TUNED entries
+    python scripts/bench_moe.py --breakdown --tokens 1,4,16  # per-kernel times inside the layer's graph
 
 Kernels are compiled ahead in ``--jobs`` worker processes (each launches a GEMM once on a
 zero-filled layer of the same shapes, which fills Triton's on-disk cache); the timings all run in
@@ -34,7 +35,9 @@ import argparse
 import json
 import multiprocessing
 import os
+import statistics
 import sys
+import tempfile
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -84,21 +87,63 @@ MODELS = {
 TOKENS = (1, 4, 16, 64, 512, 2048, 8192)
 
 
-def timed_us(fn, graph: bool = True, rep_ms: int = 60) -> float:
-    """Median microseconds of fn, L2 flushed before each run; replayed from a CUDA graph."""
+def graphed(fn):
+    """fn captured in a CUDA graph (after a warm-up run on a side stream): its replay."""
     fn()
     torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def timed_us(fn, graph: bool = True, rep_ms: int = 60) -> float:
+    """Median microseconds of fn, L2 flushed before each run; replayed from a CUDA graph."""
     if graph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
+        fn = graphed(fn)
+    else:
+        fn()
+        torch.cuda.synchronize()
     return do_bench(fn, warmup=10, rep=rep_ms, return_mode="median") * 1e3
+
+
+def kernel_name(name: str) -> str:
+    """"void ns::(anonymous namespace)::w13_kernel<8, 3, ...>(...)" -> "w13_kernel"."""
+    return name.removeprefix("void ").split("<")[0].split("(anonymous namespace)::")[-1].split("::")[-1].split("(")[0]
+
+
+def kernel_breakdown(fn, replays: int = 30) -> tuple[float, list]:
+    """Where fn's time goes on the GPU, from the profiler's kernel records (CUPTI) over CUDA-graph
+    replays, each after an L2 flush as in timed_us: (microseconds from the flush's end to the last
+    kernel's end, [(kernel, gap since the previous kernel ended, duration)]), medians over replays.
+    A negative gap is an overlap (a programmatic dependent launch)."""
+    replay = graphed(fn)
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            flush.zero_()
+            replay()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        events = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    per_replay = len(kernels) // replays  # the flush, then the graph's kernels
+    runs = [kernels[i:i + per_replay] for i in range(0, per_replay * replays, per_replay)]
+    if len(kernels) % replays or any([k["name"] for k in r] != [k["name"] for k in runs[0]] for r in runs):
+        raise RuntimeError("the profiler's kernel records do not repeat once per replay")
+    median = statistics.median
+    parts = []
+    for i in range(1, per_replay):
+        gaps = [r[i]["ts"] - r[i - 1]["ts"] - r[i - 1]["dur"] for r in runs]
+        parts.append((kernel_name(runs[0][i]["name"]), median(gaps), median(r[i]["dur"] for r in runs)))
+    span = median(r[-1]["ts"] + r[-1]["dur"] - r[0]["ts"] - r[0]["dur"] for r in runs)
+    return span, parts
 
 
 def router_logits(name: str, model: Model, T: int) -> torch.Tensor:
@@ -237,6 +282,28 @@ def bench_model(name: str, model: Model, layer_cpu, source_cpu, tokens, copy: fl
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
         del ref
+
+
+def breakdown_model(name: str, model: Model, layer_cpu, tokens, rows: list) -> None:
+    experts = layer_to(layer_cpu, "cuda")
+    for T in tokens:
+        x = torch.randn(T, model.hidden, device="cuda", dtype=torch.bfloat16)
+        logits = router_logits(name, model, T)
+        fn = lambda: fused_moe(x, logits, model.routing, experts, model.activation)  # noqa: E731
+        span, parts = kernel_breakdown(fn)
+        rows.append(dict(model=name, T=T, moe_us=timed_us(fn), span_us=span, kernels=parts))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+
+
+def print_breakdown(rows: list) -> None:
+    one = torch.zeros(8, device="cuda")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+          f"a graph of one tiny kernel times {timed_us(lambda: one.add_(1)):.1f} us the same way (the floor)")
+    print("| model | T | moe us | flush end to last kernel end, us | kernels: +gap duration (us) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        kernels = ", ".join(f"{gap:+.1f} {k} {dur:.1f}" for k, gap, dur in r["kernels"])
+        print(f"| {r['model']} | {r['T']} | {r['moe_us']:.1f} | {r['span_us']:.1f} | {kernels} |")
 
 
 # ---- tuning ------------------------------------------------------------------------------
@@ -436,7 +503,11 @@ def _references(x: torch.Tensor, h: torch.Tensor, r, source, act: Activation):
 
 def _tune_one(name: str, model: Model, stored, source, T: int, compiles: dict, families) -> dict:
     """The fastest configuration of one (model, T), from the candidates whose results match the
-    fp32 reference (each GEMM is checked once, on poisoned buffers, besides being timed)."""
+    fp32 reference (each GEMM is checked once, on poisoned buffers, besides being timed).
+
+    The CUDA down GEMM starts while the gate/up GEMM runs (a programmatic dependent launch), so
+    its candidates are timed behind the fastest CUDA gate/up GEMM: its time is the pair's less
+    that GEMM's alone."""
     x = torch.randn(T, model.hidden, device="cuda", dtype=torch.bfloat16)
     logits = router_logits(name, model, T)
     h = torch.randn(T * model.routing.top_k, model.inter, device="cuda", dtype=torch.bfloat16)
@@ -444,6 +515,7 @@ def _tune_one(name: str, model: Model, stored, source, T: int, compiles: dict, f
     out = torch.empty(T, model.hidden, device="cuda", dtype=torch.bfloat16)
     timings: dict = {}  # bm -> gemm -> [(us, GemmConfig)]
     routed, refs, rejected, seen = {}, None, [], set()
+    behind_w13 = []  # the CUDA down GEMM's candidates
     for bm, gemm, g in _candidates(T, model, stored, families):
         cfg = _fitted(stored, T, model.routing, bm, g)
         if bm != MMA:
@@ -478,8 +550,19 @@ def _tune_one(name: str, model: Model, stored, source, T: int, compiles: dict, f
             rejected.append(dict(block_m=bm, gemm=gemm, config=asdict(g), err=err))
             print(f"#   wrong results, rejected: {name} T={T} block_m={bm} {gemm} {g}: error {err:.2e}", file=sys.stderr)
             continue
+        if bm == MMA and gemm == "w2":
+            behind_w13.append(g)
+            continue
         us = timed_us(run, rep_ms=25)  # from a CUDA graph: small GEMMs take less than a launch from Python
         timings.setdefault(bm, {}).setdefault(gemm, []).append((us, g))
+    if behind_w13 and "w13" in timings.get(MMA, {}):
+        us13, g13 = min(timings[MMA]["w13"], key=lambda p: p[0])
+        r = routed[MMA]
+        for g in behind_w13:
+            def pair(mma=MmaDecode(g13, g)):
+                mma_decode.launch_w13(stored, x, r, h13, out, model.activation, mma)
+                mma_decode.launch_w2(stored, h, r, out, mma)
+            timings[MMA].setdefault("w2", []).append((timed_us(pair, rep_ms=25) - us13, g))
     fastest = {bm: (min(t["w13"], key=lambda p: p[0]), min(t["w2"], key=lambda p: p[0]))
                for bm, t in timings.items() if "w13" in t and "w2" in t}
     mma = fastest.pop(MMA, None)
@@ -487,6 +570,9 @@ def _tune_one(name: str, model: Model, stored, source, T: int, compiles: dict, f
         return dict(model=name, T=T, error="no candidate compiled")
     bm = min(fastest, key=lambda b: fastest[b][0][0] + fastest[b][1][0])
     (us13, c13), (us2, c2) = fastest[bm]
+    both, r = MoEConfig(bm, c13, c2), routed[bm]
+    pair_us = timed_us(lambda: (launch_w13(stored, x, r, h13, out, model.activation, both),  # as the CUDA pair is timed
+                                launch_w2(stored, h, r, out, both)), rep_ms=25)
     top = {bm: {gemm: [(round(us, 1), asdict(c)) for us, c in sorted(v, key=lambda p: p[0])[:4]] for gemm, v in t.items()}
            for bm, t in timings.items()}
     current = {}  # the times of the configuration pick makes now (CUDA decode GEMMs: "mma_w13", "mma_w2")
@@ -494,8 +580,8 @@ def _tune_one(name: str, model: Model, stored, source, T: int, compiles: dict, f
         now = g if b == MMA else getattr(_fitted(stored, T, model.routing, b, g), gemm)
         key = f"mma_{gemm}" if b == MMA else gemm
         current[key] = next((round(us, 1) for us, c in timings.get(b, {}).get(gemm, []) if c == now), None)
-    row = dict(model=name, T=T, block_m=bm, w13=asdict(c13), w13_us=us13, w2=asdict(c2), w2_us=us2, top=top,
-               current_us=current, rejected=rejected)
+    row = dict(model=name, T=T, block_m=bm, w13=asdict(c13), w13_us=us13, w2=asdict(c2), w2_us=us2, pair_us=pair_us,
+               top=top, current_us=current, rejected=rejected)
     if mma is not None:  # the CUDA decode GEMMs' best, which take over if faster
         row["mma"] = dict(w13=asdict(mma[0][1]), w13_us=mma[0][0], w2=asdict(mma[1][1]), w2_us=mma[1][0])
     return row
@@ -523,7 +609,7 @@ def print_tuned(rows: list) -> None:
         print(f"    {TUNED_KEYS.get(name, repr(name))}: [  # {name}")
         for r in sorted((r for r in rows if r["model"] == name and "error" not in r), key=lambda r: r["T"]):
             m = r.get("mma")
-            use = m is not None and m["w13_us"] + m["w2_us"] < r["w13_us"] + r["w2_us"]
+            use = m is not None and m["w13_us"] + m["w2_us"] < r["pair_us"]  # both pairs in one graph
             mma = f", mma=({mma_fields(m['w13'])}, {mma_fields(m['w2'])})" if use else ""
             note = f" (CUDA decode GEMMs: {m['w13_us']:.0f} + {m['w2_us']:.0f} us)" if use else ""
             print(f"        ({r['T']}, _cfg({r['block_m']}, {tile(r['w13'], False)}, {tile(r['w2'], True)}{mma})),"
@@ -550,6 +636,8 @@ def main() -> None:
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated batch sizes T")
     p.add_argument("--tune", action="store_true", help="sweep tile configurations instead of the table")
+    p.add_argument("--breakdown", action="store_true",
+                   help="instead of the table: each kernel's time and the gaps between them inside the layer's graph")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 2),
                    help="processes compiling the kernels in parallel ahead of the timings")
     p.add_argument("--deadline", type=float, default=1e9, help="--tune: seconds after which no new (model, T) starts")
@@ -563,6 +651,11 @@ def main() -> None:
     if args.tune:
         tune(args.models.split(","), tokens, args.jobs, args.deadline, rows, args.json, args.families.split(","))
         print_tuned(rows)
+    elif args.breakdown:
+        for name in args.models.split(","):
+            breakdown_model(name, MODELS[name], build(MODELS[name])[0], tokens, rows)
+            torch.cuda.empty_cache()
+        print_breakdown(rows)
     else:
         names = args.models.split(",")
         built = {name: build(MODELS[name]) for name in names}

@@ -81,15 +81,16 @@ def _gemm(fields: tuple) -> GemmConfig:
 # (format family, E, H, I, top_k, w13 group size) -> [(smallest T, config)], ascending T; the comments give the
 # GEMMs' times. From `scripts/bench_moe.py --tune` on an H100, T <= 16 since re-swept on an H200 with the
 # gate/up split along K, and the CUDA decode GEMMs ("CUDA", mma=...) swept on the H200 against the
-# Triton configuration beside them, kept where the pair was faster (docs/benchmarks.md).
+# Triton configuration beside them, kept where the pair was faster (docs/benchmarks.md). The CUDA down
+# GEMM starts while the gate/up one runs: its time is the pair's less the gate/up GEMM's alone.
 TUNED: dict[tuple, list[tuple[int, MoEConfig]]] = {
     ("int4", 8, 4096, 14336, 2, 32): [  # mixtral-8x7b
         (1, _cfg(16, (64, 64, 4, 3, 2, "swap"), (128, 64, 4, 4, 8, "swap"),
-                 mma=((4, 4, 4), (4, 4, 4, 2)))),  # 82 + 42 us; CUDA 58 + 30 us (H200)
+                 mma=((4, 4, 4), (8, 8, 3, 2)))),  # 81 + 42 us; CUDA 60 + 23 us (H200)
         (4, _cfg(16, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 8, "swap"),
-                 mma=((4, 4, 4), (4, 4, 3, 4)))),  # 238 + 125 us; CUDA 148 + 82 us (H200)
+                 mma=((4, 4, 4), (8, 8, 3, 0)))),  # 145 + 76 us; CUDA 93 + 41 us (H200)
         (16, _cfg(16, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 8, "swap"),
-                  mma=((4, 2, 3), (8, 4, 3, 1)))),  # 276 + 142 us; CUDA 161 + 84 us (H200)
+                  mma=((4, 2, 3), (8, 8, 3, 0)))),  # 273 + 141 us; CUDA 161 + 77 us (H200)
         (64, _cfg(32, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 2, "swap"))),  # 306 + 162 us
         (512, _cfg(128, (64, 64, 4, 3, "swap"), (128, 128, 8, 4, 1))),  # 803 + 538 us
         (2048, _cfg(128, (64, 64, 4, 3, "swap"), (256, 64, 8, 3, 1, "swap"))),  # 2262 + 1382 us
@@ -97,11 +98,11 @@ TUNED: dict[tuple, list[tuple[int, MoEConfig]]] = {
     ],
     ("int4", 128, 2048, 768, 8, 32): [  # qwen3-30b-a3b
         (1, _cfg(16, (64, 64, 4, 3, 4, "swap"), (128, 64, 4, 4, 2, "swap"),
-                 mma=((8, 8, 3), (8, 4, 4, 2)))),  # 17 + 11 us; CUDA 15 + 11 us (H200)
+                 mma=((8, 4, 4), (8, 8, 2, 0)))),  # 17 + 11 us; CUDA 16 + 6 us (H200)
         (4, _cfg(16, (64, 64, 4, 3, 2, "swap"), (128, 64, 4, 4, 1, "swap"),
-                 mma=((4, 4, 3), (4, 2, 3, 1)))),  # 42 + 23 us; CUDA 29 + 20 us (H200)
+                 mma=((4, 4, 3), (8, 2, 3, 1)))),  # 35 + 22 us; CUDA 29 + 16 us (H200)
         (16, _cfg(16, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 1, "swap"),
-                  mma=((4, 4, 3), (4, 1, 3, 0)))),  # 86 + 45 us; CUDA 56 + 39 us (H200)
+                  mma=((4, 4, 3), (4, 1, 3, 1)))),  # 86 + 48 us; CUDA 62 + 35 us (H200)
         (64, _cfg(16, (64, 64, 4, 3, "swap"), (128, 64, 4, 4, 1, "swap"),
                   mma=((4, 4, 3), (4, 2, 3, 1)))),  # 130 + 67 us; CUDA 81 + 53 us (H200)
         (512, _cfg(64, (64, 64, 4, 3), (128, 64, 4, 3, 1))),  # 172 + 105 us
@@ -110,11 +111,11 @@ TUNED: dict[tuple, list[tuple[int, MoEConfig]]] = {
     ],
     ("mxfp4", 128, 2880, 2880, 4, 32): [  # gpt-oss-120b
         (1, _cfg(16, (32, 64, 4, 3, 5), (64, 64, 4, 3, 3),
-                 mma=((4, 4, 4), (4, 2, 3, 8)))),  # 37 + 23 us; CUDA 25 + 16 us (H200)
+                 mma=((4, 4, 4), (4, 2, 4, 4)))),  # 37 + 23 us; CUDA 25 + 13 us (H200)
         (4, _cfg(16, (128, 64, 4, 3, 3), (64, 64, 4, 3, 3),
-                 mma=((4, 4, 4), (4, 1, 3, 2)))),  # 97 + 58 us; CUDA 65 + 39 us (H200)
+                 mma=((4, 4, 3), (4, 1, 4, 2)))),  # 88 + 54 us; CUDA 64 + 33 us (H200)
         (16, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 3),
-                  mma=((8, 2, 4), (4, 4, 3, 0)))),  # 278 + 151 us; CUDA 167 + 94 us (H200)
+                  mma=((8, 2, 4), (4, 4, 3, 1)))),  # 257 + 147 us; CUDA 167 + 92 us (H200)
         (64, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 3),
                   mma=((8, 2, 4), (4, 2, 3, 1)))),  # 513 + 293 us; CUDA 318 + 175 us (H200)
         (512, _cfg(32, (32, 64, 4, 3, "swap"), (64, 64, 4, 4, 1, "swap"))),  # 827 + 446 us
@@ -123,11 +124,11 @@ TUNED: dict[tuple, list[tuple[int, MoEConfig]]] = {
     ],
     ("int4", 128, 2048, 768, 8, 128): [  # qwen3-30b-a3b-zp
         (1, _cfg(16, (128, 64, 4, 3, 8), (64, 64, 4, 4, 2),
-                 mma=((8, 4, 4), (8, 4, 4, 8)))),  # 17 + 11 us; CUDA 15 + 12 us (H200)
+                 mma=((8, 8, 2), (8, 8, 2, 4)))),  # 17 + 11 us; CUDA 16 + 7 us (H200)
         (4, _cfg(16, (128, 64, 4, 4, 2), (64, 64, 4, 4, 1),
-                 mma=((4, 4, 3), (4, 2, 3, 1)))),  # 39 + 22 us; CUDA 29 + 21 us (H200)
+                 mma=((4, 4, 4), (8, 2, 3, 1)))),  # 39 + 25 us; CUDA 33 + 17 us (H200)
         (16, _cfg(16, (64, 64, 4, 4, 2), (128, 64, 4, 3, 1),
-                  mma=((4, 4, 4), (4, 1, 3, 0)))),  # 97 + 53 us; CUDA 61 + 41 us (H200)
+                  mma=((4, 4, 3), (4, 1, 3, 1)))),  # 88 + 46 us; CUDA 59 + 36 us (H200)
         (64, _cfg(16, (128, 64, 4, 3), (64, 64, 4, 4, 1),
                   mma=((4, 2, 4), (4, 1, 4, 0)))),  # 117 + 72 us; CUDA 82 + 54 us (H200)
         (512, _cfg(64, (64, 64, 4, 3), (128, 64, 4, 3, 1))),  # 181 + 109 us

@@ -12,16 +12,18 @@
 #include <torch/library.h>
 
 #include "gpu_kernels.h"
+#include "gpu_ops.h"
 #include "op_args.h"
 
 namespace moeprep {
-namespace {
 
 void check_launch(int error, const char* op) {
   TORCH_CHECK(error == 0, "moeprep: CUDA kernel ", op, " failed: ", moeprep_gpu_error_string(error));
 }
 
 void* stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+namespace {
 
 // The kernels move 16-byte (or 8-byte) units: give them 16-byte aligned inputs.
 at::Tensor aligned(const at::Tensor& x) {

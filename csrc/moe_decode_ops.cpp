@@ -4,12 +4,11 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <optional>
 
+#include "gpu_ops.h"
 #include "moe_decode.h"
 
 namespace moeprep {
@@ -76,10 +75,6 @@ MoeDecodeArgs args_of(const at::Tensor& words, const at::Tensor& scale, const st
                        static_cast<int>(stages)};
 }
 
-void check_launch(int error, const char* op) {
-  TORCH_CHECK(error == 0, "moeprep: CUDA kernel ", op, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(error)));
-}
-
 void moe_decode_w13(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scale,
                     const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias, bool gu_interleaved,
                     const at::Tensor& sorted_ids, const at::Tensor& expert_ids, const at::Tensor& num_padded,
@@ -98,7 +93,7 @@ void moe_decode_w13(const at::Tensor& x, const at::Tensor& words, const at::Tens
   const c10::cuda::CUDAGuard guard(x.device());
   const MoeDecodeActivation act{swiglu ? 1 : 0, static_cast<float>(alpha), static_cast<float>(limit)};
   check_launch(moeprep_moe_decode_w13(a, x.const_data_ptr(), x.stride(0), static_cast<int>(top_k), act, h.data_ptr(),
-                                      out.data_ptr(), out.numel(), c10::cuda::getCurrentCUDAStream().stream()),
+                                      out.data_ptr(), out.numel(), stream()),
                "moe_decode_w13");
 }
 
@@ -122,7 +117,7 @@ void moe_decode_w2(const at::Tensor& h, const at::Tensor& words, const at::Tenso
   const c10::cuda::CUDAGuard guard(h.device());
   check_launch(moeprep_moe_decode_w2(a, h.const_data_ptr(), static_cast<int>(topk_weights.size(1)), out.data_ptr(),
                                      out.stride(0), topk_weights.const_data_ptr<float>(), static_cast<int>(split),
-                                     c10::cuda::getCurrentCUDAStream().stream()),
+                                     stream()),
                "moe_decode_w2");
 }
 

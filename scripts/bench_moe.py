@@ -13,6 +13,11 @@ layout) and each batch size T, in one run:
 * GB/s, %copy : expert bytes our layer touched (codes, scales, zero points, biases of the
                 experts in use) over its time, and as a share of a device-to-device copy measured
                 in the same run (bytes read + written)
+* in model us : T <= 64: our layer's time as a model runs it, one of CHAIN layers (each with its
+                own copy of the weights, each layer's output the next one's input) in one CUDA
+                graph, the time of the graph / CHAIN; %copy in model as above. The graph's own
+                launch (~3 us before its first kernel, paid once per forward pass in a served
+                model) is then spread over CHAIN layers instead of charged to each
 * err         : ||out - ref|| / ||ref|| against the fp32 reference on the same routing
 
 Router logits are drawn from a seed per (model, T) (router_logits), so that every run and every
@@ -85,6 +90,8 @@ MODELS = {
     "mixtral-8x7b": Model("w4a16_preshuffle", 8, 4096, 14336, Routing("softmax_topk", 2, True), Activation("silu")),
 }
 TOKENS = (1, 4, 16, 64, 512, 2048, 8192)
+CHAIN = 8  # layers in the in-model timing's graph
+CHAIN_MAX_T = 64  # timed in a chain up to this T (decode), where a launch is a visible share
 
 
 def graphed(fn):
@@ -255,6 +262,7 @@ def bench_model(name: str, model: Model, layer_cpu, source_cpu, tokens, copy: fl
     per_expert = expert_bytes(layer_cpu, model)
     del layer_cpu, source_cpu
     baseline = TorchBf16(source, model)
+    chain = [experts] + [layer_copy(experts) for _ in range(CHAIN - 1)] if min(tokens) <= CHAIN_MAX_T else []
     print(f"# {name}: {model.target}, layer on the GPU in {time.time() - t0:.0f} s", file=sys.stderr)
     routing, act = model.routing, model.activation
     stored = prepare(experts)
@@ -279,9 +287,24 @@ def bench_model(name: str, model: Model, layer_cpu, source_cpu, tokens, copy: fl
         )
         row["gbps"] = used * per_expert / row["moe_us"] / 1e3
         row["pct_copy"] = 100 * row["gbps"] / copy
+        if T <= CHAIN_MAX_T:
+            row["model_us"] = timed_us(lambda: in_model(x, logits, routing, chain, act)) / CHAIN
+            row["pct_copy_model"] = 100 * used * per_expert / row["model_us"] / 1e3 / copy
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
         del ref
+
+
+def layer_copy(layer):
+    """The same layer in new memory: a chain's layers must not find each other's weights in L2."""
+    return replace(layer, tensors={role: t.clone() for role, t in layer.tensors.items()})
+
+
+def in_model(x: torch.Tensor, logits: torch.Tensor, routing: Routing, layers: list, act: Activation) -> torch.Tensor:
+    """The layers one after the other, as a model runs them: each one's output is the next one's input."""
+    for layer in layers:
+        x = fused_moe(x, logits, routing, layer, act)
+    return x
 
 
 def breakdown_model(name: str, model: Model, layer_cpu, tokens, rows: list) -> None:
@@ -621,14 +644,15 @@ def print_table(rows: list, copy: float) -> None:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
           f"device-to-device copy {copy:.0f} GB/s (read + written)")
     head = ["model", "target", "T", "route us", "torch route us", "speedup", "moe us", "bf16 us", "moe/bf16",
-            "touched MB", "GB/s", "%copy", "err", "bf16 err"]
+            "touched MB", "GB/s", "%copy", "in model us", "%copy in model", "err", "bf16 err"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
         print(f"| {r['model']} | {r['target']} | {r['T']} | {r['route_us']:.1f} | {r['torch_route_us']:.1f} | "
               f"{r['torch_route_us'] / r['route_us']:.1f}x | {r['moe_us']:.1f} | {r['bf16_us']:.1f} | "
               f"{r['moe_us'] / r['bf16_us']:.2f} | {r['touched_mb']:.0f} | {r['gbps']:.0f} | {r['pct_copy']:.0f}% | "
-              f"{r['err']:.1e} | {r['bf16_err']:.1e} |")
+              + (f"{r['model_us']:.1f} | {r['pct_copy_model']:.0f}% | " if "model_us" in r else "- | - | ")
+              + f"{r['err']:.1e} | {r['bf16_err']:.1e} |")
 
 
 def main() -> None:

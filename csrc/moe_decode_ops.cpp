@@ -61,11 +61,10 @@ MoeDecodeArgs args_of(const at::Tensor& words, const at::Tensor& scale, const st
     TORCH_CHECK(bias->numel() == experts * n, "moeprep: bias must be [E, N]");
   }
   TORCH_CHECK(sorted_ids.numel() >= expert_ids.numel() * 8, "moeprep: sorted_ids shorter than the blocks of 8");
-  for (const at::Tensor* t : {&words, &scale, &sorted_ids}) {
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 == 0, "moeprep: tensors must be 16-byte aligned");
+  for (const void* p : {words.const_data_ptr(), scale.const_data_ptr(), sorted_ids.const_data_ptr(),
+                        zero ? zero->const_data_ptr() : nullptr}) {
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, "moeprep: tensors must be 16-byte aligned");
   }
-  TORCH_CHECK(!zero || reinterpret_cast<uintptr_t>(zero->const_data_ptr()) % 16 == 0,
-              "moeprep: tensors must be 16-byte aligned");
   return MoeDecodeArgs{static_cast<const uint32_t*>(words.const_data_ptr()), scale.const_data_ptr(),
                        zero ? zero->const_data_ptr() : nullptr, bias ? bias->const_data_ptr() : nullptr, n, k,
                        static_cast<int>(groups), static_cast<int>(group_size), e2m1 ? 1 : 0, gu_interleaved ? 1 : 0,

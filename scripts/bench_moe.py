@@ -271,7 +271,7 @@ def bench_model(name: str, model: Model, layer_cpu, source_cpu, tokens, copy: fl
         logits = router_logits(name, model, T)
         cfg = call_config(stored, x, routing.top_k, act)
         r = route_kernel(logits, routing, cfg.route_block_m)
-        used = torch.unique(r.topk_ids).numel()
+        touched = torch.unique(r.topk_ids).numel() * per_expert
         out = fused_moe(x, logits, routing, experts, act)
         ref = experts_reference(x.float(), r.topk_weights, r.topk_ids.long(), source, act)
         row = dict(
@@ -280,16 +280,16 @@ def bench_model(name: str, model: Model, layer_cpu, source_cpu, tokens, copy: fl
             torch_route_us=timed_us(lambda: torch_routing_chain(logits, routing, model.experts)),
             moe_us=timed_us(lambda: fused_moe(x, logits, routing, experts, act)),
             bf16_us=timed_us(lambda: baseline(x, logits), graph=baseline.grouped),
-            touched_mb=used * per_expert / 1e6,
+            touched_mb=touched / 1e6,
             err=rel_err(out, ref),
             bf16_err=rel_err(baseline(x, logits), ref),
             config=asdict(cfg),
         )
-        row["gbps"] = used * per_expert / row["moe_us"] / 1e3
+        row["gbps"] = touched / row["moe_us"] / 1e3
         row["pct_copy"] = 100 * row["gbps"] / copy
         if T <= CHAIN_MAX_T:
             row["model_us"] = timed_us(lambda: in_model(x, logits, routing, chain, act)) / CHAIN
-            row["pct_copy_model"] = 100 * used * per_expert / row["model_us"] / 1e3 / copy
+            row["pct_copy_model"] = row["pct_copy"] * row["moe_us"] / row["model_us"]
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
         del ref

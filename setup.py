@@ -3,8 +3,11 @@
 - ``moeprep._C``: op schemas and CPU kernels. Always built; a missing C++ compiler or a failed
   build stops the install with a message saying so.
 - ``moeprep._C_cuda``: CUDA kernels, built when torch has CUDA and nvcc is found (on CUDA, not
-  ROCm, builds also the tensor-core MoE GEMMs for decode batches, sm_80+). If that build
-  fails the install goes on with a warning (the CPU ops still work).
+  ROCm, builds also the tensor-core MoE GEMMs: for decode batches, sm_80+, and for prefill,
+  sm_90a). If that build fails the install goes on with a warning (the CPU ops still work).
+
+Without TORCH_CUDA_ARCH_LIST the CUDA ops are built for the visible GPUs, as torch does, except
+that sm_90 builds as sm_90a (the prefill GEMMs' wgmma needs it); with it, as it says.
 
 Install with ``pip install --no-build-isolation -e .`` so the build uses the installed torch.
 ``MOEPREP_NO_CUDA=1`` skips the CUDA part.
@@ -46,10 +49,19 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+def _set_cuda_arch_list() -> None:
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or not torch.cuda.is_available():
+        return
+    archs = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    archs = [a + "a" if a == "9.0" else a for a in archs]
+    archs[-1] += "+PTX"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+
+
 def _extensions() -> list:
     cxx = _cxx_flags()
     link = ["-fopenmp"] if "-fopenmp" in cxx else []
-    headers = sorted(str(p) for p in Path("csrc").glob("*.h"))  # rebuild triggers, and shipped in the sdist
+    headers = sorted(str(p) for p in Path("csrc").glob("*.h*"))  # rebuild triggers, and shipped in the sdist
     exts = [
         cpp_extension.CppExtension(
             CPU_EXT, ["csrc/cpu_ops.cpp"], depends=headers, extra_compile_args={"cxx": cxx}, extra_link_args=link
@@ -57,8 +69,9 @@ def _extensions() -> list:
     ]
     if _want_cuda():
         sources = ["csrc/gpu_ops.cpp", "csrc/gpu_kernels.cu"]
-        if torch.version.hip is None:  # the decode MoE GEMMs are mma.sync PTX; HIP takes the Triton kernels
-            sources += ["csrc/moe_decode_ops.cpp", "csrc/moe_decode.cu"]
+        if torch.version.hip is None:  # the MoE GEMMs are mma.sync / wgmma PTX; HIP takes the Triton kernels
+            sources += ["csrc/moe_decode_ops.cpp", "csrc/moe_decode.cu", "csrc/moe_prefill.cu"]
+            _set_cuda_arch_list()
         exts.append(
             cpp_extension.CUDAExtension(
                 CUDA_EXT,

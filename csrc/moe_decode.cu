@@ -42,6 +42,7 @@
 
 #include <mutex>
 
+#include "cuda_asm.cuh"
 #include "moe_decode.h"
 
 namespace moeprep {
@@ -71,15 +72,6 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
 #endif
 }
 
-__device__ __forceinline__ void copy16(uint32_t smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem), "l"(gmem));
-}
-__device__ __forceinline__ void copies_done() { asm volatile("cp.async.commit_group;"); }
-template <int PENDING>
-__device__ __forceinline__ void wait_copies() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(PENDING));
-}
-
 // Programmatic dependent launch (sm_90): w2_kernel is launched while w13_kernel still runs, so
 // that its CTAs set up and request their first weights early. wait_for_primary blocks until the
 // kernel launched before it has finished and its writes (h, the zeroed output) are visible; a
@@ -100,44 +92,14 @@ __device__ __forceinline__ void allow_dependents() {
 #endif
 }
 
-// out[0:2] += (lo, hi) rounded to bf16: one bf16x2 reduction in L2 on sm_90, which has them;
-// earlier GPUs take two compare-and-swap loops
-__device__ __forceinline__ void add_bf16x2(__nv_bfloat16* out, float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("red.global.add.noftz.bf16x2 [%0], %1;" ::"l"(out), "r"(*reinterpret_cast<const uint32_t*>(&v))
-               : "memory");
-#else
-  atomicAdd(out, v.x);
-  atomicAdd(out + 1, v.y);
-#endif
-}
-
 __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   uint32_t v;
   asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
   return v;
 }
-__device__ __forceinline__ void lds128(uint32_t addr, uint32_t (&v)[4]) {
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "r"(addr));
-}
 
 // How the codes are stored: int4 with zero point 8 (signed) or per-group zero points, or E2M1
 enum class Codes { kSigned, kZeroPoint, kE2m1 };
-
-// The bf16 pair (128 + u_lo, 128 + u_hi) of the nibbles at bits 0 and 16. Signed codes are two's
-// complement nibbles: u = q ^ 8 = q + 8, the xor folded into the same lop3 (0x6A: (a & b) ^ c,
-// where c's bit 3 flips the nibble's top bit); unsigned ones keep u = q (0xEA: (a & b) | c).
-template <bool ZP>
-__device__ __forceinline__ uint32_t codes_pair(uint32_t word) {
-  uint32_t x;
-  if (ZP) {
-    asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(x) : "r"(word));
-  } else {
-    asm("lop3.b32 %0, %1, 0x000F000F, 0x43084308, 0x6A;" : "=r"(x) : "r"(word));
-  }
-  return x;
-}
 
 // The bf16 pair (v_j, v_j+4) * 2^-126 of the E2M1 codes at bits 4 j and 4 j + 16 (j < 4, a
 // constant once unrolled): magnitude bits e1 e0 m to bits 8..6, sign to bit 15. The right shifts

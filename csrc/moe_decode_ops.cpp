@@ -10,6 +10,7 @@
 
 #include "gpu_ops.h"
 #include "moe_decode.h"
+#include "moe_prefill.h"
 
 namespace moeprep {
 namespace {
@@ -120,6 +121,64 @@ void moe_decode_w2(const at::Tensor& h, const at::Tensor& words, const at::Tenso
                "moe_decode_w2");
 }
 
+// The prefill GEMMs' own limits on top of args_of's: routed blocks of 256 pairs, tiles of 128 rows,
+// an even number of 64-k windows.
+void check_prefill(const MoeDecodeArgs& a, const at::Tensor& sorted_ids) {
+  TORCH_CHECK(a.e2m1 == 0, "moeprep: the prefill GEMMs take int4 codes");
+  TORCH_CHECK(a.n % 128 == 0 && a.k % 128 == 0, "moeprep: the prefill GEMMs need N and K multiples of 128");
+  TORCH_CHECK(sorted_ids.numel() >= static_cast<int64_t>(a.num_m_blocks) * 256,
+              "moeprep: sorted_ids shorter than the blocks of 256");
+}
+
+void moe_prefill_w13(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scale,
+                     const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias,
+                     const at::Tensor& sorted_ids, const at::Tensor& expert_ids, const at::Tensor& num_padded,
+                     int64_t top_k, bool swiglu, double alpha, double limit, at::Tensor& h, at::Tensor& out) {
+  TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0,
+              "moeprep: x must be bf16 [T, H] with rows 16-byte aligned");
+  const int64_t pairs = x.size(0) * top_k;
+  const MoeDecodeArgs a = args_of(words, scale, zero, bias, false, sorted_ids, expert_ids, num_padded, pairs, 4, 1, 2);
+  check_prefill(a, sorted_ids);
+  TORCH_CHECK(x.size(1) == a.k && reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0,
+              "moeprep: x does not match the codes");
+  check_cuda(h, at::kBFloat16, "h");
+  check_cuda(out, at::kBFloat16, "out");
+  TORCH_CHECK(h.numel() == pairs * a.n / 2 && out.numel() % 8 == 0, "moeprep: h must be [T * top_k, I]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const MoeDecodeActivation act{swiglu ? 1 : 0, static_cast<float>(alpha), static_cast<float>(limit)};
+  check_launch(moeprep_moe_prefill_w13(a, x.const_data_ptr(), x.stride(0), static_cast<int>(top_k), act,
+                                       h.data_ptr(), out.data_ptr(), out.numel(), stream()),
+               "moe_prefill_w13");
+}
+
+void moe_prefill_w2(const at::Tensor& h, const at::Tensor& words, const at::Tensor& scale,
+                    const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias,
+                    const at::Tensor& sorted_ids, const at::Tensor& expert_ids, const at::Tensor& num_padded,
+                    const at::Tensor& topk_weights, at::Tensor& out) {
+  check_cuda(h, at::kBFloat16, "h");
+  check_cuda(topk_weights, at::kFloat, "topk_weights");
+  check_cuda(out, at::kBFloat16, "out");
+  TORCH_CHECK(topk_weights.dim() == 2 && out.dim() == 2 && out.size(0) == topk_weights.size(0),
+              "moeprep: topk_weights must be [T, top_k] and out [T, H]");
+  const int64_t pairs = topk_weights.numel();
+  const MoeDecodeArgs a = args_of(words, scale, zero, bias, false, sorted_ids, expert_ids, num_padded, pairs, 4, 1, 2);
+  check_prefill(a, sorted_ids);
+  TORCH_CHECK(h.numel() == pairs * a.k && out.size(1) == a.n, "moeprep: h must be [T * top_k, I] and out [T, H]");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0 && out.stride(0) % 2 == 0,
+              "moeprep: out must be 4-byte aligned");
+  const c10::cuda::CUDAGuard guard(h.device());
+  check_launch(moeprep_moe_prefill_w2(a, h.const_data_ptr(), static_cast<int>(topk_weights.size(1)), out.data_ptr(),
+                                      out.stride(0), topk_weights.const_data_ptr<float>(), stream()),
+               "moe_prefill_w2");
+}
+
+bool moe_prefill_available(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  int available = 0;
+  check_launch(moeprep_moe_prefill_available(&available), "moe_prefill_available");
+  return available != 0;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moeprep, m) {
@@ -131,11 +190,21 @@ TORCH_LIBRARY_FRAGMENT(moeprep, m) {
       "moe_decode_w2(Tensor h, Tensor words, Tensor scale, Tensor? zero, Tensor? bias, Tensor sorted_ids, "
       "Tensor expert_ids, Tensor num_padded, Tensor topk_weights, int warps, int k_warps, int stages, int split, "
       "Tensor(a!) out) -> ()");
+  m.def(
+      "moe_prefill_w13(Tensor x, Tensor words, Tensor scale, Tensor? zero, Tensor? bias, Tensor sorted_ids, "
+      "Tensor expert_ids, Tensor num_padded, int top_k, bool swiglu, float alpha, float limit, Tensor(a!) h, "
+      "Tensor(b!) out) -> ()");
+  m.def(
+      "moe_prefill_w2(Tensor h, Tensor words, Tensor scale, Tensor? zero, Tensor? bias, Tensor sorted_ids, "
+      "Tensor expert_ids, Tensor num_padded, Tensor topk_weights, Tensor(a!) out) -> ()");
+  m.def("moe_prefill_available(int device) -> bool", &moe_prefill_available);
 }
 
 TORCH_LIBRARY_IMPL(moeprep, CUDA, m) {
   m.impl("moe_decode_w13", &moe_decode_w13);
   m.impl("moe_decode_w2", &moe_decode_w2);
+  m.impl("moe_prefill_w13", &moe_prefill_w13);
+  m.impl("moe_prefill_w2", &moe_prefill_w2);
 }
 
 }  // namespace moeprep

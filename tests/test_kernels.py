@@ -469,3 +469,84 @@ def test_mma_decode_ops_check_their_arguments():
         torch.ops.moeprep.moe_decode_w2(h, w2.words, w2.scale, w2.zero, None, r.sorted_ids, r.expert_ids, r.num_padded,
                                         r.topk_weights, 4, 4, 3, 1,
                                         torch.empty(257, device=DEVICE, dtype=torch.bfloat16)[1:].view(2, 128))
+
+
+# ---- the CUDA prefill GEMMs (kernels/wgmma_prefill.py) --------------------------------------
+def wgmma_config() -> configs.MoEConfig:
+    g = configs.GemmConfig(64, 64, 4, 3)
+    return configs.MoEConfig(64, g, g, wgmma=True)
+
+
+def _wgmma_available() -> bool:
+    from moeprep.kernels import wgmma_prefill
+
+    return HAS_GPU and wgmma_prefill.available(torch.device(DEVICE))
+
+
+def test_wgmma_prefill_says_why_it_cannot_run():
+    from moeprep.kernels import fused, wgmma_prefill
+
+    x = torch.zeros(2, 256, dtype=torch.bfloat16)
+    mx = fused.prepare(random_layer("mxfp4_preshuffle", 4, 256, 128)[0])
+    assert "needs int4 codes" in wgmma_prefill.problems(mx, x, SILU)
+    narrow = fused.prepare(random_layer("w4a16_preshuffle", 4, 256, 64)[0])
+    assert any("divisible by 128" in p for p in wgmma_prefill.problems(narrow, x, SILU))
+    permuted = fused.prepare(random_layer("w4a16_preshuffle_zp", 4, 256, 128, desc_act=True)[0])
+    assert "needs no input permutation" in wgmma_prefill.problems(permuted, x, SILU)
+    if not HAS_GPU:
+        stored = fused.prepare(random_layer("w4a16_preshuffle", 4, 256, 128)[0])
+        assert wgmma_prefill.problems(stored, x, SILU) == ["needs a CUDA GPU of compute capability >= 8.0"]
+        # the Triton GEMMs of the same config run instead
+        layer, source = random_layer("w4a16_preshuffle", 4, 256, 128)
+        run_and_check(layer, source, MIXTRAL, SILU, 3, torch.bfloat16, config=wgmma_config())
+
+
+def test_tuned_prefill_entries_pick_the_wgmma_kernels():
+    cpu = torch.device("cpu")
+    assert configs.pick(2048, 2, 8, 4096, 14336, "int4", cpu, (32, 32)).wgmma
+    assert configs.pick(2048, 2, 8, 4096, 14336, "int4", cpu, (32, 32)).route_block_m == 256
+    assert not configs.pick(16, 2, 8, 4096, 14336, "int4", cpu, (32, 32)).wgmma
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _wgmma_available(), reason="needs an sm_90 GPU and moeprep's CUDA prefill kernels")
+@pytest.mark.parametrize("target,group,act", [("w4a16_preshuffle", 32, SILU), ("w4a16_preshuffle", 128, SILU),
+                                              ("w4a16_preshuffle_zp", 32, SILU), ("w4a16_preshuffle_zp", 64, SWIGLU),
+                                              ("w4a16_preshuffle_zp", 128, SILU)])
+def test_wgmma_prefill_variants_small(target, group, act):
+    # blocks of 256 routed rows: T = 600 with top-3 of 4 experts puts up to 600 rows on an expert; the
+    # gpt-oss activation comes with biases
+    layer, source = random_layer(target, 4, 512, 256, group_size=group, bias=act is SWIGLU)
+    for T in (1, 37, 600):
+        run_and_check(layer, source, Routing("softmax_topk", 3, False), act, T, torch.bfloat16, config=wgmma_config())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _wgmma_available(), reason="needs an sm_90 GPU and moeprep's CUDA prefill kernels")
+@pytest.mark.parametrize("model", ["qwen3-30b-a3b", "qwen3-30b-a3b-zp", "mixtral-8x7b"])
+def test_wgmma_prefill_real_shapes(model):
+    target, E, H, I, routing, act, bias, _ = MODELS[model]
+    layer, source = random_layer(target, E, H, I, bias=bias, group_size=128 if target.endswith("_zp") else 32)
+    for T in (64, 512, 2048):
+        run_and_check(layer, source, routing, act, T, torch.bfloat16, config=wgmma_config())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _wgmma_available(), reason="needs an sm_90 GPU and moeprep's CUDA prefill kernels")
+def test_wgmma_prefill_ops_check_their_arguments():
+    from moeprep.kernels import fused
+
+    stored = fused.prepare(layer_to(random_layer("w4a16_preshuffle", 4, 256, 64)[0], DEVICE))
+    r = route_kernel(torch.randn(2, 4, device=DEVICE), MIXTRAL, 256)
+    x = torch.randn(2, 256, device=DEVICE, dtype=torch.bfloat16)
+    h = torch.empty(4, 64, device=DEVICE, dtype=torch.bfloat16)
+    out = torch.empty(2, 256, device=DEVICE, dtype=torch.bfloat16)
+    w = stored.w13
+    r8 = route_kernel(torch.randn(2, 4, device=DEVICE), MIXTRAL, 8)
+    with pytest.raises(RuntimeError, match="blocks of 256"):
+        torch.ops.moeprep.moe_prefill_w13(x, w.words, w.scale, w.zero, None, r8.sorted_ids, r8.expert_ids,
+                                          r8.num_padded, 2, False, 1.0, 1.0, h, out)
+    w2 = stored.w2  # K = 64
+    with pytest.raises(RuntimeError, match="N and K multiples of 128"):
+        torch.ops.moeprep.moe_prefill_w2(h, w2.words, w2.scale, w2.zero, None, r.sorted_ids, r.expert_ids,
+                                         r.num_padded, r.topk_weights, out)

@@ -5,7 +5,8 @@ Modules, each beside its reference (``reference.py``) and tests (``tests/test_ke
 dequantization of each stored format), ``moe_gemm`` (the two grouped GEMMs with the activation
 and the weighted top-k sum fused in), ``configs`` (tile sizes), ``fused`` (the entry point, :func:`fused_moe`).
 On CUDA, decode batches take hand-written tensor-core GEMMs instead
-(``mma_decode``, ``csrc/moe_decode.cu``) where the configuration asks for them.
+(``mma_decode``, ``csrc/moe_decode.cu``), and int4 prefill batches on Hopper the wgmma GEMMs
+(``wgmma_prefill``, ``csrc/moe_prefill.cu``), where the configuration asks for them.
 
 Triton is optional: :func:`available` says whether these kernels can run here.
 """

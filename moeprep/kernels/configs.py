@@ -52,24 +52,31 @@ class MmaDecode:
         return 8  # routed rows per block: the MMA's N
 
 
+WGMMA_BLOCK_M = 256  # routed rows per block of the CUDA prefill GEMMs
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     block_m: int  # shared by both GEMMs: the routing pads every expert's rows to it
     w13: GemmConfig
     w2: GemmConfig
     mma: Optional[MmaDecode] = None  # the CUDA decode GEMMs (with their own block_m) where they apply
+    wgmma: bool = False  # the CUDA Hopper prefill GEMMs (kernels/wgmma_prefill.py) where they apply
 
     @property
     def route_block_m(self) -> int:
-        """The block size the routing pads to: the CUDA decode GEMMs' when they run."""
+        """The block size the routing pads to: that of the CUDA GEMMs when they run."""
+        if self.wgmma:
+            return WGMMA_BLOCK_M
         return self.block_m if self.mma is None else self.mma.block_m
 
 
-def _cfg(block_m: int, w13: tuple, w2: tuple, mma: Optional[tuple] = None) -> MoEConfig:
+def _cfg(block_m: int, w13: tuple, w2: tuple, mma: Optional[tuple] = None, wgmma: bool = False) -> MoEConfig:
     """Tuples of GemmConfig's leading fields, ending in "swap" for swap_ab; ``mma``: the (w13, w2)
-    MmaGemm fields of the CUDA decode GEMMs, which take over where they apply."""
+    MmaGemm fields of the CUDA decode GEMMs, which take over where they apply; ``wgmma``: the CUDA
+    prefill GEMMs take over where they apply."""
     decode = None if mma is None else MmaDecode(MmaGemm(*mma[0]), MmaGemm(*mma[1]))
-    return MoEConfig(block_m, _gemm(w13), _gemm(w2), decode)
+    return MoEConfig(block_m, _gemm(w13), _gemm(w2), decode, wgmma)
 
 
 def _gemm(fields: tuple) -> GemmConfig:
@@ -93,8 +100,10 @@ TUNED: dict[tuple, list[tuple[int, MoEConfig]]] = {
                   mma=((4, 2, 3), (8, 8, 3, 0)))),  # 273 + 141 us; CUDA 161 + 77 us (H200)
         (64, _cfg(32, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 2, "swap"))),  # 306 + 162 us
         (512, _cfg(128, (64, 64, 4, 3, "swap"), (128, 128, 8, 4, 1))),  # 803 + 538 us
-        (2048, _cfg(128, (64, 64, 4, 3, "swap"), (256, 64, 8, 3, 1, "swap"))),  # 2262 + 1382 us
-        (8192, _cfg(128, (64, 64, 4, 3, "swap"), (256, 64, 8, 3, 1, "swap"))),  # 8158 + 4430 us
+        (2048, _cfg(128, (64, 64, 4, 3, "swap"), (256, 64, 8, 3, 1, "swap"),
+                    wgmma=True)),  # 2262 + 1382 us; CUDA 2370 + 1135 us (H200)
+        (8192, _cfg(128, (64, 64, 4, 3, "swap"), (256, 64, 8, 3, 1, "swap"),
+                    wgmma=True)),  # 8158 + 4430 us; CUDA 8941 + 4033 us (H200)
     ],
     ("int4", 128, 2048, 768, 8, 32): [  # qwen3-30b-a3b
         (1, _cfg(16, (64, 64, 4, 3, 4, "swap"), (128, 64, 4, 4, 2, "swap"),
@@ -207,7 +216,7 @@ def fit(cfg: MoEConfig, tokens: int, top_k: int, experts: int, hidden: int, inte
     # every split adds each token's top-k partial sums into the output once more, rounded to its
     # dtype each time: keep it to MAX_ADDS roundings (32 measured 8e-3 of bf16 error, near the 1e-2 bound)
     wanted = min(wanted, max(1, MAX_ADDS // top_k))
-    return MoEConfig(cfg.block_m, w13, replace(w2, split_k=_split(wanted, inter // w2.block_k)), cfg.mma)
+    return MoEConfig(cfg.block_m, w13, replace(w2, split_k=_split(wanted, inter // w2.block_k)), cfg.mma, cfg.wgmma)
 
 
 def _split(wanted: int, k_tiles: int) -> int:

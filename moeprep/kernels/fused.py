@@ -1,6 +1,6 @@
 """``fused_moe``: routing and both expert GEMMs on the stored layouts, three to five launches: the
-Triton GEMMs (moe_gemm.py), or for decode batches on CUDA the tensor-core GEMMs of mma_decode.py
-where the configuration asks for them and they apply."""
+Triton GEMMs (moe_gemm.py), or on CUDA the tensor-core GEMMs of mma_decode.py (decode batches) or
+wgmma_prefill.py (prefill batches, Hopper) where the configuration asks for them and they apply."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -13,7 +13,7 @@ from ..errors import MoeprepError, UnsupportedError
 from ..serve.loader import ExpertWeights
 from ..serve.reference import Activation
 from ..serve.routing import Routing
-from . import configs, mma_decode, moe_gemm
+from . import configs, mma_decode, moe_gemm, wgmma_prefill
 from ._triton import INTERPRET
 from .routing import RoutedTokens, route
 
@@ -139,6 +139,9 @@ def fused_moe(
     if cfg.mma is not None:
         mma_decode.launch_w13(layer, hidden, r, h, out, activation, cfg.mma)
         mma_decode.launch_w2(layer, h, r, out, cfg.mma)
+    elif cfg.wgmma:
+        wgmma_prefill.launch_w13(layer, hidden, r, h, out, activation)
+        wgmma_prefill.launch_w2(layer, h, r, out)
     else:
         launch_w13(layer, hidden, r, h, out, activation, cfg)
         launch_w2(layer, h, r, out, cfg)
@@ -147,11 +150,13 @@ def fused_moe(
 
 def call_config(layer: Layer, hidden: torch.Tensor, top_k: int, activation: Activation,
                 config: Optional[configs.MoEConfig] = None) -> configs.MoEConfig:
-    """The configuration a call on ``hidden`` runs: :func:`pick_config`'s, without the CUDA decode
-    GEMMs where they do not apply (their Triton stand-ins run)."""
+    """The configuration a call on ``hidden`` runs: :func:`pick_config`'s, without the CUDA GEMMs
+    where they do not apply (their Triton stand-ins run)."""
     cfg = pick_config(layer, hidden.shape[0], top_k, hidden.device, config)
     if cfg.mma is not None and mma_decode.problems(layer, hidden, activation):
         cfg = replace(cfg, mma=None)
+    if cfg.wgmma and wgmma_prefill.problems(layer, hidden, activation):
+        cfg = replace(cfg, wgmma=False)
     return cfg
 
 

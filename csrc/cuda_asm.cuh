@@ -1,0 +1,49 @@
+// Inline-PTX helpers shared by the CUDA MoE GEMMs (moe_decode.cu, moe_prefill.cu). CUDA only.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+namespace moeprep {
+
+__device__ __forceinline__ void copy16(uint32_t smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem), "l"(gmem));
+}
+__device__ __forceinline__ void copies_done() { asm volatile("cp.async.commit_group;"); }
+template <int PENDING>
+__device__ __forceinline__ void wait_copies() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(PENDING));
+}
+
+// out[0:2] += (lo, hi) rounded to bf16: one bf16x2 reduction in L2 on sm_90, which has them;
+// earlier GPUs take two compare-and-swap loops
+__device__ __forceinline__ void add_bf16x2(__nv_bfloat16* out, float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.noftz.bf16x2 [%0], %1;" ::"l"(out), "r"(*reinterpret_cast<const uint32_t*>(&v))
+               : "memory");
+#else
+  atomicAdd(out, v.x);
+  atomicAdd(out + 1, v.y);
+#endif
+}
+
+__device__ __forceinline__ void lds128(uint32_t addr, uint32_t (&v)[4]) {
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "r"(addr));
+}
+
+// The bf16 pair (128 + u_lo, 128 + u_hi) of the nibbles at bits 0 and 16. Signed codes are two's
+// complement nibbles: u = q ^ 8 = q + 8, the xor folded into the same lop3 (0x6A: (a & b) ^ c,
+// where c's bit 3 flips the nibble's top bit); unsigned ones keep u = q (0xEA: (a & b) | c).
+template <bool ZP>
+__device__ __forceinline__ uint32_t codes_pair(uint32_t word) {
+  uint32_t x;
+  if (ZP) {
+    asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(x) : "r"(word));
+  } else {
+    asm("lop3.b32 %0, %1, 0x000F000F, 0x43084308, 0x6A;" : "=r"(x) : "r"(word));
+  }
+  return x;
+}
+
+}  // namespace moeprep

@@ -1,0 +1,614 @@
+// Prefill-size grouped GEMMs of the int4 MoE targets (w4a16_preshuffle, w4a16_preshuffle_zp) on
+// Hopper: warpgroup MMAs (wgmma, sm_90a) with the weights in registers, bf16 operands, fp32
+// accumulation.
+//
+// Why a hand-written kernel: at hundreds of tokens per expert the GEMMs are tensor-core bound, and
+// a weight tile must be decoded before its MMAs. Writing the decoded tile to shared memory (the
+// Triton kernels, and a warp-specialised wgmma version measured in docs/benchmarks.md, tenth round)
+// costs a shared-memory round trip per weight and puts the decode on the MMAs' critical path. Here the weights are the MMA's A operand, taken from
+// registers: each consumer thread decodes exactly the 16 weights of its fragment for a 16-k step
+// (rows g and g + 8 of its warp's 16, k 2t..2t+1 and 2t+8..2t+9) while the previous window's MMAs
+// run. Shared memory carries only the gathered activation rows (the MMA's B operand), the packed
+// codes and their scales, all copied by a producer warpgroup (cp.async) a few windows ahead.
+//
+// The outputs come out transposed: the accumulator rows are weight rows, its columns routed rows
+// (lane l of warp w holds weight rows 16 w + l / 4 and + 8, routed rows 8 i + 2 (l % 4) and + 1).
+// The epilogues pair neighbouring lanes (one shuffle) so that every store covers two adjacent
+// columns.
+//
+// Tiles: 256 routed rows (the MMA's N; 128 for a block whose second half is padding) x 128 weight
+// rows (two consumer warpgroups of 64). w13
+// takes 64 columns of h: warp w of consumer warpgroup c holds columns 32 c + 8 w + l / 4 as its
+// rows g (gate) and g + 8 (up), so that one thread holds both halves of the activation.
+//
+// CUDA sm_90a only: other builds keep the kernels as traps and report them unavailable
+// (moeprep_moe_prefill_available), and the Triton kernels run.
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "cuda_asm.cuh"
+#include "moe_prefill.h"
+
+namespace moeprep {
+namespace {
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MOEPREP_WGMMA 1
+#else
+#define MOEPREP_WGMMA 0
+#endif
+
+constexpr int kTok = 256;   // routed rows per block: the MMA's N
+constexpr int kRows = 128;  // weight rows per CTA: two consumer warpgroups of 64
+constexpr int kBK = 64;     // k per window: one 128-byte swizzle span of bf16
+constexpr int kProducers = 128;
+constexpr int kThreads = kProducers + 2 * 128;
+constexpr int kActTile = kTok * 128;
+constexpr int kCodeTile = kRows * kBK / 2;                  // 8 blocks of 16 rows, 512 bytes each
+constexpr int kScaleOff = kActTile + kCodeTile;             // a word per row: its group pair's bf16 scales
+constexpr int kZeroOff = kScaleOff + kRows * 4;              // and two bytes: its zero points
+constexpr int kStage = (kZeroOff + kRows * 2 + 1023) / 1024 * 1024;  // the swizzle's alignment
+constexpr int kCodeUnits = kCodeTile / 16 / kProducers;     // 16-byte units of codes per producer thread
+constexpr int kStages = 5;
+constexpr int kAhead = 3;  // windows of copies in flight before the producer waits for the oldest
+
+// the ring of stages (activation tile, code tile), then the mbarriers: full, empty
+struct Smem {
+  static constexpr int kFull = kStages * kStage;
+  static constexpr int kEmpty = kFull + 8 * kStages;
+  static constexpr int kBytes = kEmpty + 8 * kStages + 1024;  // and room to align the stages to 1024 bytes
+};
+
+// 1 in the module the device loaded if it has the kernels (compiled for sm_90a)
+__device__ int prefill_built = MOEPREP_WGMMA;
+
+struct Gemm {
+  const __nv_bfloat16* act;  // activation rows; routed pair p reads row p / act_div
+  int64_t act_stride;
+  int act_div;
+  const uint32_t* words;       // [E, n, k / 8] in the preshuffled order
+  const uint32_t* scale;       // bf16 [E, groups / 2, n, 2], as one word per (row, pair of groups)
+  const uint16_t* zero;        // in the scales' layout, or null (signed codes)
+  const __nv_bfloat16* bias;   // [E, n] or null
+  int64_t n, k;
+  int groups, log2_group;
+  const int32_t* sorted_ids;  // routed pairs by expert, padded to blocks of kTok
+  const int32_t* expert_ids;
+  const int32_t* num_padded;
+  int num_pairs, num_m_blocks;
+};
+
+__device__ __forceinline__ void copy16_or_zeros(uint32_t smem, const void* gmem, uint32_t bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(bytes));
+}
+
+__device__ __forceinline__ void bar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void bar_arrive(uint32_t bar) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void bar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// the copies' shared-memory writes become visible to the MMAs (the async proxy)
+__device__ __forceinline__ void fence_async_shared() {
+#if MOEPREP_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
+// the producer gives registers to the consumers: 128 x 88 + 256 x 200 fits the 64 K of an SM (the
+// producer spills below 88)
+template <bool PRODUCER>
+__device__ __forceinline__ void set_registers() {
+#if MOEPREP_WGMMA
+  if (PRODUCER) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 88;");
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 200;");
+  }
+#endif
+}
+
+// descriptor of a K-major bf16 tile with the 128-byte swizzle: 8-row groups 1024 bytes apart
+__device__ __forceinline__ uint64_t tile_desc(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if MOEPREP_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if MOEPREP_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+#endif
+}
+template <int PENDING>
+__device__ __forceinline__ void wgmma_wait() {
+#if MOEPREP_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(PENDING) : "memory");
+#endif
+}
+
+// d += A B for the warpgroup's 64 weight rows (A: this thread's fragment) and N routed rows (B:
+// K-major in shared memory), 16 k
+template <int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {
+#if MOEPREP_WGMMA
+  if constexpr (N == 256) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  } else {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  }
+#endif
+}
+
+// keeps the compiler from moving accumulator accesses across the asynchronous MMAs
+template <int A>
+__device__ __forceinline__ void pin(float (&d)[A]) {
+#pragma unroll
+  for (int i = 0; i < A; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint32_t lds16(uint32_t addr) {
+  uint16_t v;
+  asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint2 lds64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t bf16x2_sub_mul(uint32_t x, uint32_t offset, uint32_t scale) {
+  __nv_bfloat162 v = *reinterpret_cast<__nv_bfloat162*>(&x);
+  v = __hmul2(__hsub2(v, *reinterpret_cast<__nv_bfloat162*>(&offset)), *reinterpret_cast<__nv_bfloat162*>(&scale));
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// A row's fragment part for one 16-k step: its 16 codes are two words (k j and j + 4 in byte
+// j % 4, low then high nibble; the second word for k + 8); this lane takes k 2t, 2t + 1 (bytes
+// 2 (t % 2) and + 1 of the first word, nibble t / 2) and the same of the second word. Returns
+// (k 2t..2t+1, k 2t+8..2t+9) as bf16 pairs (128 + u - (128 + z)) * s: the difference exact, one rounding.
+template <bool ZP>
+__device__ __forceinline__ uint2 decode_row(uint2 w, uint32_t select, uint32_t shift, uint32_t offset,
+                                           uint32_t scale) {
+  const uint32_t x = __byte_perm(w.x, w.y, select) >> shift;
+  return make_uint2(bf16x2_sub_mul(codes_pair<ZP>(__byte_perm(x, 0, 0x4140)), offset, scale),
+                    bf16x2_sub_mul(codes_pair<ZP>(__byte_perm(x, 0, 0x4342)), offset, scale));
+}
+
+__device__ __forceinline__ uint32_t swizzled(int row, int unit) { return row * 128 + ((unit ^ (row & 7)) << 4); }
+
+// the CTA's 16-row code blocks: w13 takes 4 blocks of gate rows and the 4 of their up rows
+template <bool W13>
+__device__ __forceinline__ int64_t code_block(const Gemm& g, int tile, int b) {
+  return W13 ? (b < 4 ? 4 * tile + b : g.n / 32 + 4 * tile + b - 4) : 8 * tile + b;
+}
+
+// The producer warpgroup: copies window j's N activation rows (thread t: unit t % 8 of rows t / 8
+// + 16 i) and codes (the 16-byte units t + 128 u of the code tile) into stage j % kStages once its
+// previous window is released, and signals window j - kAhead's stage as full once this thread's
+// copies of it have landed.
+template <bool W13, int N, bool ZP>
+__device__ void produce(const Gemm& g, uint32_t smem, int mb, int tile, int64_t expert) {
+  constexpr int kActUnits = N * 8 / kProducers;
+  const int t = threadIdx.x;
+  const int windows = static_cast<int>(g.k / kBK);
+  int act_row[kActUnits];  // 32-bit row numbers: 64-bit pointers would not fit the producer's registers
+  uint32_t pad = 0;        // bit i: row t / 8 + 16 i is padding, read as zeros
+#pragma unroll
+  for (int i = 0; i < kActUnits; ++i) {
+    const int pair = __ldg(g.sorted_ids + mb * kTok + t / 8 + kProducers / 8 * i);
+    const bool real = pair < g.num_pairs;
+    act_row[i] = real ? pair / g.act_div : 0;
+    pad |= real ? 0u : 1u << i;
+  }
+  const __nv_bfloat16* act = g.act + (t % 8) * 8;
+  const uint32_t act_dst = swizzled(t / 8, t % 8);  // + i * kProducers / 8 rows
+  const char* code_src[kCodeUnits];
+#pragma unroll
+  for (int u = 0; u < kCodeUnits; ++u) {
+    const int unit = t + kProducers * u;
+    code_src[u] = reinterpret_cast<const char*>(g.words + (expert * g.n + 16 * code_block<W13>(g, tile, unit / 32)) *
+                                                              (g.k / 8)) +
+                  unit % 32 * 16;
+  }
+  // threads 0-31 copy the scales of window j's group pair (rows 4 (t % 4) to + 3 of block t / 4),
+  // threads 32-47 the zero points (rows 8 (t % 2) to + 7 of block (t - 32) / 2)
+  const char* meta_src = nullptr;
+  if (t < 32) {
+    meta_src = reinterpret_cast<const char*>(g.scale + expert * (g.groups / 2) * g.n +
+                                             16 * code_block<W13>(g, tile, t / 4) + 4 * (t % 4));
+  } else if (ZP && t < 48) {
+    meta_src = reinterpret_cast<const char*>(g.zero + expert * (g.groups / 2) * g.n +
+                                             16 * code_block<W13>(g, tile, (t - 32) / 2) + 8 * (t % 2));
+  }
+  const int64_t meta_pair_bytes = t < 32 ? g.n * 4 : g.n * 2;
+  const uint32_t meta_dst = t < 32 ? kScaleOff + 16 * t : kZeroOff + 16 * (t - 32);
+  for (int j = 0; j < windows + kAhead; ++j) {
+    if (j < windows) {
+      const int s = j % kStages;
+      if (j >= kStages) bar_wait(smem + Smem::kEmpty + 8 * s, ((j / kStages) + 1) & 1);
+      const uint32_t stage = smem + s * kStage;
+#pragma unroll
+      for (int i = 0; i < kActUnits; ++i) {
+        copy16_or_zeros(stage + act_dst + i * (kProducers / 8) * 128, act + act_row[i] * g.act_stride + j * kBK,
+                        (pad >> i) & 1 ? 0 : 16);
+      }
+#pragma unroll
+      for (int u = 0; u < kCodeUnits; ++u) copy16(stage + kActTile + (t + kProducers * u) * 16, code_src[u] + j * 512);
+      if (meta_src) copy16(stage + meta_dst, meta_src + (((j * kBK) >> g.log2_group) >> 1) * meta_pair_bytes);
+    }
+    copies_done();  // an empty group past the end keeps the count of groups in flight
+    if (j >= kAhead) {
+      wait_copies<kAhead>();
+      fence_async_shared();
+      bar_arrive(smem + Smem::kFull + 8 * ((j - kAhead) % kStages));
+    }
+  }
+}
+
+// A consumer warpgroup's main loop: acc = its 64 weight rows of the tile times the block's first N
+// routed rows. Its thread decodes two rows of the code tile (their codes at code_a and code_b of a
+// stage, their scale words at meta_a and meta_b past kScaleOff).
+template <bool ZP, int N>
+struct Consumer {
+  const Gemm& g;
+  uint32_t smem;
+  uint32_t code_a, code_b;  // shared-memory offsets of the two rows' codes in a stage
+  uint32_t meta_a, meta_b;  // and of their scale words (zero points at half these past kZeroOff)
+  uint32_t select, shift;
+  uint32_t frag[2][4][4];
+
+  // window i: decode into frag[BUF] (whose MMAs, two windows back, are done), issue its MMAs, and
+  // release the previous window's stage once its MMAs are done
+  template <int BUF>
+  __device__ __forceinline__ void window(int i, float (&acc)[N / 2]) {
+    const int s = i % kStages;
+    bar_wait(smem + Smem::kFull + 8 * s, (i / kStages) & 1);
+    const uint32_t stage = smem + s * kStage;
+    const uint32_t sc[2] = {lds32(stage + kScaleOff + meta_a), lds32(stage + kScaleOff + meta_b)};
+    uint32_t zp[2] = {0, 0};
+    if (ZP) zp[0] = lds16(stage + kZeroOff + meta_a / 2), zp[1] = lds16(stage + kZeroOff + meta_b / 2);
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      const uint32_t half = ((i * kBK + kk * 16) >> g.log2_group) & 1;
+      uint32_t scale[2], offset[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        scale[r] = __byte_perm(sc[r], 0, half ? 0x3232 : 0x1010);
+        offset[r] = ZP ? 0x43004300u | (((zp[r] >> (8 * half)) & 0xFF) * 0x10001u) : 0x43084308u;
+      }
+      const uint2 a = decode_row<ZP>(lds64(stage + kActTile + code_a + kk * 128), select, shift, offset[0], scale[0]);
+      const uint2 b = decode_row<ZP>(lds64(stage + kActTile + code_b + kk * 128), select, shift, offset[1], scale[1]);
+      frag[BUF][kk][0] = a.x;
+      frag[BUF][kk][1] = b.x;
+      frag[BUF][kk][2] = a.y;
+      frag[BUF][kk][3] = b.y;
+    }
+    // every operand is computed before the MMAs start: an instruction defining one between them
+    // makes ptxas serialise the MMAs
+    uint64_t desc[kBK / 16];
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      desc[kk] = tile_desc(stage + kk * 32);
+      asm volatile("" : "+l"(desc[kk])::"memory");
+#pragma unroll
+      for (int q = 0; q < 4; ++q) asm volatile("" : "+r"(frag[BUF][kk][q])::"memory");
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk) wgmma_rs<N>(acc, frag[BUF][kk], desc[kk]);
+    wgmma_commit();
+    wgmma_wait<1>();
+    if (i > 0 && threadIdx.x % 32 == 0) bar_arrive(smem + Smem::kEmpty + 8 * ((i - 1) % kStages));
+  }
+
+  __device__ __forceinline__ void run(float (&acc)[N / 2]) {
+    const int windows = static_cast<int>(g.k / kBK);
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) acc[i] = 0.0f;
+    for (int i = 0; i < windows; i += 2) {  // windows is even: a path that skipped window<1> would
+      window<0>(i, acc);                      // overwrite the fragments of MMAs in flight
+      window<1>(i + 1, acc);
+    }
+    wgmma_wait<0>();
+    pin(acc);
+  }
+};
+
+// This CTA's (block, tile): 8 consecutive blocks sweep the tiles together, so that each tile's
+// codes and each block's activation rows are read from L2 while they are shared. Returns false
+// for blocks past the routing's padded end.
+__device__ __forceinline__ bool block_and_tile(const Gemm& g, int& mb, int& tile) {
+  const int tiles = static_cast<int>(g.n / kRows), per_group = 8 * tiles, pid = blockIdx.x;
+  const int first = pid / per_group * 8, size = min(g.num_m_blocks - first, 8);
+  mb = first + pid % per_group % size;
+  tile = pid % per_group / size;
+  return mb * kTok < __ldg(g.num_padded);
+}
+
+// the 1024-byte aligned base of the dynamic shared memory, its barriers initialised
+__device__ __forceinline__ uint32_t setup_smem() {
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t smem = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023) & ~1023u;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      bar_init(smem + Smem::kFull + 8 * s, kProducers);  // every producer thread
+      bar_init(smem + Smem::kEmpty + 8 * s, 8);          // one lane per consumer warp
+    }
+  }
+  __syncthreads();
+  return smem;
+}
+
+// A consumer thread's place: its warpgroup c, warp w, lane's row g and column pair t
+struct Lane {
+  int c, w, g, t;
+  __device__ Lane() {
+    const int x = threadIdx.x - kProducers;
+    c = x / 128;
+    w = x % 128 / 32;
+    g = x % 32 / 4;
+    t = x % 4;
+  }
+};
+
+template <bool ZP, bool W13, int N>
+__device__ __forceinline__ void consume(const Gemm& g, uint32_t smem, const Lane& l, int tile, int64_t expert,
+                                        float (&acc)[N / 2]) {
+  // w13: the gate row of column 32 c + 8 w + g (block 2 c + w / 2, row 8 (w % 2) + g) and its up
+  // row (4 blocks on); w2: rows g and g + 8 of block 4 c + w
+  const int block_a = W13 ? 2 * l.c + l.w / 2 : 4 * l.c + l.w;
+  const int block_b = W13 ? block_a + 4 : block_a;
+  const int row_a = W13 ? 8 * (l.w % 2) + l.g : l.g, row_b = W13 ? row_a : l.g + 8;
+  Consumer<ZP, N> cons{g, smem, static_cast<uint32_t>(block_a * 512 + row_a * 8),
+                    static_cast<uint32_t>(block_b * 512 + row_b * 8), static_cast<uint32_t>(block_a * 64 + row_a * 4),
+                    static_cast<uint32_t>(block_b * 64 + row_b * 4),
+                    l.t % 2 ? 0x7632u : 0x5410u, static_cast<uint32_t>(4 * (l.t / 2))};
+  cons.run(acc);
+}
+
+__device__ __forceinline__ float activate(float gate, float up, const MoeDecodeActivation& act) {
+  if (act.swiglu) {
+    gate = fminf(gate, act.limit);
+    up = fminf(fmaxf(up, -act.limit), act.limit);
+    return gate / (1.0f + __expf(-act.alpha * gate)) * (up + 1.0f);
+  }
+  return gate / (1.0f + __expf(-gate)) * up;
+}
+
+// The block's routed rows need an MMA of 128 (half the cost) when its second half is padding: only
+// an expert's last block has padding, at its end.
+__device__ __forceinline__ bool half_block(const Gemm& g, int mb) {
+  return __ldg(g.sorted_ids + mb * kTok + kTok / 2) >= g.num_pairs;
+}
+
+// h[p] = act(gate, up) for the block's first N routed rows and the tile's 64 columns of h
+template <bool ZP, int N>
+__device__ __forceinline__ void w13_tile(const Gemm& g, const MoeDecodeActivation& act, __nv_bfloat16* h,
+                                         uint32_t smem, int mb, int tile, int64_t expert) {
+  if (threadIdx.x < kProducers) {
+    set_registers<true>();
+    produce<true, N, ZP>(g, smem, mb, tile, expert);
+    return;
+  }
+  set_registers<false>();
+  const Lane l;
+  float acc[N / 2];
+  consume<ZP, true, N>(g, smem, l, tile, expert, acc);
+  const int64_t inter = g.n / 2;
+  const int64_t col = static_cast<int64_t>(tile) * (kRows / 2) + 32 * l.c + 8 * l.w + l.g;
+  const float gate_bias = g.bias ? __bfloat162float(g.bias[expert * g.n + col]) : 0.0f;
+  const float up_bias = g.bias ? __bfloat162float(g.bias[expert * g.n + inter + col]) : 0.0f;
+  const int odd = l.g % 2;
+  // even lanes store (col, col + 1) of routed row 8 j + 2 t, odd lanes (col - 1, col) of the next
+#pragma unroll
+  for (int j = 0; j < N / 8; ++j) {
+    float y[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) y[e] = activate(acc[4 * j + e] + gate_bias, acc[4 * j + 2 + e] + up_bias, act);
+    const float other = __shfl_xor_sync(0xFFFFFFFF, odd ? y[0] : y[1], 4);
+    const int pair = __ldg(g.sorted_ids + mb * kTok + 8 * j + 2 * l.t + odd);
+    if (pair < g.num_pairs) {
+      *reinterpret_cast<__nv_bfloat162*>(h + pair * inter + col - odd) =
+          odd ? __floats2bfloat162_rn(other, y[1]) : __floats2bfloat162_rn(y[0], other);
+    }
+  }
+}
+
+template <bool ZP>
+__global__ void __launch_bounds__(kThreads, 1)
+    w13_kernel(Gemm g, MoeDecodeActivation act, __nv_bfloat16* h, uint4* out, int64_t out_units) {
+#if MOEPREP_WGMMA
+  const int64_t ctas = gridDim.x;
+  for (int64_t i = blockIdx.x * kThreads + threadIdx.x; i < out_units; i += ctas * kThreads) {
+    out[i] = make_uint4(0, 0, 0, 0);
+  }
+  int mb, tile;
+  if (!block_and_tile(g, mb, tile)) return;
+  const int64_t expert = __ldg(g.expert_ids + mb);
+  const uint32_t smem = setup_smem();
+  if (half_block(g, mb)) {
+    w13_tile<ZP, kTok / 2>(g, act, h, smem, mb, tile, expert);
+  } else {
+    w13_tile<ZP, kTok>(g, act, h, smem, mb, tile, expert);
+  }
+#else
+  __trap();
+#endif
+}
+
+// out[p / top_k] += w[p] (h[p] W_down^T + b) for the block's first N routed rows and the tile's 128
+// columns of out
+template <bool ZP, int N>
+__device__ __forceinline__ void w2_tile(const Gemm& g, __nv_bfloat16* out, int64_t stride_out,
+                                        const float* topk_weights, int top_k, uint32_t smem, int mb, int tile,
+                                        int64_t expert) {
+  if (threadIdx.x < kProducers) {
+    set_registers<true>();
+    produce<false, N, ZP>(g, smem, mb, tile, expert);
+    return;
+  }
+  set_registers<false>();
+  const Lane l;
+  float acc[N / 2];
+  consume<ZP, false, N>(g, smem, l, tile, expert, acc);
+  const int64_t col = static_cast<int64_t>(tile) * kRows + 64 * l.c + 16 * l.w + l.g;  // and col + 8
+  float bias[2] = {0.0f, 0.0f};
+  if (g.bias) {
+    bias[0] = __bfloat162float(g.bias[expert * g.n + col]);
+    bias[1] = __bfloat162float(g.bias[expert * g.n + col + 8]);
+  }
+  const int odd = l.g % 2;
+  // as in w13_tile: even lanes add (col, col + 1) of routed row 8 j + 2 t, odd lanes (col - 1, col)
+  // of the next; the same for the rows 8 on
+#pragma unroll
+  for (int j = 0; j < N / 8; ++j) {
+    float v[2][2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float mine0 = acc[4 * j + 2 * r] + bias[r], mine1 = acc[4 * j + 2 * r + 1] + bias[r];
+      const float other = __shfl_xor_sync(0xFFFFFFFF, odd ? mine0 : mine1, 4);
+      v[r][0] = odd ? other : mine0;
+      v[r][1] = odd ? mine1 : other;
+    }
+    const int pair = __ldg(g.sorted_ids + mb * kTok + 8 * j + 2 * l.t + odd);
+    if (pair < g.num_pairs) {
+      const float weight = __ldg(topk_weights + pair);
+      __nv_bfloat16* dst = out + pair / top_k * stride_out + col - odd;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) add_bf16x2(dst + 8 * r, v[r][0] * weight, v[r][1] * weight);
+    }
+  }
+}
+
+template <bool ZP>
+__global__ void __launch_bounds__(kThreads, 1)
+    w2_kernel(Gemm g, __nv_bfloat16* out, int64_t stride_out, const float* topk_weights, int top_k) {
+#if MOEPREP_WGMMA
+  int mb, tile;
+  if (!block_and_tile(g, mb, tile)) return;
+  const int64_t expert = __ldg(g.expert_ids + mb);
+  const uint32_t smem = setup_smem();
+  if (half_block(g, mb)) {
+    w2_tile<ZP, kTok / 2>(g, out, stride_out, topk_weights, top_k, smem, mb, tile, expert);
+  } else {
+    w2_tile<ZP, kTok>(g, out, stride_out, topk_weights, top_k, smem, mb, tile, expert);
+  }
+#else
+  __trap();
+#endif
+}
+
+Gemm make_gemm(const MoeDecodeArgs& a, const void* act, int64_t act_stride, int act_div) {
+  return Gemm{static_cast<const __nv_bfloat16*>(act), act_stride, act_div, a.words,
+              static_cast<const uint32_t*>(a.scale), static_cast<const uint16_t*>(a.zero),
+              static_cast<const __nv_bfloat16*>(a.bias), a.n, a.k, a.groups, __builtin_ctz(a.group_size),
+              a.sorted_ids, a.expert_ids, a.num_padded, a.num_pairs, a.num_m_blocks};
+}
+
+template <typename Kernel, typename... Args>
+int launch(Kernel kernel, const MoeDecodeArgs& a, void* stream, Args... args) {
+  constexpr int smem = Smem::kBytes;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return static_cast<int>(err);
+  const unsigned grid = static_cast<unsigned>(a.num_m_blocks * (a.n / kRows));
+  kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(args...);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+}  // namespace moeprep
+
+extern "C" {
+
+int moeprep_moe_prefill_available(int* available) {
+  return static_cast<int>(cudaMemcpyFromSymbol(available, moeprep::prefill_built, sizeof(int)));
+}
+
+int moeprep_moe_prefill_w13(MoeDecodeArgs a, const void* x, int64_t stride_x, int top_k, MoeDecodeActivation act,
+                            void* h, void* out, int64_t out_numel, void* stream) {
+  using namespace moeprep;
+  const Gemm g = make_gemm(a, x, stride_x, top_k);
+  auto* hp = static_cast<__nv_bfloat16*>(h);
+  auto* op = static_cast<uint4*>(out);
+  if (a.zero) return launch(w13_kernel<true>, a, stream, g, act, hp, op, out_numel / 8);
+  return launch(w13_kernel<false>, a, stream, g, act, hp, op, out_numel / 8);
+}
+
+int moeprep_moe_prefill_w2(MoeDecodeArgs a, const void* h, int top_k, void* out, int64_t stride_out,
+                           const float* topk_weights, void* stream) {
+  using namespace moeprep;
+  const Gemm g = make_gemm(a, h, a.k, 1);
+  auto* op = static_cast<__nv_bfloat16*>(out);
+  if (a.zero) return launch(w2_kernel<true>, a, stream, g, op, stride_out, topk_weights, top_k);
+  return launch(w2_kernel<false>, a, stream, g, op, stride_out, topk_weights, top_k);
+}
+
+}  // extern "C"

@@ -1,0 +1,66 @@
+"""The CUDA Hopper GEMMs for prefill batches of the int4 targets (``csrc/moe_prefill.cu``).
+
+At hundreds of tokens per expert the GEMMs are tensor-core bound. The Triton kernels decode each
+weight tile into shared memory before its MMAs; these kernels decode each thread's share of the
+weights straight into the registers of the ``wgmma`` A operand while the previous window's MMAs
+run, and a producer warpgroup fills a shared-memory ring with the gathered activation rows (the B
+operand) and the packed codes. They serve ``w4a16_preshuffle`` and
+``w4a16_preshuffle_zp`` with bf16 activations and scales, SiLU-and-mul or gpt-oss's clamped
+SwiGLU, bf16 biases or none, and no desc_act permutation, on sm_90 GPUs with a build for sm_90a;
+everything else takes the Triton kernels.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from .. import ops
+from ..serve.reference import Activation
+from . import mma_decode, moe_gemm
+from .routing import RoutedTokens
+
+TILE_N = 128  # weight rows per CTA (w13: 64 columns of h, their gate and up rows); K a multiple of it too
+
+
+@lru_cache(maxsize=None)
+def _available(device_index: int) -> bool:
+    return torch.ops.moeprep.moe_prefill_available(device_index)
+
+
+def available(device: torch.device) -> bool:
+    """Whether this build runs the kernels on ``device`` (CUDA sm_90, compiled for sm_90a)."""
+    if torch.version.hip is not None or device.type != "cuda" or not ops.has_cuda_op("moe_prefill_w13"):
+        return False
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    return _available(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def problems(layer, hidden: torch.Tensor, activation: Activation) -> list[str]:
+    """Why these kernels cannot run this call (empty when they can)."""
+    found = []
+    if layer.fmt == moe_gemm.MXFP4.value:
+        found.append("needs int4 codes")
+    found += [p for p in mma_decode.problems(layer, hidden, activation) if "decode kernels" not in p]
+    if layer.inter % TILE_N or layer.hidden % TILE_N:
+        found.append(f"needs hidden and intermediate sizes divisible by {TILE_N}")
+    if not found and not available(hidden.device):
+        found.append("needs an sm_90 GPU and a build of moeprep for sm_90a")
+    return found
+
+
+def launch_w13(layer, hidden: torch.Tensor, r: RoutedTokens, h: torch.Tensor, out: torch.Tensor,
+               activation: Activation) -> None:
+    """``h = act(hidden W_gate^T + b_gate, hidden W_up^T + b_up)`` per routed pair; zeroes ``out``."""
+    w = layer.w13
+    torch.ops.moeprep.moe_prefill_w13(hidden, w.words, w.scale, w.zero, w.bias, r.sorted_ids, r.expert_ids,
+                                      r.num_padded, r.topk_ids.shape[1], activation.kind == "swiglu_oai",
+                                      activation.alpha, activation.limit, h, out)
+
+
+def launch_w2(layer, h: torch.Tensor, r: RoutedTokens, out: torch.Tensor) -> None:
+    """``out[t] += w[t, j] * (h[t * k + j] W_down^T + b_down)``."""
+    w = layer.w2
+    torch.ops.moeprep.moe_prefill_w2(h, w.words, w.scale, w.zero, w.bias, r.sorted_ids, r.expert_ids, r.num_padded,
+                                     r.topk_weights, out)

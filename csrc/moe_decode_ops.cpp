@@ -75,11 +75,13 @@ MoeDecodeArgs args_of(const at::Tensor& words, const at::Tensor& scale, const st
                        static_cast<int>(stages)};
 }
 
-void moe_decode_w13(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scale,
-                    const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias, bool gu_interleaved,
-                    const at::Tensor& sorted_ids, const at::Tensor& expert_ids, const at::Tensor& num_padded,
-                    int64_t top_k, bool swiglu, double alpha, double limit, int64_t warps, int64_t k_warps,
-                    int64_t stages, at::Tensor& h, at::Tensor& out) {
+// The gate/up GEMMs' arguments, checked: x bf16 [T, H] with 16-byte aligned rows, h [T * top_k, I],
+// out bf16 with a multiple of 8 elements (zeroed in 16-byte units)
+MoeDecodeArgs w13_args(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias,
+                       bool gu_interleaved, const at::Tensor& sorted_ids, const at::Tensor& expert_ids,
+                       const at::Tensor& num_padded, int64_t top_k, int64_t warps, int64_t k_warps,
+                       int64_t stages, const at::Tensor& h, const at::Tensor& out) {
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0,
               "moeprep: x must be bf16 [T, H] with rows 16-byte aligned");
   const int64_t pairs = x.size(0) * top_k;
@@ -90,6 +92,37 @@ void moe_decode_w13(const at::Tensor& x, const at::Tensor& words, const at::Tens
   check_cuda(h, at::kBFloat16, "h");
   check_cuda(out, at::kBFloat16, "out");
   TORCH_CHECK(h.numel() == pairs * a.n / 2 && out.numel() % 8 == 0, "moeprep: h must be [T * top_k, I]");
+  return a;
+}
+
+// The down GEMMs' arguments, checked: h bf16 [T * top_k, I], topk_weights fp32 [T, top_k], out bf16
+// [T, H] taking bf16x2 reductions (two columns at a time: 4-byte aligned, rows of an even length)
+MoeDecodeArgs w2_args(const at::Tensor& h, const at::Tensor& words, const at::Tensor& scale,
+                      const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias,
+                      const at::Tensor& sorted_ids, const at::Tensor& expert_ids, const at::Tensor& num_padded,
+                      const at::Tensor& topk_weights, int64_t warps, int64_t k_warps, int64_t stages,
+                      const at::Tensor& out) {
+  check_cuda(h, at::kBFloat16, "h");
+  check_cuda(topk_weights, at::kFloat, "topk_weights");
+  check_cuda(out, at::kBFloat16, "out");
+  TORCH_CHECK(topk_weights.dim() == 2 && out.dim() == 2 && out.size(0) == topk_weights.size(0),
+              "moeprep: topk_weights must be [T, top_k] and out [T, H]");
+  const int64_t pairs = topk_weights.numel();
+  const MoeDecodeArgs a =
+      args_of(words, scale, zero, bias, false, sorted_ids, expert_ids, num_padded, pairs, warps, k_warps, stages);
+  TORCH_CHECK(h.numel() == pairs * a.k && out.size(1) == a.n, "moeprep: h must be [T * top_k, I] and out [T, H]");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0 && out.stride(0) % 2 == 0,
+              "moeprep: out must be 4-byte aligned");
+  return a;
+}
+
+void moe_decode_w13(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scale,
+                    const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias, bool gu_interleaved,
+                    const at::Tensor& sorted_ids, const at::Tensor& expert_ids, const at::Tensor& num_padded,
+                    int64_t top_k, bool swiglu, double alpha, double limit, int64_t warps, int64_t k_warps,
+                    int64_t stages, at::Tensor& h, at::Tensor& out) {
+  const MoeDecodeArgs a = w13_args(x, words, scale, zero, bias, gu_interleaved, sorted_ids, expert_ids, num_padded,
+                                   top_k, warps, k_warps, stages, h, out);
   const c10::cuda::CUDAGuard guard(x.device());
   const MoeDecodeActivation act{swiglu ? 1 : 0, static_cast<float>(alpha), static_cast<float>(limit)};
   check_launch(moeprep_moe_decode_w13(a, x.const_data_ptr(), x.stride(0), static_cast<int>(top_k), act, h.data_ptr(),
@@ -102,17 +135,8 @@ void moe_decode_w2(const at::Tensor& h, const at::Tensor& words, const at::Tenso
                    const at::Tensor& sorted_ids, const at::Tensor& expert_ids,
                    const at::Tensor& num_padded, const at::Tensor& topk_weights, int64_t warps, int64_t k_warps,
                    int64_t stages, int64_t split, at::Tensor& out) {
-  check_cuda(h, at::kBFloat16, "h");
-  check_cuda(topk_weights, at::kFloat, "topk_weights");
-  check_cuda(out, at::kBFloat16, "out");
-  TORCH_CHECK(topk_weights.dim() == 2 && out.dim() == 2 && out.size(0) == topk_weights.size(0),
-              "moeprep: topk_weights must be [T, top_k] and out [T, H]");
-  const int64_t pairs = topk_weights.numel();
-  const MoeDecodeArgs a =
-      args_of(words, scale, zero, bias, false, sorted_ids, expert_ids, num_padded, pairs, warps, k_warps, stages);
-  TORCH_CHECK(h.numel() == pairs * a.k && out.size(1) == a.n, "moeprep: h must be [T * top_k, I] and out [T, H]");
-  // the output takes bf16x2 reductions: two columns at a time (rows of n, an even number)
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0, "moeprep: out must be 4-byte aligned");
+  const MoeDecodeArgs a = w2_args(h, words, scale, zero, bias, sorted_ids, expert_ids, num_padded, topk_weights, warps,
+                                  k_warps, stages, out);
   TORCH_CHECK(split >= 1 && split <= 64, "moeprep: split must be in [1, 64]");
   const c10::cuda::CUDAGuard guard(h.device());
   check_launch(moeprep_moe_decode_w2(a, h.const_data_ptr(), static_cast<int>(topk_weights.size(1)), out.data_ptr(),
@@ -130,20 +154,14 @@ void check_prefill(const MoeDecodeArgs& a, const at::Tensor& sorted_ids) {
               "moeprep: sorted_ids shorter than the blocks of 256");
 }
 
+// (the decode GEMMs' warps, k_warps and stages do not apply: args_of gets valid placeholders)
 void moe_prefill_w13(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scale,
                      const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias,
                      const at::Tensor& sorted_ids, const at::Tensor& expert_ids, const at::Tensor& num_padded,
                      int64_t top_k, bool swiglu, double alpha, double limit, at::Tensor& h, at::Tensor& out) {
-  TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0,
-              "moeprep: x must be bf16 [T, H] with rows 16-byte aligned");
-  const int64_t pairs = x.size(0) * top_k;
-  const MoeDecodeArgs a = args_of(words, scale, zero, bias, false, sorted_ids, expert_ids, num_padded, pairs, 4, 1, 2);
+  const MoeDecodeArgs a =
+      w13_args(x, words, scale, zero, bias, false, sorted_ids, expert_ids, num_padded, top_k, 4, 1, 2, h, out);
   check_prefill(a, sorted_ids);
-  TORCH_CHECK(x.size(1) == a.k && reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0,
-              "moeprep: x does not match the codes");
-  check_cuda(h, at::kBFloat16, "h");
-  check_cuda(out, at::kBFloat16, "out");
-  TORCH_CHECK(h.numel() == pairs * a.n / 2 && out.numel() % 8 == 0, "moeprep: h must be [T * top_k, I]");
   const c10::cuda::CUDAGuard guard(x.device());
   const MoeDecodeActivation act{swiglu ? 1 : 0, static_cast<float>(alpha), static_cast<float>(limit)};
   check_launch(moeprep_moe_prefill_w13(a, x.const_data_ptr(), x.stride(0), static_cast<int>(top_k), act,
@@ -155,17 +173,9 @@ void moe_prefill_w2(const at::Tensor& h, const at::Tensor& words, const at::Tens
                     const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias,
                     const at::Tensor& sorted_ids, const at::Tensor& expert_ids, const at::Tensor& num_padded,
                     const at::Tensor& topk_weights, at::Tensor& out) {
-  check_cuda(h, at::kBFloat16, "h");
-  check_cuda(topk_weights, at::kFloat, "topk_weights");
-  check_cuda(out, at::kBFloat16, "out");
-  TORCH_CHECK(topk_weights.dim() == 2 && out.dim() == 2 && out.size(0) == topk_weights.size(0),
-              "moeprep: topk_weights must be [T, top_k] and out [T, H]");
-  const int64_t pairs = topk_weights.numel();
-  const MoeDecodeArgs a = args_of(words, scale, zero, bias, false, sorted_ids, expert_ids, num_padded, pairs, 4, 1, 2);
+  const MoeDecodeArgs a =
+      w2_args(h, words, scale, zero, bias, sorted_ids, expert_ids, num_padded, topk_weights, 4, 1, 2, out);
   check_prefill(a, sorted_ids);
-  TORCH_CHECK(h.numel() == pairs * a.k && out.size(1) == a.n, "moeprep: h must be [T * top_k, I] and out [T, H]");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0 && out.stride(0) % 2 == 0,
-              "moeprep: out must be 4-byte aligned");
   const c10::cuda::CUDAGuard guard(h.device());
   check_launch(moeprep_moe_prefill_w2(a, h.const_data_ptr(), static_cast<int>(topk_weights.size(1)), out.data_ptr(),
                                       out.stride(0), topk_weights.const_data_ptr<float>(), stream()),

@@ -4,10 +4,11 @@ At hundreds of tokens per expert the GEMMs are tensor-core bound. The Triton ker
 weight tile into shared memory before its MMAs; these kernels decode each thread's share of the
 weights straight into the registers of the ``wgmma`` A operand while the previous window's MMAs
 run, and a producer warpgroup fills a shared-memory ring with the gathered activation rows (the B
-operand) and the packed codes. They serve ``w4a16_preshuffle`` and
+operand), the packed codes and their scales. They serve ``w4a16_preshuffle`` and
 ``w4a16_preshuffle_zp`` with bf16 activations and scales, SiLU-and-mul or gpt-oss's clamped
 SwiGLU, bf16 biases or none, and no desc_act permutation, on sm_90 GPUs with a build for sm_90a;
-everything else takes the Triton kernels.
+everything else takes the Triton kernels. The routing pads each expert to blocks of
+``configs.WGMMA_BLOCK_M`` routed rows for them.
 """
 from __future__ import annotations
 

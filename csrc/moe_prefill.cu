@@ -28,7 +28,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 #include "cuda_asm.cuh"
 #include "moe_prefill.h"

@@ -1,8 +1,11 @@
-// Inline-PTX helpers shared by the CUDA MoE GEMMs (moe_decode.cu, moe_prefill.cu). CUDA only.
+// Device helpers shared by the CUDA MoE GEMMs (moe_decode.cu, moe_prefill.cu), mostly inline PTX.
+// CUDA only.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <stdint.h>
+
+#include "moe_decode.h"
 
 namespace moeprep {
 
@@ -28,6 +31,21 @@ __device__ __forceinline__ void add_bf16x2(__nv_bfloat16* out, float lo, float h
 #endif
 }
 
+__device__ __forceinline__ uint32_t lds16(uint32_t addr) {
+  uint16_t v;
+  asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint2 lds64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
 __device__ __forceinline__ void lds128(uint32_t addr, uint32_t (&v)[4]) {
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "r"(addr));
 }
@@ -44,6 +62,16 @@ __device__ __forceinline__ uint32_t codes_pair(uint32_t word) {
     asm("lop3.b32 %0, %1, 0x000F000F, 0x43084308, 0x6A;" : "=r"(x) : "r"(word));
   }
   return x;
+}
+
+// The gate/up projection's activation of one column (moe_decode.h, MoeDecodeActivation)
+__device__ __forceinline__ float activate(float gate, float up, const MoeDecodeActivation& act) {
+  if (act.swiglu) {
+    gate = fminf(gate, act.limit);
+    up = fminf(fmaxf(up, -act.limit), act.limit);
+    return gate / (1.0f + __expf(-act.alpha * gate)) * (up + 1.0f);
+  }
+  return gate / (1.0f + __expf(-gate)) * up;
 }
 
 }  // namespace moeprep

@@ -92,12 +92,6 @@ __device__ __forceinline__ void allow_dependents() {
 #endif
 }
 
-__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
-  uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
-  return v;
-}
-
 // How the codes are stored: int4 with zero point 8 (signed) or per-group zero points, or E2M1
 enum class Codes { kSigned, kZeroPoint, kE2m1 };
 
@@ -560,15 +554,7 @@ __global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
       gate += __bfloat162float(bias[col]);
       up += __bfloat162float(bias[inter + col]);
     }
-    float y;
-    if (act.swiglu) {
-      gate = fminf(gate, act.limit);
-      up = fminf(fmaxf(up, -act.limit), act.limit);
-      y = gate / (1.0f + __expf(-act.alpha * gate)) * (up + 1.0f);
-    } else {
-      y = gate / (1.0f + __expf(-gate)) * up;
-    }
-    h[pair * inter + col] = __float2bfloat16_rn(y);
+    h[pair * inter + col] = __float2bfloat16_rn(activate(gate, up, act));
   });
 }
 

@@ -194,22 +194,6 @@ __device__ __forceinline__ void pin(float (&d)[A]) {
   for (int i = 0; i < A; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
-  uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
-  return v;
-}
-__device__ __forceinline__ uint32_t lds16(uint32_t addr) {
-  uint16_t v;
-  asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(addr));
-  return v;
-}
-__device__ __forceinline__ uint2 lds64(uint32_t addr) {
-  uint2 v;
-  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
-  return v;
-}
-
 __device__ __forceinline__ uint32_t bf16x2_sub_mul(uint32_t x, uint32_t offset, uint32_t scale) {
   __nv_bfloat162 v = *reinterpret_cast<__nv_bfloat162*>(&x);
   v = __hmul2(__hsub2(v, *reinterpret_cast<__nv_bfloat162*>(&offset)), *reinterpret_cast<__nv_bfloat162*>(&scale));
@@ -418,15 +402,6 @@ __device__ __forceinline__ void consume(const Gemm& g, uint32_t smem, const Lane
                     static_cast<uint32_t>(block_b * 64 + row_b * 4),
                     l.t % 2 ? 0x7632u : 0x5410u, static_cast<uint32_t>(4 * (l.t / 2))};
   cons.run(acc);
-}
-
-__device__ __forceinline__ float activate(float gate, float up, const MoeDecodeActivation& act) {
-  if (act.swiglu) {
-    gate = fminf(gate, act.limit);
-    up = fminf(fmaxf(up, -act.limit), act.limit);
-    return gate / (1.0f + __expf(-act.alpha * gate)) * (up + 1.0f);
-  }
-  return gate / (1.0f + __expf(-gate)) * up;
 }
 
 // The block's routed rows need an MMA of 128 (half the cost) when its second half is padding: only

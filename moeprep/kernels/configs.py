@@ -8,8 +8,8 @@ bound: large tiles, 64- to 128-row blocks so that each decoded weight serves man
 Swapped operands (``swap_ab``) won most int4 sweeps, in decode and prefill. ``TUNED`` holds what
 ``scripts/bench_moe.py --tune`` measured (and checked against the fp32 reference) on an H100,
 decode re-swept on an H200, for the benchmarked models; other shapes get the heuristic. Decode
-entries may also name the CUDA decode GEMMs (``MmaDecode``), which replace the Triton ones on CUDA
-builds where they apply.
+entries may also name the CUDA decode GEMMs (``MmaDecode``), and prefill entries the CUDA Hopper
+GEMMs (``wgmma``), which replace the Triton ones on CUDA builds where they apply.
 """
 from __future__ import annotations
 

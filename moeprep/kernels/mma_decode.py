@@ -36,6 +36,17 @@ def built() -> bool:
 
 def problems(layer, hidden: torch.Tensor, activation: Activation) -> list[str]:
     """Why these kernels cannot run this call (empty when they can)."""
+    found = operand_problems(layer, hidden)
+    if layer.hidden % WINDOW or layer.inter % WINDOW:
+        found.append(f"needs hidden and intermediate sizes divisible by {WINDOW}")
+    if not found and not built():
+        found.append("this build of moeprep has no CUDA decode kernels")
+    return found
+
+
+def operand_problems(layer, hidden: torch.Tensor) -> list[str]:
+    """What keeps this call's operands from the CUDA GEMMs (these, and wgmma_prefill's): the device,
+    the activations, the input permutation, the biases and the scales."""
     found = []
     if hidden.device.type != "cuda" or torch.cuda.get_device_capability(hidden.device)[0] < 8:
         found.append("needs a CUDA GPU of compute capability >= 8.0")
@@ -49,10 +60,6 @@ def problems(layer, hidden: torch.Tensor, activation: Activation) -> list[str]:
     # MXFP4: E8M0 scales in groups of 32 (fused.problems)
     if layer.fmt != moe_gemm.MXFP4.value and not all(_int4_scales_fit(p) for p in projs):
         found.append("needs bf16 scales in an even number of power-of-two groups >= 32")
-    if layer.hidden % WINDOW or layer.inter % WINDOW:
-        found.append(f"needs hidden and intermediate sizes divisible by {WINDOW}")
-    if not found and not built():
-        found.append("this build of moeprep has no CUDA decode kernels")
     return found
 
 

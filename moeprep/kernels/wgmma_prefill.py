@@ -43,7 +43,7 @@ def problems(layer, hidden: torch.Tensor, activation: Activation) -> list[str]:
     found = []
     if layer.fmt == moe_gemm.MXFP4.value:
         found.append("needs int4 codes")
-    found += [p for p in mma_decode.problems(layer, hidden, activation) if "decode kernels" not in p]
+    found += mma_decode.operand_problems(layer, hidden)
     if layer.inter % TILE_N or layer.hidden % TILE_N:
         found.append(f"needs hidden and intermediate sizes divisible by {TILE_N}")
     if not found and not available(hidden.device):

@@ -67,7 +67,7 @@ MoeDecodeArgs args_of(const at::Tensor& words, const at::Tensor& scale, const st
     TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, "moeprep: tensors must be 16-byte aligned");
   }
   return MoeDecodeArgs{static_cast<const uint32_t*>(words.const_data_ptr()), scale.const_data_ptr(),
-                       zero ? zero->const_data_ptr() : nullptr, bias ? bias->const_data_ptr() : nullptr, n, k,
+                       zero ? zero->const_data_ptr() : nullptr, bias ? bias->const_data_ptr() : nullptr, experts, n, k,
                        static_cast<int>(groups), static_cast<int>(group_size), e2m1 ? 1 : 0, gu_interleaved ? 1 : 0,
                        sorted_ids.const_data_ptr<int32_t>(), expert_ids.const_data_ptr<int32_t>(),
                        num_padded.const_data_ptr<int32_t>(), static_cast<int>(num_pairs),
@@ -75,13 +75,14 @@ MoeDecodeArgs args_of(const at::Tensor& words, const at::Tensor& scale, const st
                        static_cast<int>(stages)};
 }
 
-// The gate/up GEMMs' arguments, checked: x bf16 [T, H] with 16-byte aligned rows, h [T * top_k, I],
-// out bf16 with a multiple of 8 elements (zeroed in 16-byte units)
+// The gate/up GEMMs' arguments, checked: x bf16 [T, H] with 16-byte aligned rows, h [T * top_k, I]
+// (the prefill GEMMs': [len(sorted_ids), I]), out bf16 with a multiple of 8 elements (zeroed in
+// 16-byte units)
 MoeDecodeArgs w13_args(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scale,
                        const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias,
                        bool gu_interleaved, const at::Tensor& sorted_ids, const at::Tensor& expert_ids,
                        const at::Tensor& num_padded, int64_t top_k, int64_t warps, int64_t k_warps,
-                       int64_t stages, const at::Tensor& h, const at::Tensor& out) {
+                       int64_t stages, const at::Tensor& h, const at::Tensor& out, bool sorted_h) {
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0,
               "moeprep: x must be bf16 [T, H] with rows 16-byte aligned");
   const int64_t pairs = x.size(0) * top_k;
@@ -91,17 +92,20 @@ MoeDecodeArgs w13_args(const at::Tensor& x, const at::Tensor& words, const at::T
               "moeprep: x does not match the codes");
   check_cuda(h, at::kBFloat16, "h");
   check_cuda(out, at::kBFloat16, "out");
-  TORCH_CHECK(h.numel() == pairs * a.n / 2 && out.numel() % 8 == 0, "moeprep: h must be [T * top_k, I]");
+  const int64_t h_rows = sorted_h ? sorted_ids.numel() : pairs;
+  TORCH_CHECK(h.numel() == h_rows * a.n / 2 && out.numel() % 8 == 0, "moeprep: h must be [",
+              sorted_h ? "len(sorted_ids)" : "T * top_k", ", I]");
   return a;
 }
 
-// The down GEMMs' arguments, checked: h bf16 [T * top_k, I], topk_weights fp32 [T, top_k], out bf16
-// [T, H] taking bf16x2 reductions (two columns at a time: 4-byte aligned, rows of an even length)
+// The down GEMMs' arguments, checked: h bf16 [T * top_k, I] (the prefill GEMMs': [len(sorted_ids),
+// I]), topk_weights fp32 [T, top_k], out bf16 [T, H] taking bf16x2 reductions (two columns at a time:
+// 4-byte aligned, rows of an even length)
 MoeDecodeArgs w2_args(const at::Tensor& h, const at::Tensor& words, const at::Tensor& scale,
                       const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias,
                       const at::Tensor& sorted_ids, const at::Tensor& expert_ids, const at::Tensor& num_padded,
                       const at::Tensor& topk_weights, int64_t warps, int64_t k_warps, int64_t stages,
-                      const at::Tensor& out) {
+                      const at::Tensor& out, bool sorted_h) {
   check_cuda(h, at::kBFloat16, "h");
   check_cuda(topk_weights, at::kFloat, "topk_weights");
   check_cuda(out, at::kBFloat16, "out");
@@ -110,7 +114,9 @@ MoeDecodeArgs w2_args(const at::Tensor& h, const at::Tensor& words, const at::Te
   const int64_t pairs = topk_weights.numel();
   const MoeDecodeArgs a =
       args_of(words, scale, zero, bias, false, sorted_ids, expert_ids, num_padded, pairs, warps, k_warps, stages);
-  TORCH_CHECK(h.numel() == pairs * a.k && out.size(1) == a.n, "moeprep: h must be [T * top_k, I] and out [T, H]");
+  const int64_t h_rows = sorted_h ? sorted_ids.numel() : pairs;
+  TORCH_CHECK(h.numel() == h_rows * a.k && out.size(1) == a.n, "moeprep: h must be [",
+              sorted_h ? "len(sorted_ids)" : "T * top_k", ", I] and out [T, H]");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0 && out.stride(0) % 2 == 0,
               "moeprep: out must be 4-byte aligned");
   return a;
@@ -122,7 +128,7 @@ void moe_decode_w13(const at::Tensor& x, const at::Tensor& words, const at::Tens
                     int64_t top_k, bool swiglu, double alpha, double limit, int64_t warps, int64_t k_warps,
                     int64_t stages, at::Tensor& h, at::Tensor& out) {
   const MoeDecodeArgs a = w13_args(x, words, scale, zero, bias, gu_interleaved, sorted_ids, expert_ids, num_padded,
-                                   top_k, warps, k_warps, stages, h, out);
+                                   top_k, warps, k_warps, stages, h, out, false);
   const c10::cuda::CUDAGuard guard(x.device());
   const MoeDecodeActivation act{swiglu ? 1 : 0, static_cast<float>(alpha), static_cast<float>(limit)};
   check_launch(moeprep_moe_decode_w13(a, x.const_data_ptr(), x.stride(0), static_cast<int>(top_k), act, h.data_ptr(),
@@ -136,7 +142,7 @@ void moe_decode_w2(const at::Tensor& h, const at::Tensor& words, const at::Tenso
                    const at::Tensor& num_padded, const at::Tensor& topk_weights, int64_t warps, int64_t k_warps,
                    int64_t stages, int64_t split, at::Tensor& out) {
   const MoeDecodeArgs a = w2_args(h, words, scale, zero, bias, sorted_ids, expert_ids, num_padded, topk_weights, warps,
-                                  k_warps, stages, out);
+                                  k_warps, stages, out, false);
   TORCH_CHECK(split >= 1 && split <= 64, "moeprep: split must be in [1, 64]");
   const c10::cuda::CUDAGuard guard(h.device());
   check_launch(moeprep_moe_decode_w2(a, h.const_data_ptr(), static_cast<int>(topk_weights.size(1)), out.data_ptr(),
@@ -158,14 +164,18 @@ void check_prefill(const MoeDecodeArgs& a, const at::Tensor& sorted_ids) {
 void moe_prefill_w13(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scale,
                      const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias,
                      const at::Tensor& sorted_ids, const at::Tensor& expert_ids, const at::Tensor& num_padded,
-                     int64_t top_k, bool swiglu, double alpha, double limit, at::Tensor& h, at::Tensor& out) {
+                     int64_t top_k, bool swiglu, double alpha, double limit, at::Tensor& xs, at::Tensor& h,
+                     at::Tensor& out) {
   const MoeDecodeArgs a =
-      w13_args(x, words, scale, zero, bias, false, sorted_ids, expert_ids, num_padded, top_k, 4, 1, 2, h, out);
+      w13_args(x, words, scale, zero, bias, false, sorted_ids, expert_ids, num_padded, top_k, 4, 1, 2, h, out, true);
   check_prefill(a, sorted_ids);
+  check_cuda(xs, at::kBFloat16, "xs");
+  TORCH_CHECK(xs.numel() == sorted_ids.numel() * a.k, "moeprep: xs must be [len(sorted_ids), H]");
   const c10::cuda::CUDAGuard guard(x.device());
   const MoeDecodeActivation act{swiglu ? 1 : 0, static_cast<float>(alpha), static_cast<float>(limit)};
   check_launch(moeprep_moe_prefill_w13(a, x.const_data_ptr(), x.stride(0), static_cast<int>(top_k), act,
-                                       h.data_ptr(), out.data_ptr(), out.numel(), stream()),
+                                       xs.data_ptr(), sorted_ids.numel(), h.data_ptr(), out.data_ptr(), out.numel(),
+                                       stream()),
                "moe_prefill_w13");
 }
 
@@ -174,11 +184,12 @@ void moe_prefill_w2(const at::Tensor& h, const at::Tensor& words, const at::Tens
                     const at::Tensor& sorted_ids, const at::Tensor& expert_ids, const at::Tensor& num_padded,
                     const at::Tensor& topk_weights, at::Tensor& out) {
   const MoeDecodeArgs a =
-      w2_args(h, words, scale, zero, bias, sorted_ids, expert_ids, num_padded, topk_weights, 4, 1, 2, out);
+      w2_args(h, words, scale, zero, bias, sorted_ids, expert_ids, num_padded, topk_weights, 4, 1, 2, out, true);
   check_prefill(a, sorted_ids);
   const c10::cuda::CUDAGuard guard(h.device());
-  check_launch(moeprep_moe_prefill_w2(a, h.const_data_ptr(), static_cast<int>(topk_weights.size(1)), out.data_ptr(),
-                                      out.stride(0), topk_weights.const_data_ptr<float>(), stream()),
+  check_launch(moeprep_moe_prefill_w2(a, h.const_data_ptr(), sorted_ids.numel(),
+                                      static_cast<int>(topk_weights.size(1)), out.data_ptr(), out.stride(0),
+                                      topk_weights.const_data_ptr<float>(), stream()),
                "moe_prefill_w2");
 }
 
@@ -202,8 +213,8 @@ TORCH_LIBRARY_FRAGMENT(moeprep, m) {
       "Tensor(a!) out) -> ()");
   m.def(
       "moe_prefill_w13(Tensor x, Tensor words, Tensor scale, Tensor? zero, Tensor? bias, Tensor sorted_ids, "
-      "Tensor expert_ids, Tensor num_padded, int top_k, bool swiglu, float alpha, float limit, Tensor(a!) h, "
-      "Tensor(b!) out) -> ()");
+      "Tensor expert_ids, Tensor num_padded, int top_k, bool swiglu, float alpha, float limit, Tensor(a!) xs, "
+      "Tensor(b!) h, Tensor(c!) out) -> ()");
   m.def(
       "moe_prefill_w2(Tensor h, Tensor words, Tensor scale, Tensor? zero, Tensor? bias, Tensor sorted_ids, "
       "Tensor expert_ids, Tensor num_padded, Tensor topk_weights, Tensor(a!) out) -> ()");

@@ -9,8 +9,10 @@
 // path. Here the weights are the MMA's A operand, taken from registers: each consumer thread
 // decodes exactly the 16 weights of its fragment for a 16-k step (rows g and g + 8 of its warp's
 // 16, k 2t..2t+1 and 2t+8..2t+9) while the previous window's MMAs run. Shared memory carries only
-// the gathered activation rows (the MMA's B operand), the packed codes and their scales, all copied
-// by a producer warpgroup (cp.async) a few windows ahead.
+// the activation rows (the MMA's B operand), the packed codes and their scales, all copied by one
+// producer thread with the Tensor Memory Accelerator (TMA) a ring of windows ahead. TMA cannot
+// gather rows, so the gate/up GEMM first copies the routed activation rows into the routing's
+// sorted order, and writes h in that order too, for the down GEMM.
 //
 // The outputs come out transposed: the accumulator rows are weight rows, its columns routed rows
 // (lane l of warp w holds weight rows 16 w + l / 4 and + 8, routed rows 8 i + 2 (l % 4) and + 1).
@@ -25,6 +27,8 @@
 // CUDA sm_90a only: other builds keep the kernels as traps and report them unavailable
 // (moeprep_moe_prefill_available), and the Triton kernels run.
 
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -44,16 +48,14 @@ namespace {
 constexpr int kTok = 256;   // routed rows per block: the MMA's N
 constexpr int kRows = 128;  // weight rows per CTA: two consumer warpgroups of 64
 constexpr int kBK = 64;     // k per window: one 128-byte swizzle span of bf16
-constexpr int kProducers = 128;
+constexpr int kProducers = 128;  // a warpgroup, for setmaxnreg; one thread issues the copies
 constexpr int kThreads = kProducers + 2 * 128;
 constexpr int kActTile = kTok * 128;
 constexpr int kCodeTile = kRows * kBK / 2;                  // 8 blocks of 16 rows, 512 bytes each
 constexpr int kScaleOff = kActTile + kCodeTile;             // a word per row: its group pair's bf16 scales
 constexpr int kZeroOff = kScaleOff + kRows * 4;              // and two bytes: its zero points
 constexpr int kStage = (kZeroOff + kRows * 2 + 1023) / 1024 * 1024;  // the swizzle's alignment
-constexpr int kCodeUnits = kCodeTile / 16 / kProducers;     // 16-byte units of codes per producer thread
 constexpr int kStages = 5;
-constexpr int kAhead = 3;  // windows of copies in flight before the producer waits for the oldest
 
 // the ring of stages (activation tile, code tile), then the mbarriers: full, empty
 struct Smem {
@@ -66,9 +68,6 @@ struct Smem {
 __device__ int prefill_built = MOEPREP_WGMMA;
 
 struct Gemm {
-  const __nv_bfloat16* act;  // activation rows; routed pair p reads row p / act_div
-  int64_t act_stride;
-  int act_div;
   const uint32_t* words;       // [E, n, k / 8] in the preshuffled order
   const uint32_t* scale;       // bf16 [E, groups / 2, n, 2], as one word per (row, pair of groups)
   const uint16_t* zero;        // in the scales' layout, or null (signed codes)
@@ -81,12 +80,43 @@ struct Gemm {
   int num_pairs, num_m_blocks;
 };
 
-__device__ __forceinline__ void copy16_or_zeros(uint32_t smem, const void* gmem, uint32_t bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(bytes));
-}
+// The codes as a 2-d tensor for TMA: a row per 16-row block of every expert (16 x k / 8 words,
+// the windows' 512 bytes one after another), boxes of one window of 4 blocks.
+constexpr int kCodeBoxBlocks = 4;
+constexpr int kBlockWindowWords = 16 * kBK / 8;
 
 __device__ __forceinline__ void bar_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
+}
+// the barriers' initialisation becomes visible to the TMA units (the async proxy)
+__device__ __forceinline__ void fence_bar_init() {
+#if MOEPREP_WGMMA
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+// arrive, and expect `bytes` more from the copies before the phase completes
+__device__ __forceinline__ void bar_expect(uint32_t bar, uint32_t bytes) {
+#if MOEPREP_WGMMA
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+// the box at (x, y) of a 2-d tensor map into shared memory; its bytes count on bar
+__device__ __forceinline__ void tma_load(uint32_t smem, const CUtensorMap& map, int x, int y, uint32_t bar) {
+#if MOEPREP_WGMMA
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+          smem),
+      "l"(&map), "r"(x), "r"(y), "r"(bar)
+      : "memory");
+#endif
+}
+// `bytes` contiguous bytes (a multiple of 16, 16-byte aligned) into shared memory; they count on bar
+__device__ __forceinline__ void bulk_load(uint32_t smem, const void* gmem, uint32_t bytes, uint32_t bar) {
+#if MOEPREP_WGMMA
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem),
+               "l"(gmem), "r"(bytes), "r"(bar)
+               : "memory");
+#endif
 }
 __device__ __forceinline__ void bar_arrive(uint32_t bar) {
   asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}" ::"r"(bar) : "memory");
@@ -102,15 +132,7 @@ __device__ __forceinline__ void bar_wait(uint32_t bar, uint32_t parity) {
   } while (!done);
 }
 
-// the copies' shared-memory writes become visible to the MMAs (the async proxy)
-__device__ __forceinline__ void fence_async_shared() {
-#if MOEPREP_WGMMA
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-#endif
-}
-
-// the producer gives registers to the consumers: 128 x 88 + 256 x 200 fits the 64 K of an SM (the
-// producer spills below 88)
+// the producer gives registers to the consumers: 128 x 88 + 256 x 200 fits the 64 K of an SM
 template <bool PRODUCER>
 __device__ __forceinline__ void set_registers() {
 #if MOEPREP_WGMMA
@@ -212,73 +234,40 @@ __device__ __forceinline__ uint2 decode_row(uint2 w, uint32_t select, uint32_t s
                     bf16x2_sub_mul(codes_pair<ZP>(__byte_perm(x, 0, 0x4342)), offset, scale));
 }
 
-__device__ __forceinline__ uint32_t swizzled(int row, int unit) { return row * 128 + ((unit ^ (row & 7)) << 4); }
-
 // the CTA's 16-row code blocks: w13 takes 4 blocks of gate rows and the 4 of their up rows
 template <bool W13>
 __device__ __forceinline__ int64_t code_block(const Gemm& g, int tile, int b) {
   return W13 ? (b < 4 ? 4 * tile + b : g.n / 32 + 4 * tile + b - 4) : 8 * tile + b;
 }
 
-// The producer warpgroup: copies window j's N activation rows (thread t: unit t % 8 of rows t / 8
-// + 16 i) and codes (the 16-byte units t + 128 u of the code tile) into stage j % kStages once its
-// previous window is released, and signals window j - kAhead's stage as full once this thread's
-// copies of it have landed.
-template <bool W13, int N, bool ZP>
-__device__ void produce(const Gemm& g, uint32_t smem, int mb, int tile, int64_t expert) {
-  constexpr int kActUnits = N * 8 / kProducers;
-  const int t = threadIdx.x;
+// The producer thread: copies window j's activation rows, codes, scales and zero points into stage
+// j % kStages once its previous window is released; the stage's full barrier completes when they
+// have landed.
+template <bool W13, bool ZP>
+__device__ void produce(const Gemm& g, const CUtensorMap& act_map, const CUtensorMap& code_map, uint32_t smem, int mb,
+                        int tile, int64_t expert) {
+  constexpr uint32_t kBytes = kActTile + kCodeTile + kRows * 4 + (ZP ? kRows * 2 : 0);
+  constexpr int kHalf = kRows / 2;  // rows of a box: w13's gate rows, or its up rows
   const int windows = static_cast<int>(g.k / kBK);
-  int act_row[kActUnits];  // 32-bit row numbers: 64-bit pointers would not fit the producer's registers
-  uint32_t pad = 0;        // bit i: row t / 8 + 16 i is padding, read as zeros
+  int block[2];
+  int64_t meta[2];  // the boxes' first rows in a group pair's scales (and zero points)
 #pragma unroll
-  for (int i = 0; i < kActUnits; ++i) {
-    const int pair = __ldg(g.sorted_ids + mb * kTok + t / 8 + kProducers / 8 * i);
-    const bool real = pair < g.num_pairs;
-    act_row[i] = real ? pair / g.act_div : 0;
-    pad |= real ? 0u : 1u << i;
+  for (int b = 0; b < 2; ++b) {
+    block[b] = static_cast<int>(expert * g.n / 16 + code_block<W13>(g, tile, kCodeBoxBlocks * b));
+    meta[b] = expert * (g.groups / 2) * g.n + 16 * code_block<W13>(g, tile, kCodeBoxBlocks * b);
   }
-  const __nv_bfloat16* act = g.act + (t % 8) * 8;
-  const uint32_t act_dst = swizzled(t / 8, t % 8);  // + i * kProducers / 8 rows
-  const char* code_src[kCodeUnits];
+  for (int j = 0; j < windows; ++j) {
+    const int s = j % kStages;
+    if (j >= kStages) bar_wait(smem + Smem::kEmpty + 8 * s, ((j / kStages) + 1) & 1);
+    const uint32_t stage = smem + s * kStage, full = smem + Smem::kFull + 8 * s;
+    bar_expect(full, kBytes);
+    tma_load(stage, act_map, j * kBK, mb * kTok, full);
+    const int64_t pair = (((j * kBK) >> g.log2_group) >> 1) * g.n;
 #pragma unroll
-  for (int u = 0; u < kCodeUnits; ++u) {
-    const int unit = t + kProducers * u;
-    code_src[u] = reinterpret_cast<const char*>(g.words + (expert * g.n + 16 * code_block<W13>(g, tile, unit / 32)) *
-                                                              (g.k / 8)) +
-                  unit % 32 * 16;
-  }
-  // threads 0-31 copy the scales of window j's group pair (rows 4 (t % 4) to + 3 of block t / 4),
-  // threads 32-47 the zero points (rows 8 (t % 2) to + 7 of block (t - 32) / 2)
-  const char* meta_src = nullptr;
-  if (t < 32) {
-    meta_src = reinterpret_cast<const char*>(g.scale + expert * (g.groups / 2) * g.n +
-                                             16 * code_block<W13>(g, tile, t / 4) + 4 * (t % 4));
-  } else if (ZP && t < 48) {
-    meta_src = reinterpret_cast<const char*>(g.zero + expert * (g.groups / 2) * g.n +
-                                             16 * code_block<W13>(g, tile, (t - 32) / 2) + 8 * (t % 2));
-  }
-  const int64_t meta_pair_bytes = t < 32 ? g.n * 4 : g.n * 2;
-  const uint32_t meta_dst = t < 32 ? kScaleOff + 16 * t : kZeroOff + 16 * (t - 32);
-  for (int j = 0; j < windows + kAhead; ++j) {
-    if (j < windows) {
-      const int s = j % kStages;
-      if (j >= kStages) bar_wait(smem + Smem::kEmpty + 8 * s, ((j / kStages) + 1) & 1);
-      const uint32_t stage = smem + s * kStage;
-#pragma unroll
-      for (int i = 0; i < kActUnits; ++i) {
-        copy16_or_zeros(stage + act_dst + i * (kProducers / 8) * 128, act + act_row[i] * g.act_stride + j * kBK,
-                        (pad >> i) & 1 ? 0 : 16);
-      }
-#pragma unroll
-      for (int u = 0; u < kCodeUnits; ++u) copy16(stage + kActTile + (t + kProducers * u) * 16, code_src[u] + j * 512);
-      if (meta_src) copy16(stage + meta_dst, meta_src + (((j * kBK) >> g.log2_group) >> 1) * meta_pair_bytes);
-    }
-    copies_done();  // an empty group past the end keeps the count of groups in flight
-    if (j >= kAhead) {
-      wait_copies<kAhead>();
-      fence_async_shared();
-      bar_arrive(smem + Smem::kFull + 8 * ((j - kAhead) % kStages));
+    for (int b = 0; b < 2; ++b) {
+      tma_load(stage + kActTile + b * kCodeTile / 2, code_map, j * kBlockWindowWords, block[b], full);
+      bulk_load(stage + kScaleOff + b * kHalf * 4, g.scale + meta[b] + pair, kHalf * 4, full);
+      if (ZP) bulk_load(stage + kZeroOff + b * kHalf * 2, g.zero + meta[b] + pair, kHalf * 2, full);
     }
   }
 }
@@ -369,9 +358,10 @@ __device__ __forceinline__ uint32_t setup_smem() {
   const uint32_t smem = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023) & ~1023u;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      bar_init(smem + Smem::kFull + 8 * s, kProducers);  // every producer thread
-      bar_init(smem + Smem::kEmpty + 8 * s, 8);          // one lane per consumer warp
+      bar_init(smem + Smem::kFull + 8 * s, 1);  // the producer thread, and the copies' bytes
+      bar_init(smem + Smem::kEmpty + 8 * s, 8);  // one lane per consumer warp
     }
+    fence_bar_init();
   }
   __syncthreads();
   return smem;
@@ -410,13 +400,15 @@ __device__ __forceinline__ bool half_block(const Gemm& g, int mb) {
   return __ldg(g.sorted_ids + mb * kTok + kTok / 2) >= g.num_pairs;
 }
 
-// h[p] = act(gate, up) for the block's first N routed rows and the tile's 64 columns of h
+// h[r] = act(gate, up) for the block's first N routed rows r (in the routing's sorted order) and the
+// tile's 64 columns of h
 template <bool ZP, int N>
-__device__ __forceinline__ void w13_tile(const Gemm& g, const MoeDecodeActivation& act, __nv_bfloat16* h,
-                                         uint32_t smem, int mb, int tile, int64_t expert) {
+__device__ __forceinline__ void w13_tile(const Gemm& g, const CUtensorMap& act_map, const CUtensorMap& code_map,
+                                         const MoeDecodeActivation& act, __nv_bfloat16* h, uint32_t smem, int mb,
+                                         int tile, int64_t expert) {
   if (threadIdx.x < kProducers) {
     set_registers<true>();
-    produce<true, N, ZP>(g, smem, mb, tile, expert);
+    if (threadIdx.x == 0) produce<true, ZP>(g, act_map, code_map, smem, mb, tile, expert);
     return;
   }
   set_registers<false>();
@@ -428,6 +420,7 @@ __device__ __forceinline__ void w13_tile(const Gemm& g, const MoeDecodeActivatio
   const float gate_bias = g.bias ? __bfloat162float(g.bias[expert * g.n + col]) : 0.0f;
   const float up_bias = g.bias ? __bfloat162float(g.bias[expert * g.n + inter + col]) : 0.0f;
   const int odd = l.g % 2;
+  __nv_bfloat16* rows = h + static_cast<int64_t>(mb) * kTok * inter + col - odd;
   // even lanes store (col, col + 1) of routed row 8 j + 2 t, odd lanes (col - 1, col) of the next
 #pragma unroll
   for (int j = 0; j < N / 8; ++j) {
@@ -435,17 +428,15 @@ __device__ __forceinline__ void w13_tile(const Gemm& g, const MoeDecodeActivatio
 #pragma unroll
     for (int e = 0; e < 2; ++e) y[e] = activate(acc[4 * j + e] + gate_bias, acc[4 * j + 2 + e] + up_bias, act);
     const float other = __shfl_xor_sync(0xFFFFFFFF, odd ? y[0] : y[1], 4);
-    const int pair = __ldg(g.sorted_ids + mb * kTok + 8 * j + 2 * l.t + odd);
-    if (pair < g.num_pairs) {
-      *reinterpret_cast<__nv_bfloat162*>(h + pair * inter + col - odd) =
-          odd ? __floats2bfloat162_rn(other, y[1]) : __floats2bfloat162_rn(y[0], other);
-    }
+    *reinterpret_cast<__nv_bfloat162*>(rows + (8 * j + 2 * l.t + odd) * inter) =
+        odd ? __floats2bfloat162_rn(other, y[1]) : __floats2bfloat162_rn(y[0], other);
   }
 }
 
 template <bool ZP>
 __global__ void __launch_bounds__(kThreads, 1)
-    w13_kernel(Gemm g, MoeDecodeActivation act, __nv_bfloat16* h, uint4* out, int64_t out_units) {
+    w13_kernel(Gemm g, const __grid_constant__ CUtensorMap act_map, const __grid_constant__ CUtensorMap code_map,
+               MoeDecodeActivation act, __nv_bfloat16* h, uint4* out, int64_t out_units) {
 #if MOEPREP_WGMMA
   const int64_t ctas = gridDim.x;
   for (int64_t i = blockIdx.x * kThreads + threadIdx.x; i < out_units; i += ctas * kThreads) {
@@ -456,24 +447,24 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t expert = __ldg(g.expert_ids + mb);
   const uint32_t smem = setup_smem();
   if (half_block(g, mb)) {
-    w13_tile<ZP, kTok / 2>(g, act, h, smem, mb, tile, expert);
+    w13_tile<ZP, kTok / 2>(g, act_map, code_map, act, h, smem, mb, tile, expert);
   } else {
-    w13_tile<ZP, kTok>(g, act, h, smem, mb, tile, expert);
+    w13_tile<ZP, kTok>(g, act_map, code_map, act, h, smem, mb, tile, expert);
   }
 #else
   __trap();
 #endif
 }
 
-// out[p / top_k] += w[p] (h[p] W_down^T + b) for the block's first N routed rows and the tile's 128
-// columns of out
+// out[p / top_k] += w[p] (h[r] W_down^T + b) for the block's first N routed rows r (pairs p) and the
+// tile's 128 columns of out
 template <bool ZP, int N>
-__device__ __forceinline__ void w2_tile(const Gemm& g, __nv_bfloat16* out, int64_t stride_out,
-                                        const float* topk_weights, int top_k, uint32_t smem, int mb, int tile,
-                                        int64_t expert) {
+__device__ __forceinline__ void w2_tile(const Gemm& g, const CUtensorMap& act_map, const CUtensorMap& code_map,
+                                        __nv_bfloat16* out, int64_t stride_out, const float* topk_weights, int top_k,
+                                        uint32_t smem, int mb, int tile, int64_t expert) {
   if (threadIdx.x < kProducers) {
     set_registers<true>();
-    produce<false, N, ZP>(g, smem, mb, tile, expert);
+    if (threadIdx.x == 0) produce<false, ZP>(g, act_map, code_map, smem, mb, tile, expert);
     return;
   }
   set_registers<false>();
@@ -511,27 +502,81 @@ __device__ __forceinline__ void w2_tile(const Gemm& g, __nv_bfloat16* out, int64
 
 template <bool ZP>
 __global__ void __launch_bounds__(kThreads, 1)
-    w2_kernel(Gemm g, __nv_bfloat16* out, int64_t stride_out, const float* topk_weights, int top_k) {
+    w2_kernel(Gemm g, const __grid_constant__ CUtensorMap act_map, const __grid_constant__ CUtensorMap code_map,
+              __nv_bfloat16* out, int64_t stride_out, const float* topk_weights, int top_k) {
 #if MOEPREP_WGMMA
   int mb, tile;
   if (!block_and_tile(g, mb, tile)) return;
   const int64_t expert = __ldg(g.expert_ids + mb);
   const uint32_t smem = setup_smem();
   if (half_block(g, mb)) {
-    w2_tile<ZP, kTok / 2>(g, out, stride_out, topk_weights, top_k, smem, mb, tile, expert);
+    w2_tile<ZP, kTok / 2>(g, act_map, code_map, out, stride_out, topk_weights, top_k, smem, mb, tile, expert);
   } else {
-    w2_tile<ZP, kTok>(g, out, stride_out, topk_weights, top_k, smem, mb, tile, expert);
+    w2_tile<ZP, kTok>(g, act_map, code_map, out, stride_out, topk_weights, top_k, smem, mb, tile, expert);
   }
 #else
   __trap();
 #endif
 }
 
-Gemm make_gemm(const MoeDecodeArgs& a, const void* act, int64_t act_stride, int act_div) {
-  return Gemm{static_cast<const __nv_bfloat16*>(act), act_stride, act_div, a.words,
-              static_cast<const uint32_t*>(a.scale), static_cast<const uint16_t*>(a.zero),
+// xs[r] = x[p / top_k] for the routing's sorted pairs p (zeros for padding): the activation rows as
+// the gate/up GEMM's tensor map reads them. Rows that no MMA reads stay as they are: those past
+// num_padded, and the second half of a half block (half_block).
+__global__ void gather_kernel(const uint4* x, int64_t stride_units, int top_k, const int32_t* sorted_ids,
+                              const int32_t* num_padded, int num_pairs, int units, uint4* xs) {
+  const int row = blockIdx.x;
+  if (row >= __ldg(num_padded)) return;
+  if (row % kTok >= kTok / 2 && __ldg(sorted_ids + row - row % kTok + kTok / 2) >= num_pairs) return;
+  const int pair = __ldg(sorted_ids + row);
+  uint4* dst = xs + static_cast<int64_t>(row) * units;
+  if (pair < num_pairs) {
+    const uint4* src = x + pair / top_k * stride_units;
+    for (int u = threadIdx.x; u < units; u += blockDim.x) dst[u] = __ldg(src + u);
+  } else {
+    for (int u = threadIdx.x; u < units; u += blockDim.x) dst[u] = make_uint4(0, 0, 0, 0);
+  }
+}
+
+Gemm make_gemm(const MoeDecodeArgs& a) {
+  return Gemm{a.words, static_cast<const uint32_t*>(a.scale), static_cast<const uint16_t*>(a.zero),
               static_cast<const __nv_bfloat16*>(a.bias), a.n, a.k, a.groups, __builtin_ctz(a.group_size),
               a.sorted_ids, a.expert_ids, a.num_padded, a.num_pairs, a.num_m_blocks};
+}
+
+// A 2-d tensor map (row-major, `cols` elements of `type` per row, rows `row_bytes` apart) with boxes
+// of box_cols x box_rows. The driver's encoder comes through the runtime, so that the library does
+// not link libcuda.
+int encode(CUtensorMap* map, CUtensorMapDataType type, const void* base, uint64_t cols, uint64_t rows,
+           uint64_t row_bytes, uint32_t box_cols, uint32_t box_rows, CUtensorMapSwizzle swizzle) {
+  static const auto encode_tiled = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      fn = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  if (!encode_tiled) return static_cast<int>(cudaErrorNotSupported);
+  const cuuint64_t dims[2] = {cols, rows};
+  const cuuint64_t strides[1] = {row_bytes};
+  const cuuint32_t box[2] = {box_cols, box_rows};
+  const cuuint32_t steps[2] = {1, 1};
+  const CUresult r = encode_tiled(map, type, 2, const_cast<void*>(base), dims, strides, box, steps,
+                                  CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? 0 : static_cast<int>(cudaErrorInvalidValue);
+}
+
+// The GEMM's tensor maps: activation rows [rows, k] bf16 in boxes of a window of kTok rows (the
+// MMA's swizzle), and the codes (kCodeBoxBlocks)
+int encode_maps(const MoeDecodeArgs& a, const void* act, int64_t rows, CUtensorMap* act_map, CUtensorMap* code_map) {
+  int err = encode(act_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, act, a.k, rows, a.k * 2, kBK, kTok,
+                   CU_TENSOR_MAP_SWIZZLE_128B);
+  if (err) return err;
+  return encode(code_map, CU_TENSOR_MAP_DATA_TYPE_UINT32, a.words, 2 * a.k, a.experts * a.n / 16, 16 * a.k / 2,
+                kBlockWindowWords, kCodeBoxBlocks, CU_TENSOR_MAP_SWIZZLE_NONE);
 }
 
 template <typename Kernel, typename... Args>
@@ -554,22 +599,32 @@ int moeprep_moe_prefill_available(int* available) {
 }
 
 int moeprep_moe_prefill_w13(MoeDecodeArgs a, const void* x, int64_t stride_x, int top_k, MoeDecodeActivation act,
-                            void* h, void* out, int64_t out_numel, void* stream) {
+                            void* xs, int64_t rows, void* h, void* out, int64_t out_numel, void* stream) {
   using namespace moeprep;
-  const Gemm g = make_gemm(a, x, stride_x, top_k);
+  const int units = static_cast<int>(a.k / 8);
+  gather_kernel<<<static_cast<unsigned>(rows), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<const uint4*>(x), stride_x / 8, top_k, a.sorted_ids, a.num_padded, a.num_pairs, units,
+      static_cast<uint4*>(xs));
+  CUtensorMap act_map, code_map;
+  const int err = encode_maps(a, xs, rows, &act_map, &code_map);
+  if (err) return err;
+  const Gemm g = make_gemm(a);
   auto* hp = static_cast<__nv_bfloat16*>(h);
   auto* op = static_cast<uint4*>(out);
-  if (a.zero) return launch(w13_kernel<true>, a, stream, g, act, hp, op, out_numel / 8);
-  return launch(w13_kernel<false>, a, stream, g, act, hp, op, out_numel / 8);
+  if (a.zero) return launch(w13_kernel<true>, a, stream, g, act_map, code_map, act, hp, op, out_numel / 8);
+  return launch(w13_kernel<false>, a, stream, g, act_map, code_map, act, hp, op, out_numel / 8);
 }
 
-int moeprep_moe_prefill_w2(MoeDecodeArgs a, const void* h, int top_k, void* out, int64_t stride_out,
+int moeprep_moe_prefill_w2(MoeDecodeArgs a, const void* h, int64_t rows, int top_k, void* out, int64_t stride_out,
                            const float* topk_weights, void* stream) {
   using namespace moeprep;
-  const Gemm g = make_gemm(a, h, a.k, 1);
+  CUtensorMap act_map, code_map;
+  const int err = encode_maps(a, h, rows, &act_map, &code_map);
+  if (err) return err;
+  const Gemm g = make_gemm(a);
   auto* op = static_cast<__nv_bfloat16*>(out);
-  if (a.zero) return launch(w2_kernel<true>, a, stream, g, op, stride_out, topk_weights, top_k);
-  return launch(w2_kernel<false>, a, stream, g, op, stride_out, topk_weights, top_k);
+  if (a.zero) return launch(w2_kernel<true>, a, stream, g, act_map, code_map, op, stride_out, topk_weights, top_k);
+  return launch(w2_kernel<false>, a, stream, g, act_map, code_map, op, stride_out, topk_weights, top_k);
 }
 
 }  // extern "C"

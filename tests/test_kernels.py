@@ -504,6 +504,9 @@ def test_wgmma_prefill_says_why_it_cannot_run():
 def test_tuned_prefill_entries_pick_the_wgmma_kernels():
     cpu = torch.device("cpu")
     assert configs.pick(2048, 2, 8, 4096, 14336, "int4", cpu, (32, 32)).wgmma
+    assert configs.pick(512, 2, 8, 4096, 14336, "int4", cpu, (32, 32)).wgmma
+    assert configs.pick(8192, 8, 128, 2048, 768, "int4", cpu, (128, 128)).wgmma
+    assert not configs.pick(2048, 8, 128, 2048, 768, "int4", cpu, (32, 32)).wgmma
     assert configs.pick(2048, 2, 8, 4096, 14336, "int4", cpu, (32, 32)).route_block_m == 256
     assert not configs.pick(16, 2, 8, 4096, 14336, "int4", cpu, (32, 32)).wgmma
 
@@ -539,14 +542,19 @@ def test_wgmma_prefill_ops_check_their_arguments():
     stored = fused.prepare(layer_to(random_layer("w4a16_preshuffle", 4, 256, 64)[0], DEVICE))
     r = route_kernel(torch.randn(2, 4, device=DEVICE), MIXTRAL, 256)
     x = torch.randn(2, 256, device=DEVICE, dtype=torch.bfloat16)
-    h = torch.empty(4, 64, device=DEVICE, dtype=torch.bfloat16)
     out = torch.empty(2, 256, device=DEVICE, dtype=torch.bfloat16)
     w = stored.w13
     r8 = route_kernel(torch.randn(2, 4, device=DEVICE), MIXTRAL, 8)
+    h = torch.empty(r8.sorted_ids.numel(), 64, device=DEVICE, dtype=torch.bfloat16)  # h and xs in sorted order
+    xs = torch.empty(r8.sorted_ids.numel(), 256, device=DEVICE, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="blocks of 256"):
         torch.ops.moeprep.moe_prefill_w13(x, w.words, w.scale, w.zero, None, r8.sorted_ids, r8.expert_ids,
-                                          r8.num_padded, 2, False, 1.0, 1.0, h, out)
+                                          r8.num_padded, 2, False, 1.0, 1.0, xs, h, out)
+    with pytest.raises(RuntimeError, match=r"h must be \[len\(sorted_ids\), I\]"):
+        torch.ops.moeprep.moe_prefill_w13(x, w.words, w.scale, w.zero, None, r.sorted_ids, r.expert_ids,
+                                          r.num_padded, 2, False, 1.0, 1.0, xs, h[:4], out)
     w2 = stored.w2  # K = 64
+    h = torch.empty(r.sorted_ids.numel(), 64, device=DEVICE, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="N and K multiples of 128"):
         torch.ops.moeprep.moe_prefill_w2(h, w2.words, w2.scale, w2.zero, None, r.sorted_ids, r.expert_ids,
                                          r.num_padded, r.topk_weights, out)

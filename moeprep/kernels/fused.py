@@ -134,7 +134,8 @@ def fused_moe(
         hidden = hidden.contiguous()
     cfg = call_config(layer, hidden, routing.top_k, activation, config)
     r = route(router_logits, routing, cfg.route_block_m)
-    h = torch.empty((T * routing.top_k, layer.inter), dtype=hidden.dtype, device=hidden.device)
+    rows = wgmma_prefill.h_rows(r) if cfg.wgmma else T * routing.top_k
+    h = torch.empty((rows, layer.inter), dtype=hidden.dtype, device=hidden.device)
     out = torch.empty((T, H), dtype=hidden.dtype, device=hidden.device)
     if cfg.mma is not None:
         mma_decode.launch_w13(layer, hidden, r, h, out, activation, cfg.mma)

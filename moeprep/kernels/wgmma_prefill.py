@@ -3,8 +3,10 @@
 At hundreds of tokens per expert the GEMMs are tensor-core bound. The Triton kernels decode each
 weight tile into shared memory before its MMAs; these kernels decode each thread's share of the
 weights straight into the registers of the ``wgmma`` A operand while the previous window's MMAs
-run, and a producer warpgroup fills a shared-memory ring with the gathered activation rows (the B
-operand), the packed codes and their scales. They serve ``w4a16_preshuffle`` and
+run, and one producer thread fills a shared-memory ring by TMA with the activation rows (the B
+operand), the packed codes and their scales. TMA reads whole tiles, not gathered rows, so these
+kernels copy the routed activation rows into the routing's sorted order first and keep ``h`` in
+that order (:func:`h_rows`). They serve ``w4a16_preshuffle`` and
 ``w4a16_preshuffle_zp`` with bf16 activations and scales, SiLU-and-mul or gpt-oss's clamped
 SwiGLU, bf16 biases or none, and no desc_act permutation, on sm_90 GPUs with a build for sm_90a;
 everything else takes the Triton kernels. The routing pads each expert to blocks of
@@ -51,17 +53,25 @@ def problems(layer, hidden: torch.Tensor, activation: Activation) -> list[str]:
     return found
 
 
+def h_rows(r: RoutedTokens) -> int:
+    """Rows of ``h`` for these kernels: they keep it in the routing's sorted order, padding included,
+    so that the down GEMM's tensor map reads contiguous rows."""
+    return r.sorted_ids.numel()
+
+
 def launch_w13(layer, hidden: torch.Tensor, r: RoutedTokens, h: torch.Tensor, out: torch.Tensor,
                activation: Activation) -> None:
-    """``h = act(hidden W_gate^T + b_gate, hidden W_up^T + b_up)`` per routed pair; zeroes ``out``."""
+    """``h[i] = act(x W_gate^T + b_gate, x W_up^T + b_up)`` for ``x`` the row of routed pair
+    ``sorted_ids[i]``; zeroes ``out``."""
     w = layer.w13
+    xs = torch.empty((h_rows(r), layer.hidden), dtype=hidden.dtype, device=hidden.device)
     torch.ops.moeprep.moe_prefill_w13(hidden, w.words, w.scale, w.zero, w.bias, r.sorted_ids, r.expert_ids,
                                       r.num_padded, r.topk_ids.shape[1], activation.kind == "swiglu_oai",
-                                      activation.alpha, activation.limit, h, out)
+                                      activation.alpha, activation.limit, xs, h, out)
 
 
 def launch_w2(layer, h: torch.Tensor, r: RoutedTokens, out: torch.Tensor) -> None:
-    """``out[t] += w[t, j] * (h[t * k + j] W_down^T + b_down)``."""
+    """``out[t] += w[t, j] * (h[i] W_down^T + b_down)`` for ``sorted_ids[i] = t * k + j``."""
     w = layer.w2
     torch.ops.moeprep.moe_prefill_w2(h, w.words, w.scale, w.zero, w.bias, r.sorted_ids, r.expert_ids, r.num_padded,
                                      r.topk_weights, out)

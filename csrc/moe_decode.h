@@ -14,7 +14,7 @@ struct MoeDecodeArgs {
   const void* scale;
   const void* zero;  // uint8 zero points in the scales' layout, or null (signed codes)
   const void* bias;  // bf16 [E, n], or null
-  int64_t experts;
+  int64_t experts;   // the codes' first dimension
   int64_t n, k;      // rows (outputs) and columns (inputs) of each expert's matrix
   int groups, group_size;
   int e2m1;            // the codes are E2M1 (group size 32) rather than int4

@@ -24,6 +24,7 @@ from .routing import RoutedTokens
 
 WINDOW = 64  # k per warp step (4 lanes x 16)
 BLOCKS = 4  # 16-row blocks of the weights per warp
+WARPS_PER_SM = 20  # w2_split's default aim: about what registers and the rings let an SM hold (16 to 20)
 
 
 @lru_cache(maxsize=None)
@@ -69,7 +70,7 @@ def _int4_scales_fit(proj) -> bool:
 
 
 def w2_split(layer, r: RoutedTokens, g: configs.MmaGemm, device: torch.device) -> int:
-    """CTAs along the down projection's K: as configured, or enough for ~20 warps per SM; each warp
+    """CTAs along the down projection's K: as configured, or enough for WARPS_PER_SM warps per SM; each warp
     keeps >= 2 windows and each output element takes at most MAX_ADDS rounded additions."""
     top_k = r.topk_ids.shape[1]
     wanted = g.split
@@ -77,7 +78,7 @@ def w2_split(layer, r: RoutedTokens, g: configs.MmaGemm, device: torch.device) -
         blocks = min(layer.experts, r.topk_ids.numel())  # blocks that do work, at least
         rows_per_cta = g.warps // g.k_warps * BLOCKS * 16
         ctas = blocks * triton.cdiv(layer.hidden, rows_per_cta)
-        wanted = triton.cdiv(20 * configs.sm_count(device), ctas * g.warps)
+        wanted = triton.cdiv(WARPS_PER_SM * configs.sm_count(device), ctas * g.warps)
     most = max(1, min(configs.MAX_ADDS // top_k, layer.inter // WINDOW // (2 * g.k_warps)))
     return max(1, min(wanted, most))
 

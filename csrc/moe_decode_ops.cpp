@@ -152,12 +152,15 @@ void moe_decode_w2(const at::Tensor& h, const at::Tensor& words, const at::Tenso
 }
 
 // The prefill GEMMs' own limits on top of args_of's: routed blocks of 256 pairs, tiles of 128 rows,
-// an even number of 64-k windows.
-void check_prefill(const MoeDecodeArgs& a, const at::Tensor& sorted_ids) {
+// an even number of 64-k windows, and the activation rows that their tensor maps read (xs or h)
+// 16-byte aligned.
+void check_prefill(const MoeDecodeArgs& a, const at::Tensor& sorted_ids, const at::Tensor& rows) {
   TORCH_CHECK(a.e2m1 == 0, "moeprep: the prefill GEMMs take int4 codes");
   TORCH_CHECK(a.n % 128 == 0 && a.k % 128 == 0, "moeprep: the prefill GEMMs need N and K multiples of 128");
   TORCH_CHECK(sorted_ids.numel() >= static_cast<int64_t>(a.num_m_blocks) * 256,
               "moeprep: sorted_ids shorter than the blocks of 256");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(rows.const_data_ptr()) % 16 == 0,
+              "moeprep: the prefill GEMMs' xs and h must be 16-byte aligned");
 }
 
 // (the decode GEMMs' warps, k_warps and stages do not apply: args_of gets valid placeholders)
@@ -168,9 +171,9 @@ void moe_prefill_w13(const at::Tensor& x, const at::Tensor& words, const at::Ten
                      at::Tensor& out) {
   const MoeDecodeArgs a =
       w13_args(x, words, scale, zero, bias, false, sorted_ids, expert_ids, num_padded, top_k, 4, 1, 2, h, out, true);
-  check_prefill(a, sorted_ids);
   check_cuda(xs, at::kBFloat16, "xs");
   TORCH_CHECK(xs.numel() == sorted_ids.numel() * a.k, "moeprep: xs must be [len(sorted_ids), H]");
+  check_prefill(a, sorted_ids, xs);
   const c10::cuda::CUDAGuard guard(x.device());
   const MoeDecodeActivation act{swiglu ? 1 : 0, static_cast<float>(alpha), static_cast<float>(limit)};
   check_launch(moeprep_moe_prefill_w13(a, x.const_data_ptr(), x.stride(0), static_cast<int>(top_k), act,
@@ -185,7 +188,7 @@ void moe_prefill_w2(const at::Tensor& h, const at::Tensor& words, const at::Tens
                     const at::Tensor& topk_weights, at::Tensor& out) {
   const MoeDecodeArgs a =
       w2_args(h, words, scale, zero, bias, sorted_ids, expert_ids, num_padded, topk_weights, 4, 1, 2, out, true);
-  check_prefill(a, sorted_ids);
+  check_prefill(a, sorted_ids, h);
   const c10::cuda::CUDAGuard guard(h.device());
   check_launch(moeprep_moe_prefill_w2(a, h.const_data_ptr(), sorted_ids.numel(),
                                       static_cast<int>(topk_weights.size(1)), out.data_ptr(), out.stride(0),

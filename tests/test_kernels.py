@@ -553,8 +553,12 @@ def test_wgmma_prefill_ops_check_their_arguments():
     with pytest.raises(RuntimeError, match=r"h must be \[len\(sorted_ids\), I\]"):
         torch.ops.moeprep.moe_prefill_w13(x, w.words, w.scale, w.zero, None, r.sorted_ids, r.expert_ids,
                                           r.num_padded, 2, False, 1.0, 1.0, xs, h[:4], out)
-    w2 = stored.w2  # K = 64
     h = torch.empty(r.sorted_ids.numel(), 64, device=DEVICE, dtype=torch.bfloat16)
+    shifted = torch.empty(r.sorted_ids.numel() * 256 + 1, device=DEVICE, dtype=torch.bfloat16)[1:].view(-1, 256)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):  # the tensor map's rows
+        torch.ops.moeprep.moe_prefill_w13(x, w.words, w.scale, w.zero, None, r.sorted_ids, r.expert_ids,
+                                          r.num_padded, 2, False, 1.0, 1.0, shifted, h, out)
+    w2 = stored.w2  # K = 64
     with pytest.raises(RuntimeError, match="N and K multiples of 128"):
         torch.ops.moeprep.moe_prefill_w2(h, w2.words, w2.scale, w2.zero, None, r.sorted_ids, r.expert_ids,
                                          r.num_padded, r.topk_weights, out)

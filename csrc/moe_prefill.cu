@@ -379,9 +379,20 @@ struct Lane {
   }
 };
 
-template <bool ZP, bool W13, int N>
-__device__ __forceinline__ void consume(const Gemm& g, uint32_t smem, const Lane& l, int tile, int64_t expert,
-                                        float (&acc)[N / 2]) {
+// One tile: thread 0 of the producer warpgroup issues every window's copies; each consumer thread
+// (place l) computes acc = its 64 weight rows times the block's first N routed rows and hands it to
+// epilogue(l, acc). acc is declared after setmaxnreg: declared before it, ptxas spills the consumers.
+template <bool W13, bool ZP, int N, typename Epilogue>
+__device__ __forceinline__ void run_tile(const Gemm& g, const CUtensorMap& act_map, const CUtensorMap& code_map,
+                                         uint32_t smem, int mb, int tile, int64_t expert, Epilogue epilogue) {
+  if (threadIdx.x < kProducers) {
+    set_registers<true>();
+    if (threadIdx.x == 0) produce<W13, ZP>(g, act_map, code_map, smem, mb, tile, expert);
+    return;
+  }
+  set_registers<false>();
+  const Lane l;
+  float acc[N / 2];
   // w13: the gate row of column 32 c + 8 w + g (block 2 c + w / 2, row 8 (w % 2) + g) and its up
   // row (4 blocks on); w2: rows g and g + 8 of block 4 c + w
   const int block_a = W13 ? 2 * l.c + l.w / 2 : 4 * l.c + l.w;
@@ -392,12 +403,13 @@ __device__ __forceinline__ void consume(const Gemm& g, uint32_t smem, const Lane
                     static_cast<uint32_t>(block_b * 64 + row_b * 4),
                     l.t % 2 ? 0x7632u : 0x5410u, static_cast<uint32_t>(4 * (l.t / 2))};
   cons.run(acc);
+  epilogue(l, acc);
 }
 
 // The block's routed rows need an MMA of 128 (half the cost) when its second half is padding: only
 // an expert's last block has padding, at its end.
-__device__ __forceinline__ bool half_block(const Gemm& g, int mb) {
-  return __ldg(g.sorted_ids + mb * kTok + kTok / 2) >= g.num_pairs;
+__device__ __forceinline__ bool half_block(const int32_t* sorted_ids, int num_pairs, int mb) {
+  return __ldg(sorted_ids + mb * kTok + kTok / 2) >= num_pairs;
 }
 
 // h[r] = act(gate, up) for the block's first N routed rows r (in the routing's sorted order) and the
@@ -406,31 +418,24 @@ template <bool ZP, int N>
 __device__ __forceinline__ void w13_tile(const Gemm& g, const CUtensorMap& act_map, const CUtensorMap& code_map,
                                          const MoeDecodeActivation& act, __nv_bfloat16* h, uint32_t smem, int mb,
                                          int tile, int64_t expert) {
-  if (threadIdx.x < kProducers) {
-    set_registers<true>();
-    if (threadIdx.x == 0) produce<true, ZP>(g, act_map, code_map, smem, mb, tile, expert);
-    return;
-  }
-  set_registers<false>();
-  const Lane l;
-  float acc[N / 2];
-  consume<ZP, true, N>(g, smem, l, tile, expert, acc);
-  const int64_t inter = g.n / 2;
-  const int64_t col = static_cast<int64_t>(tile) * (kRows / 2) + 32 * l.c + 8 * l.w + l.g;
-  const float gate_bias = g.bias ? __bfloat162float(g.bias[expert * g.n + col]) : 0.0f;
-  const float up_bias = g.bias ? __bfloat162float(g.bias[expert * g.n + inter + col]) : 0.0f;
-  const int odd = l.g % 2;
-  __nv_bfloat16* rows = h + static_cast<int64_t>(mb) * kTok * inter + col - odd;
-  // even lanes store (col, col + 1) of routed row 8 j + 2 t, odd lanes (col - 1, col) of the next
+  run_tile<true, ZP, N>(g, act_map, code_map, smem, mb, tile, expert, [&](const Lane& l, float (&acc)[N / 2]) {
+    const int64_t inter = g.n / 2;
+    const int64_t col = static_cast<int64_t>(tile) * (kRows / 2) + 32 * l.c + 8 * l.w + l.g;
+    const float gate_bias = g.bias ? __bfloat162float(g.bias[expert * g.n + col]) : 0.0f;
+    const float up_bias = g.bias ? __bfloat162float(g.bias[expert * g.n + inter + col]) : 0.0f;
+    const int odd = l.g % 2;
+    __nv_bfloat16* rows = h + static_cast<int64_t>(mb) * kTok * inter + col - odd;
+    // even lanes store (col, col + 1) of routed row 8 j + 2 t, odd lanes (col - 1, col) of the next
 #pragma unroll
-  for (int j = 0; j < N / 8; ++j) {
-    float y[2];
+    for (int j = 0; j < N / 8; ++j) {
+      float y[2];
 #pragma unroll
-    for (int e = 0; e < 2; ++e) y[e] = activate(acc[4 * j + e] + gate_bias, acc[4 * j + 2 + e] + up_bias, act);
-    const float other = __shfl_xor_sync(0xFFFFFFFF, odd ? y[0] : y[1], 4);
-    *reinterpret_cast<__nv_bfloat162*>(rows + (8 * j + 2 * l.t + odd) * inter) =
-        odd ? __floats2bfloat162_rn(other, y[1]) : __floats2bfloat162_rn(y[0], other);
-  }
+      for (int e = 0; e < 2; ++e) y[e] = activate(acc[4 * j + e] + gate_bias, acc[4 * j + 2 + e] + up_bias, act);
+      const float other = __shfl_xor_sync(0xFFFFFFFF, odd ? y[0] : y[1], 4);
+      *reinterpret_cast<__nv_bfloat162*>(rows + (8 * j + 2 * l.t + odd) * inter) =
+          odd ? __floats2bfloat162_rn(other, y[1]) : __floats2bfloat162_rn(y[0], other);
+    }
+  });
 }
 
 template <bool ZP>
@@ -446,7 +451,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (!block_and_tile(g, mb, tile)) return;
   const int64_t expert = __ldg(g.expert_ids + mb);
   const uint32_t smem = setup_smem();
-  if (half_block(g, mb)) {
+  if (half_block(g.sorted_ids, g.num_pairs, mb)) {
     w13_tile<ZP, kTok / 2>(g, act_map, code_map, act, h, smem, mb, tile, expert);
   } else {
     w13_tile<ZP, kTok>(g, act_map, code_map, act, h, smem, mb, tile, expert);
@@ -462,42 +467,35 @@ template <bool ZP, int N>
 __device__ __forceinline__ void w2_tile(const Gemm& g, const CUtensorMap& act_map, const CUtensorMap& code_map,
                                         __nv_bfloat16* out, int64_t stride_out, const float* topk_weights, int top_k,
                                         uint32_t smem, int mb, int tile, int64_t expert) {
-  if (threadIdx.x < kProducers) {
-    set_registers<true>();
-    if (threadIdx.x == 0) produce<false, ZP>(g, act_map, code_map, smem, mb, tile, expert);
-    return;
-  }
-  set_registers<false>();
-  const Lane l;
-  float acc[N / 2];
-  consume<ZP, false, N>(g, smem, l, tile, expert, acc);
-  const int64_t col = static_cast<int64_t>(tile) * kRows + 64 * l.c + 16 * l.w + l.g;  // and col + 8
-  float bias[2] = {0.0f, 0.0f};
-  if (g.bias) {
-    bias[0] = __bfloat162float(g.bias[expert * g.n + col]);
-    bias[1] = __bfloat162float(g.bias[expert * g.n + col + 8]);
-  }
-  const int odd = l.g % 2;
-  // as in w13_tile: even lanes add (col, col + 1) of routed row 8 j + 2 t, odd lanes (col - 1, col)
-  // of the next; the same for the rows 8 on
-#pragma unroll
-  for (int j = 0; j < N / 8; ++j) {
-    float v[2][2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float mine0 = acc[4 * j + 2 * r] + bias[r], mine1 = acc[4 * j + 2 * r + 1] + bias[r];
-      const float other = __shfl_xor_sync(0xFFFFFFFF, odd ? mine0 : mine1, 4);
-      v[r][0] = odd ? other : mine0;
-      v[r][1] = odd ? mine1 : other;
+  run_tile<false, ZP, N>(g, act_map, code_map, smem, mb, tile, expert, [&](const Lane& l, float (&acc)[N / 2]) {
+    const int64_t col = static_cast<int64_t>(tile) * kRows + 64 * l.c + 16 * l.w + l.g;  // and col + 8
+    float bias[2] = {0.0f, 0.0f};
+    if (g.bias) {
+      bias[0] = __bfloat162float(g.bias[expert * g.n + col]);
+      bias[1] = __bfloat162float(g.bias[expert * g.n + col + 8]);
     }
-    const int pair = __ldg(g.sorted_ids + mb * kTok + 8 * j + 2 * l.t + odd);
-    if (pair < g.num_pairs) {
-      const float weight = __ldg(topk_weights + pair);
-      __nv_bfloat16* dst = out + pair / top_k * stride_out + col - odd;
+    const int odd = l.g % 2;
+    // as in w13_tile: even lanes add (col, col + 1) of routed row 8 j + 2 t, odd lanes (col - 1, col)
+    // of the next; the same for the rows 8 on
 #pragma unroll
-      for (int r = 0; r < 2; ++r) add_bf16x2(dst + 8 * r, v[r][0] * weight, v[r][1] * weight);
+    for (int j = 0; j < N / 8; ++j) {
+      float v[2][2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float mine0 = acc[4 * j + 2 * r] + bias[r], mine1 = acc[4 * j + 2 * r + 1] + bias[r];
+        const float other = __shfl_xor_sync(0xFFFFFFFF, odd ? mine0 : mine1, 4);
+        v[r][0] = odd ? other : mine0;
+        v[r][1] = odd ? mine1 : other;
+      }
+      const int pair = __ldg(g.sorted_ids + mb * kTok + 8 * j + 2 * l.t + odd);
+      if (pair < g.num_pairs) {
+        const float weight = __ldg(topk_weights + pair);
+        __nv_bfloat16* dst = out + pair / top_k * stride_out + col - odd;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) add_bf16x2(dst + 8 * r, v[r][0] * weight, v[r][1] * weight);
+      }
     }
-  }
+  });
 }
 
 template <bool ZP>
@@ -509,7 +507,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (!block_and_tile(g, mb, tile)) return;
   const int64_t expert = __ldg(g.expert_ids + mb);
   const uint32_t smem = setup_smem();
-  if (half_block(g, mb)) {
+  if (half_block(g.sorted_ids, g.num_pairs, mb)) {
     w2_tile<ZP, kTok / 2>(g, act_map, code_map, out, stride_out, topk_weights, top_k, smem, mb, tile, expert);
   } else {
     w2_tile<ZP, kTok>(g, act_map, code_map, out, stride_out, topk_weights, top_k, smem, mb, tile, expert);
@@ -526,7 +524,7 @@ __global__ void gather_kernel(const uint4* x, int64_t stride_units, int top_k, c
                               const int32_t* num_padded, int num_pairs, int units, uint4* xs) {
   const int row = blockIdx.x;
   if (row >= __ldg(num_padded)) return;
-  if (row % kTok >= kTok / 2 && __ldg(sorted_ids + row - row % kTok + kTok / 2) >= num_pairs) return;
+  if (row % kTok >= kTok / 2 && half_block(sorted_ids, num_pairs, row / kTok)) return;
   const int pair = __ldg(sorted_ids + row);
   uint4* dst = xs + static_cast<int64_t>(row) * units;
   if (pair < num_pairs) {

@@ -32,7 +32,7 @@
 // bottom of a bf16's exponent and the sign to its top, which makes the value times 2^-126
 // (subnormal for 0 and 0.5, which the MMA takes exactly). The activations are multiplied by 2^63
 // so that the products stay clear of fp32's subnormals, and the scale 2^(e - 127) by 2^63 in fp32
-// undoes both. Pairs are values j and j + 4 (bits 4 j and 4 j + 16: one shift puts both in place).
+// undoes both. Pairs are values j and j + 4 (bits 4 j and 4 j + 16: one multiply moves both).
 //
 // CUDA only: HIP builds and other GPUs take the Triton kernels (moeprep/kernels/moe_gemm.py).
 
@@ -95,12 +95,17 @@ __device__ __forceinline__ void allow_dependents() {
 // How the codes are stored: int4 with zero point 8 (signed) or per-group zero points, or E2M1
 enum class Codes { kSigned, kZeroPoint, kE2m1 };
 
-// The bf16 pair (v_j, v_j+4) * 2^-126 of the E2M1 codes at bits 4 j and 4 j + 16 (j < 4, a
-// constant once unrolled): magnitude bits e1 e0 m to bits 8..6, sign to bit 15. The right shifts
-// are multiply-highs by shift_mul = (2^30, 2^26), as in the int4 decode.
-__device__ __forceinline__ uint32_t e2m1_pair(uint32_t word, int j, const uint32_t (&shift_mul)[2]) {
-  const uint32_t moved = j < 2 ? word << (6 - 4 * j) : __umulhi(word, shift_mul[j - 2]);
-  return (moved & 0x01C001C0u) | ((word << (12 - 4 * j)) & 0x80008000u);
+// The bf16 pairs (v_j, v_j+4) * 2^-126 of the E2M1 codes at bits 4 j and 4 j + 16 of `word` for
+// j = 2 i (pair[0]) and j = 2 i + 1 (pair[1]), i < 2 a constant once unrolled. Per pair the two
+// nibbles are masked out and one multiply by 2^a + 2^b leaves two copies of each: one with the
+// magnitude bits e1 e0 m at bits 8..6, one with the sign at bit 15, which the last mask keeps (the
+// copies do not overlap, so the product carries nothing into them). i = 1 starts from word >> 8,
+// a multiply-high by `shift` = 2^24 (on the FMA pipe, as in the int4 decode): 13 instructions per
+// 8 codes, where a shift for each field and a mask to merge them took 15.
+__device__ __forceinline__ void e2m1_pairs(uint32_t word, int i, uint32_t shift, uint32_t (&pair)[2]) {
+  const uint32_t x = i ? __umulhi(word, shift) : word;
+  pair[0] = ((x & 0x000F000Fu) * 4160u) & 0x81C081C0u;  // 2^6 + 2^12
+  pair[1] = ((x & 0x00F000F0u) * 260u) & 0x81C081C0u;   // 2^2 + 2^8
 }
 
 // x * 2^63 for a bf16 pair (exact unless |x| >= 2^65)
@@ -127,13 +132,18 @@ struct Problem {
   const int32_t* num_padded;
   int num_pairs;
   int k_warps;  // warps of a CTA that split K for the same rows (the others take further rows)
-  // int4: 2^28, 2^20, the decode's right shifts by 4 and 12 as multiply-highs (E2M1: by 2 and 6).
+  // int4: 2^28, 2^20, the decode's right shifts by 4 and 12 as multiply-highs (E2M1: 2^24, by 8).
   // Read from the kernel's parameters, the compiler cannot turn them back into shifts, and they
   // run on the FMA pipe beside the lop3s on the integer pipe; int4's shift by 8 stays there, which
   // balances the two. exp_mul = 2^23 likewise builds E2M1's fp32 scales with an FMA-pipe multiply.
   uint32_t shift_mul[2];
   uint32_t exp_mul;
 };
+
+// x, hidden from the compiler behind an identity shuffle: left visible, ptxas recomputes a lane's
+// shared-memory offsets from its lane id in every window (tens of instructions per window)
+// instead of keeping them in registers
+__device__ __forceinline__ uint32_t opaque(uint32_t x) { return __shfl_sync(0xffffffffu, x, threadIdx.x % 32); }
 
 // A warp's shared-memory copy of one 64-k window (bytes): the codes of its 16-row blocks (512
 // bytes each), its 8 tokens' activations, and the blocks' scales of the window. int4: the scale and
@@ -175,18 +185,18 @@ struct WarpGemm {
   const char* meta_src;
   int meta_dst;
   int log2_group;
-  int64_t meta_pair_stride;  // int4: meta_src's step from one group pair to the next, in bytes
-  uint32_t ring;             // this warp's STAGES stages
-  // this lane's shared-memory offsets within a stage: its copies' destinations, and its reads of
-  // rows g and g + 8 (codes of half window 0) and of half windows 0 and 1 (activations)
-  uint32_t code_dst, act_dst[2], code_rd[2], act_rd[2], row_g;
+  uint64_t meta_pair_stride;  // int4: meta_src's step from one group pair to the next, in bytes
+  // this lane's shared-memory addresses in stage 0 (the warp's ring included): its copies'
+  // destinations (meta_dst: -1 for none), and its reads of rows g and g + 8 (codes of half window 0),
+  // of half windows 0 and 1 (activations) and of row g's int4 scale word and zero point in block 0
+  uint32_t code_dst, act_dst[2], code_rd[2], act_rd[2], scale_row, zero_row;
   uint32_t scale_rd[kBlocks];  // E2M1: row g's scale byte of half window 0 in each block's copy
+  uint32_t konst_frag[4];      // int4: the constant MMA operand of multiply_int4
 
   // rows[b]: the first stored row of the warp's b-th block
   __device__ void init(const Problem& p, int64_t expert, const int64_t (&rows)[kBlocks], const int32_t* ids,
-                       uint32_t ring_) {
+                       uint32_t ring) {
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    ring = ring_;
     log2_group = __ffs(p.group_size) - 1;
     const uint32_t* words = p.words + expert * (p.n * p.k / 8);
 #pragma unroll
@@ -207,7 +217,6 @@ struct WarpGemm {
       code_rd[h] = E2M1 ? S::kCodes + row_in_block * 16 + t * 4
                         : S::kCodes + code_unit(t / 2, row_in_block / 2) * 16 + (row_in_block % 2) * 8 + (t % 2) * 4;
     }
-    row_g = g;
     meta_src = nullptr;
     meta_dst = -1;
     meta_pair_stride = 0;
@@ -237,6 +246,25 @@ struct WarpGemm {
         meta_pair_stride = p.n * 2;
       }
     }
+    // the lane's shared-memory addresses from here on: absolute, and opaque (see there)
+    code_dst = opaque(ring + code_dst);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      act_dst[h] = opaque(ring + act_dst[h]);
+      act_rd[h] = opaque(ring + act_rd[h]);
+      code_rd[h] = opaque(ring + code_rd[h]);
+    }
+    const uint32_t meta_at = opaque(ring + meta_dst);  // by every lane: a shuffle takes the whole warp
+    meta_dst = meta_dst < 0 ? -1 : static_cast<int>(meta_at);
+    if (E2M1) {
+#pragma unroll
+      for (int b = 0; b < kBlocks; ++b) scale_rd[b] = opaque(ring + scale_rd[b]);
+    } else {
+      scale_row = opaque(ring + S::kScale + g * 4);
+      if (ZP) zero_row = opaque(ring + S::kZero + g * 2);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) konst_frag[i] = opaque(ZP ? 0xBF80BF80u : 0xC308C308u);  // bf16 -1, -136
+    }
   }
 
   __device__ void copy(int window, int stage) const {
@@ -245,22 +273,22 @@ struct WarpGemm {
   }
 
   __device__ void copy_act(int window, int stage) const {
-    const uint32_t base = ring + stage * S::kBytes, act = static_cast<uint32_t>(window) * (kWindow * 2);
+    const uint32_t base = stage * S::kBytes, act = static_cast<uint32_t>(window) * (kWindow * 2);
 #pragma unroll
     for (int h = 0; h < 2; ++h) copy16(base + act_dst[h], act_src[h] + act);
   }
 
   // the codes and scales of a window
   __device__ void copy_weights(int window, int stage) const {
-    const uint32_t base = ring + stage * S::kBytes, codes = static_cast<uint32_t>(window) * 512u;
+    const uint32_t base = stage * S::kBytes, codes = static_cast<uint32_t>(window) * 512u;
 #pragma unroll
     for (int b = 0; b < kBlocks; ++b) copy16(base + S::kCodes + b * 512 + code_dst, codes_src[b] + codes);
     if (E2M1) {
       // groups 2 w and 2 w + 1 sit at (c % 4) * 64 = (w % 2) * 128 + h * 64 of the 256 bytes of c / 8
       copy16(base + meta_dst, meta_src + (window >> 2) * 256 + (window & 1) * 128);
     } else if (meta_dst >= 0) {
-      const int64_t pair = static_cast<int64_t>((window * kWindow) >> log2_group) >> 1;
-      copy16(base + meta_dst, meta_src + pair * meta_pair_stride);
+      const uint32_t pair = G32 ? window : (static_cast<uint32_t>(window) * kWindow >> log2_group) >> 1;
+      copy16(base + meta_dst, meta_src + static_cast<uint64_t>(pair) * meta_pair_stride);
     }
   }
 
@@ -300,10 +328,8 @@ struct WarpGemm {
   // scale; larger groups cover the whole window, which then takes one scale.
   __device__ void multiply_int4(const Problem& p, float (&acc)[kBlocks][4], int window, int stage) const {
     constexpr int kRuns = G32 ? 2 : 1;
-    constexpr uint32_t kConst = ZP ? 0xBF80BF80u : 0xC308C308u;  // bf16 -1, -136
-    const uint32_t konst[4] = {kConst, kConst, kConst, kConst};
     const float zeros[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    const uint32_t base = ring + stage * S::kBytes;
+    const uint32_t base = stage * S::kBytes;
     uint32_t bfrag[2][2][2];
     b_fragments(base, bfrag);
     float start[kRuns][4];
@@ -312,7 +338,7 @@ struct WarpGemm {
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
         float(&st)[4] = start[G32 ? h : 0];
-        mma_bf16(st, konst, bfrag[h][m][0], bfrag[h][m][1], (m == 0 && (G32 || h == 0)) ? zeros : st);
+        mma_bf16(st, konst_frag, bfrag[h][m][0], bfrag[h][m][1], (m == 0 && (G32 || h == 0)) ? zeros : st);
       }
     }
     // which half of a scale or zero-point word holds the window's group (larger groups)
@@ -322,9 +348,9 @@ struct WarpGemm {
       uint32_t sw[2], zw[2] = {0, 0}, w[2][2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        sw[r] = lds32(base + S::kScale + b * 64 + (row_g + 8 * r) * 4);
+        sw[r] = lds32(base + scale_row + b * 64 + r * 32);
         if (ZP) {
-          asm volatile("ld.shared.u16 %0, [%1];" : "=r"(zw[r]) : "r"(base + S::kZero + b * 32 + (row_g + 8 * r) * 2));
+          asm volatile("ld.shared.u16 %0, [%1];" : "=r"(zw[r]) : "r"(base + zero_row + b * 32 + r * 16));
         }
 #pragma unroll
         for (int h = 0; h < 2; ++h) w[h][r] = lds32(base + code_rd[r] + b * 512 + h * 256);
@@ -377,7 +403,7 @@ struct WarpGemm {
   // MMAs from zero, scaled into the accumulator by 2^(e - 64).
   __device__ void multiply_e2m1(const Problem& p, float (&acc)[kBlocks][4], int window, int stage) const {
     const float zeros[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    const uint32_t base = ring + stage * S::kBytes;
+    const uint32_t base = stage * S::kBytes;
     const uint32_t half_word = ((window >> 1) & 1) * 2;  // which half of each row's 4 scale bytes
     uint32_t bfrag[2][2][2];
     b_fragments(base, bfrag);
@@ -400,9 +426,10 @@ struct WarpGemm {
         }
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
-          const uint32_t frag[4] = {e2m1_pair(w[h][0], 2 * m, p.shift_mul), e2m1_pair(w[h][1], 2 * m, p.shift_mul),
-                                    e2m1_pair(w[h][0], 2 * m + 1, p.shift_mul),
-                                    e2m1_pair(w[h][1], 2 * m + 1, p.shift_mul)};
+          uint32_t row[2][2];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) e2m1_pairs(w[h][r], m, p.shift_mul[0], row[r]);
+          const uint32_t frag[4] = {row[0][0], row[1][0], row[0][1], row[1][1]};
           mma_bf16(sum, frag, bfrag[h][m][0], bfrag[h][m][1], m == 0 ? zeros : sum);
         }
 #pragma unroll
@@ -603,7 +630,7 @@ Problem make_problem(const MoeDecodeArgs& a, const void* act, int64_t act_stride
   return Problem{static_cast<const __nv_bfloat16*>(act), act_stride, act_div, a.words, a.scale,
                  static_cast<const uint16_t*>(a.zero), a.n, a.k, a.groups, a.group_size, a.gu_interleaved,
                  a.sorted_ids, a.expert_ids, a.num_padded, a.num_pairs, a.k_warps,
-                 {a.e2m1 ? 1u << 30 : 1u << 28, a.e2m1 ? 1u << 26 : 1u << 20}, 1u << 23};
+                 {a.e2m1 ? 1u << 24 : 1u << 28, 1u << 20}, 1u << 23};
 }
 
 // What a launch needs to know of a kernel on a device, found on its first launch there: the

@@ -405,6 +405,9 @@ struct WarpGemm {
     const float zeros[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const uint32_t base = stage * S::kBytes;
     const uint32_t half_word = ((window >> 1) & 1) * 2;  // which half of each row's 4 scale bytes
+    uint32_t scale_at[kBlocks];  // one add per block per window; stage, h and r become immediates
+#pragma unroll
+    for (int b = 0; b < kBlocks; ++b) scale_at[b] = scale_rd[b] + half_word;
     uint32_t bfrag[2][2][2];
     b_fragments(base, bfrag);
 #pragma unroll
@@ -421,7 +424,7 @@ struct WarpGemm {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           uint32_t e;
-          asm volatile("ld.shared.u8 %0, [%1];" : "=r"(e) : "r"(base + scale_rd[b] + h * 64 + r * 32 + half_word));
+          asm volatile("ld.shared.u8 %0, [%1];" : "=r"(e) : "r"(scale_at[b] + (base + h * 64 + r * 32)));
           s[r] = __uint_as_float(e * p.exp_mul + (63u << 23));
         }
 #pragma unroll

@@ -45,7 +45,7 @@ def compile_cubin(csrc: Path, out: Path) -> dict[str, tuple[int, int]]:
                          capture_output=True, text=True)
     if log.returncode:
         sys.exit(log.stderr[-3000:])
-    facts, name, regs = {}, None, 0
+    facts, name = {}, None
     for line in log.stderr.splitlines():
         m = re.search(r"(?:Compiling entry function|Function properties for) '?(\w+)", line)
         if m:
@@ -100,7 +100,7 @@ def main() -> None:
             base = census(tmp / "base.cubin", tool, compile_cubin(tmp / "base" / "csrc", tmp / "base.cubin"))
     print("| GEMM | warps | stages | codes | groups of 32 | " + (f"{args.base} per window | " if base else "")
           + "per window | registers | spill bytes | most frequent, per window |")
-    print("|---" * (9 if base else 8) + "|")
+    print("|---" * (10 if base else 9) + "|")
     for key in sorted(new):
         per, regs, spill, top = new[key]
         was = f"{base[key][0]:.1f} | " if key in base else ("- | " if base else "")

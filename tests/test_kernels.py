@@ -440,16 +440,23 @@ def test_mma_decode_real_shapes(model):
             run_and_check(layer, source, routing, act, T, torch.bfloat16, config=mma_config(w13, w2))
 
 
+def _ops_check_operands(hidden: int, block_m: int):
+    """What the ops-check tests start from: a 4-expert int4 layer (intermediate size 64) on the
+    device, 2 tokens routed in blocks of ``block_m``, their activations and an output."""
+    from moeprep.kernels import fused
+
+    stored = fused.prepare(layer_to(random_layer("w4a16_preshuffle", 4, hidden, 64)[0], DEVICE))
+    r = route_kernel(torch.randn(2, 4, device=DEVICE), MIXTRAL, block_m)
+    x = torch.randn(2, hidden, device=DEVICE, dtype=torch.bfloat16)
+    out = torch.empty(2, hidden, device=DEVICE, dtype=torch.bfloat16)
+    return stored, r, x, out
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _mma_built(), reason="needs a CUDA device and moeprep's CUDA decode kernels")
 def test_mma_decode_ops_check_their_arguments():
-    from moeprep.kernels import fused
-
-    stored = fused.prepare(layer_to(random_layer("w4a16_preshuffle", 4, 128, 64)[0], DEVICE))
-    r = route_kernel(torch.randn(2, 4, device=DEVICE), MIXTRAL, 8)
-    x = torch.randn(2, 128, device=DEVICE, dtype=torch.bfloat16)
+    stored, r, x, out = _ops_check_operands(128, 8)
     h = torch.empty(4, 64, device=DEVICE, dtype=torch.bfloat16)
-    out = torch.empty(2, 128, device=DEVICE, dtype=torch.bfloat16)
     w = stored.w13
     with pytest.raises(RuntimeError, match="warps 4 or 8"):
         torch.ops.moeprep.moe_decode_w13(x, w.words, w.scale, w.zero, None, False, r.sorted_ids, r.expert_ids,
@@ -537,12 +544,7 @@ def test_wgmma_prefill_real_shapes(model):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _wgmma_available(), reason="needs an sm_90 GPU and moeprep's CUDA prefill kernels")
 def test_wgmma_prefill_ops_check_their_arguments():
-    from moeprep.kernels import fused
-
-    stored = fused.prepare(layer_to(random_layer("w4a16_preshuffle", 4, 256, 64)[0], DEVICE))
-    r = route_kernel(torch.randn(2, 4, device=DEVICE), MIXTRAL, 256)
-    x = torch.randn(2, 256, device=DEVICE, dtype=torch.bfloat16)
-    out = torch.empty(2, 256, device=DEVICE, dtype=torch.bfloat16)
+    stored, r, x, out = _ops_check_operands(256, 256)
     w = stored.w13
     r8 = route_kernel(torch.randn(2, 4, device=DEVICE), MIXTRAL, 8)
     h = torch.empty(r8.sorted_ids.numel(), 64, device=DEVICE, dtype=torch.bfloat16)  # h and xs in sorted order

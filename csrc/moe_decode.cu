@@ -40,6 +40,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <algorithm>
 #include <mutex>
 
 #include "cuda_asm.cuh"
@@ -72,15 +73,19 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
 #endif
 }
 
-// Programmatic dependent launch (sm_90): w2_kernel is launched while w13_kernel still runs, so
-// that its CTAs set up and request their first weights early. wait_for_primary blocks until the
-// kernel launched before it has finished and its writes (h, the zeroed output) are visible; a
-// kernel launched the ordinary way returns from it at once. w13_kernel lets the next kernel start
-// at its own start when all its CTAs are resident at once: then w2_kernel's CTAs take free slots
-// and stream their first windows while the gate/up GEMM runs. Otherwise once each CTA is past its
-// main loop (at the start, early CTAs of w2_kernel took bandwidth and SM slots from w13_kernel's
-// later waves: Mixtral T = 1 ran 13% slower). w13_kernel was launched after the routing finished,
-// so w2_kernel may read the routing's results before it waits.
+// Programmatic dependent launch (sm_90): the routing kernel, w13_kernel and w2_kernel form a
+// chain in which each kernel is launched while the one before still runs, so that its CTAs are
+// resident and set up when their inputs are ready. wait_for_primary blocks until the kernel
+// launched before has finished and its writes are visible (a kernel launched the ordinary way
+// returns from it at once); allow_dependents lets the next kernel start once every CTA has called
+// it or exited. The routing kernel allows at its start. w13_kernel waits for the routing before
+// anything else, and then allows at once in its last `resident` CTAs (by linear index, as many as
+// the GPU holds at a time: they start as the earlier ones end) and past their main loop in the
+// others, so that w2_kernel's CTAs take the slots that w13_kernel's tail frees and request their
+// first windows there. (Allowing at every CTA's start made Mixtral T = 1 13% slower in the
+// seventh round; this rule gained 2-6% over allowing past the main loop where the gate/up grid
+// takes more than one wave: the fourteenth.) Every w13_kernel CTA has waited for the routing before
+// it allows, so w2_kernel may read the routing's results before it waits for h.
 __device__ __forceinline__ void wait_for_primary() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -544,16 +549,19 @@ __device__ __forceinline__ void for_each_output(const Problem& p, int mb, int64_
 }
 
 // h[p, c] = act(x W_gate^T + b_gate, x W_up^T + b_up)[c]: each warp group takes kBlocks / 2 blocks
-// of 16 columns (their gate rows, then their up rows). Also zeroes `out` for w2_kernel. one_wave:
-// the whole grid is resident at once, so the down projection may start now (wait_for_primary).
+// of 16 columns (their gate rows, then their up rows). Also zeroes `out` for w2_kernel. CTAs from
+// the linear index `early_from` on let the down projection start as soon as the routing is done
+// (see wait_for_primary).
 // (Both kernels ask for 20 warps per SM with 4-warp CTAs, 16 with 8: 96 or 128 registers.)
 template <int WARPS, int STAGES, Codes C, bool G32>
 __global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
     w13_kernel(Problem p, const __nv_bfloat16* bias, MoeDecodeActivation act, __nv_bfloat16* h, uint4* out,
-               int64_t out_units, int one_wave) {
-  if (one_wave) allow_dependents();
+               int64_t out_units, int64_t early_from) {
+  wait_for_primary();  // the routing, and whatever used `out` before
   const int64_t cta = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
   const int64_t ctas = static_cast<int64_t>(gridDim.x) * gridDim.y;
+  const bool early = cta >= early_from;
+  if (early) allow_dependents();
   for (int64_t i = cta * blockDim.x + threadIdx.x; i < out_units; i += ctas * blockDim.x) {
     out[i] = make_uint4(0, 0, 0, 0);
   }
@@ -575,7 +583,7 @@ __global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
   };
   float acc[kBlocks][4];
   const bool first = cta_gemm<STAGES, C, G32>(p, mb, 0, 1, rows_of, acc);
-  if (!one_wave) allow_dependents();
+  if (!early) allow_dependents();
   if (!first) return;
   if (bias) bias += __ldg(p.expert_ids + mb) * p.n;
   for_each_output<CB>(p, mb, col0 + (threadIdx.x / 32 / p.k_warps) * CB * 16, [&](int b, int c, int pair, int64_t col) {
@@ -674,9 +682,9 @@ KernelFacts facts_of() {
 
 // Launches KERNEL, as a programmatic dependent of the stream's previous kernel if `dependent` and
 // the kernel was compiled for sm_90+: one compiled for an older GPU (run through PTX JIT) has no
-// wait_for_primary and must not start early. ONE_WAVE: the kernel's last parameter says whether all
-// its CTAs are resident at once.
-template <int WARPS, int STAGES, Codes C, bool ONE_WAVE, auto KERNEL, typename... Args>
+// wait_for_primary and must not start early. EARLY_FROM: the kernel's last parameter is the first
+// CTA (linear index) of its last `resident` ones, which start after every earlier one has.
+template <int WARPS, int STAGES, Codes C, bool EARLY_FROM, auto KERNEL, typename... Args>
 int launch(dim3 grid, void* stream, bool dependent, Args... args) {
   constexpr int smem = ring_bytes<WARPS, STAGES, C>();
   static_assert(smem >= WARPS * kBlocks * 4 * 32 * 4, "the ring holds the partial sums");
@@ -692,36 +700,37 @@ int launch(dim3 grid, void* stream, bool dependent, Args... args) {
   config.stream = static_cast<cudaStream_t>(stream);
   config.attrs = &attr;
   config.numAttrs = dependent && facts.ptx_version >= 90 ? 1 : 0;
-  if constexpr (ONE_WAVE) {
-    const int one_wave = static_cast<int64_t>(grid.x) * grid.y * grid.z <= facts.resident_ctas;
-    return static_cast<int>(cudaLaunchKernelEx(&config, KERNEL, args..., one_wave));
+  if constexpr (EARLY_FROM) {
+    const int64_t ctas = static_cast<int64_t>(grid.x) * grid.y * grid.z;
+    const int64_t early_from = std::max<int64_t>(0, ctas - facts.resident_ctas);
+    return static_cast<int>(cudaLaunchKernelEx(&config, KERNEL, args..., early_from));
   } else {
     return static_cast<int>(cudaLaunchKernelEx(&config, KERNEL, args...));
   }
 }
 
 // KERNEL instantiated for the supported (warps per CTA, stages, codes, groups of 32)
-#define MOEPREP_LAUNCH_CODES(KERNEL, ONE_WAVE, W, S, C, G32, GRID, ...) \
-  return launch<W, S, C, ONE_WAVE, &KERNEL<W, S, C, G32>>(GRID, stream, __VA_ARGS__)
-#define MOEPREP_LAUNCH(KERNEL, ONE_WAVE, W, S, GRID, ...)                                                   \
-  do {                                                                                                     \
-    if (a.e2m1) MOEPREP_LAUNCH_CODES(KERNEL, ONE_WAVE, W, S, Codes::kE2m1, true, GRID, __VA_ARGS__);       \
-    if (a.group_size == 32) {                                                                              \
-      if (a.zero) MOEPREP_LAUNCH_CODES(KERNEL, ONE_WAVE, W, S, Codes::kZeroPoint, true, GRID, __VA_ARGS__); \
-      MOEPREP_LAUNCH_CODES(KERNEL, ONE_WAVE, W, S, Codes::kSigned, true, GRID, __VA_ARGS__);               \
-    }                                                                                                      \
-    if (a.zero) MOEPREP_LAUNCH_CODES(KERNEL, ONE_WAVE, W, S, Codes::kZeroPoint, false, GRID, __VA_ARGS__); \
-    MOEPREP_LAUNCH_CODES(KERNEL, ONE_WAVE, W, S, Codes::kSigned, false, GRID, __VA_ARGS__);                \
+#define MOEPREP_LAUNCH_CODES(KERNEL, EARLY_FROM, W, S, C, G32, GRID, ...) \
+  return launch<W, S, C, EARLY_FROM, &KERNEL<W, S, C, G32>>(GRID, stream, __VA_ARGS__)
+#define MOEPREP_LAUNCH(KERNEL, EARLY_FROM, W, S, GRID, ...)                                                   \
+  do {                                                                                                        \
+    if (a.e2m1) MOEPREP_LAUNCH_CODES(KERNEL, EARLY_FROM, W, S, Codes::kE2m1, true, GRID, __VA_ARGS__);        \
+    if (a.group_size == 32) {                                                                                 \
+      if (a.zero) MOEPREP_LAUNCH_CODES(KERNEL, EARLY_FROM, W, S, Codes::kZeroPoint, true, GRID, __VA_ARGS__); \
+      MOEPREP_LAUNCH_CODES(KERNEL, EARLY_FROM, W, S, Codes::kSigned, true, GRID, __VA_ARGS__);                \
+    }                                                                                                         \
+    if (a.zero) MOEPREP_LAUNCH_CODES(KERNEL, EARLY_FROM, W, S, Codes::kZeroPoint, false, GRID, __VA_ARGS__);  \
+    MOEPREP_LAUNCH_CODES(KERNEL, EARLY_FROM, W, S, Codes::kSigned, false, GRID, __VA_ARGS__);                 \
   } while (0)
-#define MOEPREP_DISPATCH(KERNEL, ONE_WAVE, GRID, ...)                                             \
-  do {                                                                                           \
-    if (a.warps == 4 && a.stages == 2) MOEPREP_LAUNCH(KERNEL, ONE_WAVE, 4, 2, GRID, __VA_ARGS__); \
-    if (a.warps == 4 && a.stages == 3) MOEPREP_LAUNCH(KERNEL, ONE_WAVE, 4, 3, GRID, __VA_ARGS__); \
-    if (a.warps == 4 && a.stages == 4) MOEPREP_LAUNCH(KERNEL, ONE_WAVE, 4, 4, GRID, __VA_ARGS__); \
-    if (a.warps == 8 && a.stages == 2) MOEPREP_LAUNCH(KERNEL, ONE_WAVE, 8, 2, GRID, __VA_ARGS__); \
-    if (a.warps == 8 && a.stages == 3) MOEPREP_LAUNCH(KERNEL, ONE_WAVE, 8, 3, GRID, __VA_ARGS__); \
-    if (a.warps == 8 && a.stages == 4) MOEPREP_LAUNCH(KERNEL, ONE_WAVE, 8, 4, GRID, __VA_ARGS__); \
-    return static_cast<int>(cudaErrorInvalidValue);                                              \
+#define MOEPREP_DISPATCH(KERNEL, EARLY_FROM, GRID, ...)                                             \
+  do {                                                                                              \
+    if (a.warps == 4 && a.stages == 2) MOEPREP_LAUNCH(KERNEL, EARLY_FROM, 4, 2, GRID, __VA_ARGS__); \
+    if (a.warps == 4 && a.stages == 3) MOEPREP_LAUNCH(KERNEL, EARLY_FROM, 4, 3, GRID, __VA_ARGS__); \
+    if (a.warps == 4 && a.stages == 4) MOEPREP_LAUNCH(KERNEL, EARLY_FROM, 4, 4, GRID, __VA_ARGS__); \
+    if (a.warps == 8 && a.stages == 2) MOEPREP_LAUNCH(KERNEL, EARLY_FROM, 8, 2, GRID, __VA_ARGS__); \
+    if (a.warps == 8 && a.stages == 3) MOEPREP_LAUNCH(KERNEL, EARLY_FROM, 8, 3, GRID, __VA_ARGS__); \
+    if (a.warps == 8 && a.stages == 4) MOEPREP_LAUNCH(KERNEL, EARLY_FROM, 8, 4, GRID, __VA_ARGS__); \
+    return static_cast<int>(cudaErrorInvalidValue);                                                 \
   } while (0)
 
 }  // namespace
@@ -736,7 +745,7 @@ int moeprep_moe_decode_w13(MoeDecodeArgs a, const void* x, int64_t stride_x, int
   const int64_t cols_per_cta = static_cast<int64_t>(a.warps / a.k_warps) * (kBlocks / 2) * 16;
   const dim3 grid(static_cast<unsigned>(a.num_m_blocks),
                   static_cast<unsigned>((a.n / 2 + cols_per_cta - 1) / cols_per_cta));
-  MOEPREP_DISPATCH(w13_kernel, true, grid, false, p, static_cast<const __nv_bfloat16*>(a.bias), act,
+  MOEPREP_DISPATCH(w13_kernel, true, grid, true, p, static_cast<const __nv_bfloat16*>(a.bias), act,
                    static_cast<__nv_bfloat16*>(h), static_cast<uint4*>(out), out_numel / 8);
 }
 

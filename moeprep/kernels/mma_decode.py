@@ -85,7 +85,9 @@ def w2_split(layer, r: RoutedTokens, g: configs.MmaGemm, device: torch.device) -
 
 def launch_w13(layer, hidden: torch.Tensor, r: RoutedTokens, h: torch.Tensor, out: torch.Tensor,
                activation: Activation, mma: configs.MmaDecode) -> None:
-    """``h = act(hidden W_gate^T + b_gate, hidden W_up^T + b_up)`` per routed pair; zeroes ``out``."""
+    """``h = act(hidden W_gate^T + b_gate, hidden W_up^T + b_up)`` per routed pair; zeroes ``out``. On
+    sm_90 the kernel is launched as a programmatic dependent of the stream's previous kernel (the
+    routing, which lets it start early) and waits for that kernel to finish before anything else."""
     w, g = layer.w13, mma.w13
     torch.ops.moeprep.moe_decode_w13(hidden, w.words, w.scale, w.zero, w.bias, layer.gate_up_interleaved, r.sorted_ids,
                                      r.expert_ids, r.num_padded, r.topk_ids.shape[1], activation.kind == "swiglu_oai",
@@ -94,8 +96,8 @@ def launch_w13(layer, hidden: torch.Tensor, r: RoutedTokens, h: torch.Tensor, ou
 
 def launch_w2(layer, h: torch.Tensor, r: RoutedTokens, out: torch.Tensor, mma: configs.MmaDecode) -> None:
     """``out[t] += w[t, j] * (h[t * k + j] W_down^T + b_down)``. On sm_90 the kernel is launched as a
-    programmatic dependent of the stream's previous kernel, which must have started after ``r`` was
-    complete (as launch_w13's does): it reads the routing before waiting for that kernel."""
+    programmatic dependent of the stream's previous kernel, which must let it start only after ``r``
+    is complete (as launch_w13's does): it reads the routing before waiting for that kernel."""
     w, g = layer.w2, mma.w2
     torch.ops.moeprep.moe_decode_w2(h, w.words, w.scale, w.zero, w.bias, r.sorted_ids, r.expert_ids, r.num_padded,
                                     r.topk_weights, g.warps, g.k_warps, g.stages, w2_split(layer, r, g, h.device), out)

@@ -7,7 +7,8 @@ expert, in increasing flat id within an expert, each expert's run padded to a mu
 ``num_padded`` the length of the used part.
 
 Up to :data:`FUSED_MAX_TOKENS` tokens (decode), one program does all of it in one launch: the
-top-k ids stay in registers from selection through the counting sort. Larger batches take three
+top-k ids stay in registers from selection through the counting sort. On Hopper it lets the next
+kernel launch at its start (the CUDA gate/up GEMM, whose CTAs then wait for its results). Larger batches take three
 launches: top-k and expert counts per chunk of tokens, one program for the prefix sums, and a
 scatter per chunk. No stage sorts: a token's rank within its expert is the number of earlier
 tokens that chose that expert, a prefix sum over the [tokens, experts] choice matrix.
@@ -19,10 +20,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from ..errors import MoeprepError
 from ..serve.routing import Routing
-from ._triton import rounded
+from ._triton import INTERPRET, rounded
 
 FUSED_MAX_TOKENS = 64
 _SPLIT_BLOCK_T = 64
@@ -121,7 +123,9 @@ def _padding_and_blocks(sorted_ptr, expert_ids_ptr, num_padded_ptr, counts, pad_
 def _route_fused_kernel(logits_ptr, stride_t, T, E, weights_ptr, ids_ptr, sorted_ptr, expert_ids_ptr, num_padded_ptr,
                         TOP_K: tl.constexpr, SCORING: tl.constexpr, RENORM: tl.constexpr, ROUND: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                        CHUNK_B: tl.constexpr):
+                        CHUNK_B: tl.constexpr, EARLY_NEXT: tl.constexpr):
+    if EARLY_NEXT:
+        gdc_launch_dependents()
     ids, w, ok, chosen = _topk(logits_ptr, stride_t, 0, T, E, TOP_K, SCORING, RENORM, ROUND, BLOCK_T, BLOCK_E, BLOCK_K)
     flat = tl.arange(0, BLOCK_T)[:, None] * TOP_K + tl.arange(0, BLOCK_K)[None, :]
     tl.store(weights_ptr + flat, w, mask=ok)
@@ -203,6 +207,16 @@ def _fused_warps(block_t: int, block_e: int) -> int:
     return max(4, min(8, block_t * block_e // 256))
 
 
+def _early_next(device: torch.device) -> bool:
+    """Whether the decode routing lets the next kernel start at its own start (programmatic dependent
+    launch, CUDA sm_90+): the CUDA gate/up GEMM is launched that way and waits for the routing's results
+    before it reads them (csrc/moe_decode.cu); a kernel launched the ordinary way still waits for the
+    routing to finish."""
+    if INTERPRET or torch.version.hip is not None or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -242,7 +256,7 @@ def route(logits: torch.Tensor, routing: Routing, block_m: int, fused_max_tokens
         _route_fused_kernel[(1,)](
             logits, logits.stride(0), T, E, out.topk_weights, out.topk_ids, out.sorted_ids, out.expert_ids, out.num_padded,
             BLOCK_M=block_m, BLOCK_T=block_t, CHUNK_B=_pow2(triton.cdiv(block_t, block_m)),
-            num_warps=_fused_warps(block_t, meta["BLOCK_E"]), **meta,
+            EARLY_NEXT=_early_next(dev), num_warps=_fused_warps(block_t, meta["BLOCK_E"]), **meta,
         )
         return out
     chunks = triton.cdiv(T, _SPLIT_BLOCK_T)

@@ -8,8 +8,8 @@ there and compile to the plain instructions on a GPU.
 
 :func:`packed_nibbles` and :func:`packed_e2m1` decode 4-bit codes two at a time into bf16 pairs
 with PTX (``prmt``, ``lop3``, ``fma.rn.bf16x2``): under half the instructions of the portable fp32
-decode, which bounds the GEMMs' throughput. Only the compiled CUDA kernels call them; the
-interpreter and HIP take the portable path.
+decode, which bounds the GEMMs' throughput. Only the compiled CUDA kernels call them (and
+:func:`launch_dependents`); the interpreter and HIP take the portable path.
 """
 from __future__ import annotations
 
@@ -126,6 +126,15 @@ def packed_e2m1(words, scale):
     """int32 words of 8 E2M1 codes (value j in bits ``4j``) -> the 8 bf16 tensors ``value_j * scale``
     (scale bf16, a power of two, broadcast against words)."""
     return tl.inline_asm_elementwise(_E2M1_BF16, _E2M1_ARGS, [words, scale], _BF16_X8, is_pure=True, pack=2)
+
+
+@triton.jit
+def launch_dependents():
+    """Lets the next kernel on the stream start now if it was launched as a programmatic dependent
+    (``griddepcontrol.launch_dependents``, CUDA sm_90+ only): ``gdc_launch_dependents`` of
+    ``triton.language.extra.cuda``, which builds of Triton without the CUDA backend do not ship."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False,
+                              pack=1)
 
 
 @triton.jit

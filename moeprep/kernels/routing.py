@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
 from ..errors import MoeprepError
 from ..serve.routing import Routing
-from ._triton import INTERPRET, rounded
+from ._triton import INTERPRET, launch_dependents, rounded
 
 FUSED_MAX_TOKENS = 64
 _SPLIT_BLOCK_T = 64
@@ -125,7 +124,7 @@ def _route_fused_kernel(logits_ptr, stride_t, T, E, weights_ptr, ids_ptr, sorted
                         BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                         CHUNK_B: tl.constexpr, EARLY_NEXT: tl.constexpr):
     if EARLY_NEXT:
-        gdc_launch_dependents()
+        launch_dependents()
     ids, w, ok, chosen = _topk(logits_ptr, stride_t, 0, T, E, TOP_K, SCORING, RENORM, ROUND, BLOCK_T, BLOCK_E, BLOCK_K)
     flat = tl.arange(0, BLOCK_T)[:, None] * TOP_K + tl.arange(0, BLOCK_K)[None, :]
     tl.store(weights_ptr + flat, w, mask=ok)

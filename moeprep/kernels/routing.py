@@ -8,10 +8,11 @@ expert, in increasing flat id within an expert, each expert's run padded to a mu
 
 Up to :data:`FUSED_MAX_TOKENS` tokens (decode), one program does all of it in one launch: the
 top-k ids stay in registers from selection through the counting sort. On Hopper it lets the next
-kernel launch at its start (the CUDA gate/up GEMM, whose CTAs then wait for its results). Larger batches take three
-launches: top-k and expert counts per chunk of tokens, one program for the prefix sums, and a
-scatter per chunk. No stage sorts: a token's rank within its expert is the number of earlier
-tokens that chose that expert, a prefix sum over the [tokens, experts] choice matrix.
+kernel launch at its start (the CUDA gate/up GEMM, whose CTAs then wait for its results). Larger
+batches take three launches: top-k and expert counts per chunk of tokens, one program for the
+prefix sums, and a scatter per chunk. No stage sorts: a token's rank within its expert is the
+number of earlier tokens that chose that expert, a prefix sum over the [tokens, experts] choice
+matrix.
 """
 from __future__ import annotations
 

@@ -680,12 +680,12 @@ KernelFacts facts_of() {
   return known[device];
 }
 
-// Launches KERNEL, as a programmatic dependent of the stream's previous kernel if `dependent` and
-// the kernel was compiled for sm_90+: one compiled for an older GPU (run through PTX JIT) has no
-// wait_for_primary and must not start early. EARLY_FROM: the kernel's last parameter is the first
+// Launches KERNEL, as a programmatic dependent of the stream's previous kernel if the kernel was
+// compiled for sm_90+: one compiled for an older GPU (run through PTX JIT) has no wait_for_primary
+// and must not start early. EARLY_FROM: the kernel's last parameter is the first
 // CTA (linear index) of its last `resident` ones, which start after every earlier one has.
 template <int WARPS, int STAGES, Codes C, bool EARLY_FROM, auto KERNEL, typename... Args>
-int launch(dim3 grid, void* stream, bool dependent, Args... args) {
+int launch(dim3 grid, void* stream, Args... args) {
   constexpr int smem = ring_bytes<WARPS, STAGES, C>();
   static_assert(smem >= WARPS * kBlocks * 4 * 32 * 4, "the ring holds the partial sums");
   const KernelFacts facts = facts_of<KERNEL, WARPS, smem>();
@@ -699,7 +699,7 @@ int launch(dim3 grid, void* stream, bool dependent, Args... args) {
   config.dynamicSmemBytes = smem;
   config.stream = static_cast<cudaStream_t>(stream);
   config.attrs = &attr;
-  config.numAttrs = dependent && facts.ptx_version >= 90 ? 1 : 0;
+  config.numAttrs = facts.ptx_version >= 90 ? 1 : 0;
   if constexpr (EARLY_FROM) {
     const int64_t ctas = static_cast<int64_t>(grid.x) * grid.y * grid.z;
     const int64_t early_from = std::max<int64_t>(0, ctas - facts.resident_ctas);
@@ -745,7 +745,7 @@ int moeprep_moe_decode_w13(MoeDecodeArgs a, const void* x, int64_t stride_x, int
   const int64_t cols_per_cta = static_cast<int64_t>(a.warps / a.k_warps) * (kBlocks / 2) * 16;
   const dim3 grid(static_cast<unsigned>(a.num_m_blocks),
                   static_cast<unsigned>((a.n / 2 + cols_per_cta - 1) / cols_per_cta));
-  MOEPREP_DISPATCH(w13_kernel, true, grid, true, p, static_cast<const __nv_bfloat16*>(a.bias), act,
+  MOEPREP_DISPATCH(w13_kernel, true, grid, p, static_cast<const __nv_bfloat16*>(a.bias), act,
                    static_cast<__nv_bfloat16*>(h), static_cast<uint4*>(out), out_numel / 8);
 }
 
@@ -756,7 +756,7 @@ int moeprep_moe_decode_w2(MoeDecodeArgs a, const void* h, int top_k, void* out, 
   const int64_t rows_per_cta = static_cast<int64_t>(a.warps / a.k_warps) * kBlocks * 16;
   const dim3 grid(static_cast<unsigned>(a.num_m_blocks), static_cast<unsigned>((a.n + rows_per_cta - 1) / rows_per_cta),
                   static_cast<unsigned>(split));
-  MOEPREP_DISPATCH(w2_kernel, false, grid, true, p, static_cast<const __nv_bfloat16*>(a.bias),
+  MOEPREP_DISPATCH(w2_kernel, false, grid, p, static_cast<const __nv_bfloat16*>(a.bias),
                    static_cast<__nv_bfloat16*>(out), stride_out, topk_weights, top_k);
 }
 

@@ -64,6 +64,19 @@ __device__ __forceinline__ uint32_t codes_pair(uint32_t word) {
   return x;
 }
 
+// Zeroes units[0:count] with all the threads of a grid of `ctas` CTAs (this one's linear index `cta`)
+__device__ __forceinline__ void zero_units(uint4* units, int64_t count, int64_t cta, int64_t ctas) {
+  for (int64_t i = cta * blockDim.x + threadIdx.x; i < count; i += ctas * blockDim.x) units[i] = make_uint4(0, 0, 0, 0);
+}
+
+// Lanes g and g ^ 1 (g = lane / 4, odd = g & 1) of an MMA accumulator hold the same two rows (v0, v1)
+// of columns g and g ^ 1. They swap halves so that even g holds row 0's two columns and odd g row 1's,
+// in column order: one bf16x2 store or reduction each instead of two bf16 ones.
+__device__ __forceinline__ float2 adjacent_columns(float v0, float v1, int odd) {
+  const float other = __shfl_xor_sync(0xFFFFFFFFu, odd ? v0 : v1, 4);
+  return odd ? make_float2(other, v1) : make_float2(v0, other);
+}
+
 // The gate/up projection's activation of one column (moe_decode.h, MoeDecodeActivation)
 __device__ __forceinline__ float activate(float gate, float up, const MoeDecodeActivation& act) {
   if (act.swiglu) {

@@ -41,9 +41,9 @@
 #include <stdint.h>
 
 #include <algorithm>
-#include <mutex>
 
 #include "cuda_asm.cuh"
+#include "kernel_facts.cuh"
 #include "moe_decode.h"
 
 namespace moeprep {
@@ -562,9 +562,7 @@ __global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
   const int64_t ctas = static_cast<int64_t>(gridDim.x) * gridDim.y;
   const bool early = cta >= early_from;
   if (early) allow_dependents();
-  for (int64_t i = cta * blockDim.x + threadIdx.x; i < out_units; i += ctas * blockDim.x) {
-    out[i] = make_uint4(0, 0, 0, 0);
-  }
+  zero_units(out, out_units, cta, ctas);
 
   const int mb = blockIdx.x;
   if (mb * 8 >= __ldg(p.num_padded)) return;
@@ -612,8 +610,7 @@ __global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
   };
   float acc[kBlocks][4];
   if (!cta_gemm<STAGES, C, G32>(p, mb, blockIdx.z, gridDim.z, rows_of, acc)) return;
-  // Lanes g and g ^ 1 swap halves so that each adds two adjacent output columns of one token in a
-  // single bf16x2 reduction: even g for token 2t, odd g for token 2t + 1.
+  // even g adds two adjacent output columns of token 2t, odd g of token 2t + 1 (adjacent_columns)
   const int lane = threadIdx.x % 32, g = lane / 4, odd = g & 1;
   int pairs[2];
   lane_pairs(p, mb, pairs);
@@ -631,8 +628,8 @@ __global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
     for (int r = 0; r < 2; ++r) {
       const float add = bias ? __bfloat162float(bias[16 * b + 8 * r]) : 0.0f;
       const float v0 = (acc[b][2 * r] + add) * weight[0], v1 = (acc[b][2 * r + 1] + add) * weight[1];
-      const float other = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
-      if (pair < p.num_pairs) add_bf16x2(dst + 16 * b + 8 * r, odd ? other : v0, odd ? v1 : other);
+      const float2 v = adjacent_columns(v0, v1, odd);
+      if (pair < p.num_pairs) add_bf16x2(dst + 16 * b + 8 * r, v.x, v.y);
     }
   }
 }
@@ -644,42 +641,6 @@ Problem make_problem(const MoeDecodeArgs& a, const void* act, int64_t act_stride
                  {a.e2m1 ? 1u << 24 : 1u << 28, 1u << 20}, 1u << 23};
 }
 
-// What a launch needs to know of a kernel on a device, found on its first launch there: the
-// shared-memory opt-in set (a per-device attribute), the PTX version it was compiled for, and how
-// many of its CTAs the device holds at once.
-struct KernelFacts {
-  cudaError_t error;
-  int ptx_version;
-  int64_t resident_ctas;
-};
-
-template <int WARPS, int SMEM, typename Kernel>
-KernelFacts query(Kernel kernel, int device) {
-  KernelFacts f{cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM), 0, 0};
-  cudaFuncAttributes compiled{};
-  int per_sm = 0, sms = 0;
-  if (f.error == cudaSuccess) f.error = cudaFuncGetAttributes(&compiled, kernel);
-  if (f.error == cudaSuccess) f.error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, SMEM);
-  if (f.error == cudaSuccess) f.error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  f.ptx_version = compiled.ptxVersion;
-  f.resident_ctas = static_cast<int64_t>(per_sm) * sms;
-  return f;
-}
-
-// (one cache per kernel: KERNEL is a template parameter)
-template <auto KERNEL, int WARPS, int SMEM>
-KernelFacts facts_of() {
-  constexpr int kDevices = 64;  // cached for devices 0 to 63, asked each time past them
-  static std::once_flag once[kDevices];
-  static KernelFacts known[kDevices];
-  int device = 0;
-  const cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return KernelFacts{err, 0, 0};
-  if (device >= kDevices) return query<WARPS, SMEM>(KERNEL, device);
-  std::call_once(once[device], [&] { known[device] = query<WARPS, SMEM>(KERNEL, device); });
-  return known[device];
-}
-
 // Launches KERNEL, as a programmatic dependent of the stream's previous kernel if the kernel was
 // compiled for sm_90+: one compiled for an older GPU (run through PTX JIT) has no wait_for_primary
 // and must not start early. EARLY_FROM: the kernel's last parameter is the first
@@ -688,7 +649,7 @@ template <int WARPS, int STAGES, Codes C, bool EARLY_FROM, auto KERNEL, typename
 int launch(dim3 grid, void* stream, Args... args) {
   constexpr int smem = ring_bytes<WARPS, STAGES, C>();
   static_assert(smem >= WARPS * kBlocks * 4 * 32 * 4, "the ring holds the partial sums");
-  const KernelFacts facts = facts_of<KERNEL, WARPS, smem>();
+  const KernelFacts facts = facts_of<KERNEL, WARPS * 32, smem>();
   if (facts.error != cudaSuccess) return static_cast<int>(facts.error);
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;

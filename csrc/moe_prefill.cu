@@ -34,6 +34,7 @@
 #include <stdint.h>
 
 #include "cuda_asm.cuh"
+#include "kernel_facts.cuh"
 #include "moe_prefill.h"
 
 namespace moeprep {
@@ -431,9 +432,8 @@ __device__ __forceinline__ void w13_tile(const Gemm& g, const CUtensorMap& act_m
       float y[2];
 #pragma unroll
       for (int e = 0; e < 2; ++e) y[e] = activate(acc[4 * j + e] + gate_bias, acc[4 * j + 2 + e] + up_bias, act);
-      const float other = __shfl_xor_sync(0xFFFFFFFF, odd ? y[0] : y[1], 4);
-      *reinterpret_cast<__nv_bfloat162*>(rows + (8 * j + 2 * l.t + odd) * inter) =
-          odd ? __floats2bfloat162_rn(other, y[1]) : __floats2bfloat162_rn(y[0], other);
+      const float2 v = adjacent_columns(y[0], y[1], odd);
+      *reinterpret_cast<__nv_bfloat162*>(rows + (8 * j + 2 * l.t + odd) * inter) = __floats2bfloat162_rn(v.x, v.y);
     }
   });
 }
@@ -443,10 +443,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     w13_kernel(Gemm g, const __grid_constant__ CUtensorMap act_map, const __grid_constant__ CUtensorMap code_map,
                MoeDecodeActivation act, __nv_bfloat16* h, uint4* out, int64_t out_units) {
 #if MOEPREP_WGMMA
-  const int64_t ctas = gridDim.x;
-  for (int64_t i = blockIdx.x * kThreads + threadIdx.x; i < out_units; i += ctas * kThreads) {
-    out[i] = make_uint4(0, 0, 0, 0);
-  }
+  zero_units(out, out_units, blockIdx.x, gridDim.x);
   int mb, tile;
   if (!block_and_tile(g, mb, tile)) return;
   const int64_t expert = __ldg(g.expert_ids + mb);
@@ -479,20 +476,15 @@ __device__ __forceinline__ void w2_tile(const Gemm& g, const CUtensorMap& act_ma
     // of the next; the same for the rows 8 on
 #pragma unroll
     for (int j = 0; j < N / 8; ++j) {
-      float v[2][2];
+      float2 v[2];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float mine0 = acc[4 * j + 2 * r] + bias[r], mine1 = acc[4 * j + 2 * r + 1] + bias[r];
-        const float other = __shfl_xor_sync(0xFFFFFFFF, odd ? mine0 : mine1, 4);
-        v[r][0] = odd ? other : mine0;
-        v[r][1] = odd ? mine1 : other;
-      }
+      for (int r = 0; r < 2; ++r) v[r] = adjacent_columns(acc[4 * j + 2 * r] + bias[r], acc[4 * j + 2 * r + 1] + bias[r], odd);
       const int pair = __ldg(g.sorted_ids + mb * kTok + 8 * j + 2 * l.t + odd);
       if (pair < g.num_pairs) {
         const float weight = __ldg(topk_weights + pair);
         __nv_bfloat16* dst = out + pair / top_k * stride_out + col - odd;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) add_bf16x2(dst + 8 * r, v[r][0] * weight, v[r][1] * weight);
+        for (int r = 0; r < 2; ++r) add_bf16x2(dst + 8 * r, v[r].x * weight, v[r].y * weight);
       }
     }
   });
@@ -577,13 +569,13 @@ int encode_maps(const MoeDecodeArgs& a, const void* act, int64_t rows, CUtensorM
                 kBlockWindowWords, kCodeBoxBlocks, CU_TENSOR_MAP_SWIZZLE_NONE);
 }
 
-template <typename Kernel, typename... Args>
-int launch(Kernel kernel, const MoeDecodeArgs& a, void* stream, Args... args) {
+template <auto KERNEL, typename... Args>
+int launch(const MoeDecodeArgs& a, void* stream, Args... args) {
   constexpr int smem = Smem::kBytes;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return static_cast<int>(err);
+  const KernelFacts facts = facts_of<KERNEL, kThreads, smem>();
+  if (facts.error != cudaSuccess) return static_cast<int>(facts.error);
   const unsigned grid = static_cast<unsigned>(a.num_m_blocks * (a.n / kRows));
-  kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(args...);
+  KERNEL<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(args...);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -609,8 +601,8 @@ int moeprep_moe_prefill_w13(MoeDecodeArgs a, const void* x, int64_t stride_x, in
   const Gemm g = make_gemm(a);
   auto* hp = static_cast<__nv_bfloat16*>(h);
   auto* op = static_cast<uint4*>(out);
-  if (a.zero) return launch(w13_kernel<true>, a, stream, g, act_map, code_map, act, hp, op, out_numel / 8);
-  return launch(w13_kernel<false>, a, stream, g, act_map, code_map, act, hp, op, out_numel / 8);
+  if (a.zero) return launch<w13_kernel<true>>(a, stream, g, act_map, code_map, act, hp, op, out_numel / 8);
+  return launch<w13_kernel<false>>(a, stream, g, act_map, code_map, act, hp, op, out_numel / 8);
 }
 
 int moeprep_moe_prefill_w2(MoeDecodeArgs a, const void* h, int64_t rows, int top_k, void* out, int64_t stride_out,
@@ -621,8 +613,8 @@ int moeprep_moe_prefill_w2(MoeDecodeArgs a, const void* h, int64_t rows, int top
   if (err) return err;
   const Gemm g = make_gemm(a);
   auto* op = static_cast<__nv_bfloat16*>(out);
-  if (a.zero) return launch(w2_kernel<true>, a, stream, g, act_map, code_map, op, stride_out, topk_weights, top_k);
-  return launch(w2_kernel<false>, a, stream, g, act_map, code_map, op, stride_out, topk_weights, top_k);
+  if (a.zero) return launch<w2_kernel<true>>(a, stream, g, act_map, code_map, op, stride_out, topk_weights, top_k);
+  return launch<w2_kernel<false>>(a, stream, g, act_map, code_map, op, stride_out, topk_weights, top_k);
 }
 
 }  // extern "C"

@@ -14,11 +14,12 @@ GEMMs (``wgmma``), which replace the Triton ones on CUDA builds where they apply
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from typing import Optional
 
 import torch
 import triton
+
+from .device import sm_count
 
 
 @dataclass(frozen=True)
@@ -161,15 +162,6 @@ def fit_block_k(block_k: int, cols: int, group_size: int) -> int:
             return bk
         bk //= 2
     return 0
-
-
-@lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _programs_wanted(device: torch.device) -> int:

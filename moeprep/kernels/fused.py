@@ -15,6 +15,7 @@ from ..serve.reference import Activation
 from ..serve.routing import Routing
 from . import configs, mma_decode, moe_gemm, wgmma_prefill
 from ._triton import INTERPRET
+from .device import capability
 from .routing import RoutedTokens, route
 
 # target -> (stored format, w13 gate/up blocks interleaved)
@@ -176,7 +177,7 @@ def packed_decode(layer: Layer, w: _Proj, a: torch.Tensor) -> bool:
     power-of-two scales bf16 holds exactly)."""
     if INTERPRET or torch.version.hip is not None or a.device.type != "cuda" or a.dtype != torch.bfloat16:
         return False
-    if torch.cuda.get_device_capability(a.device)[0] < 8:
+    if capability(a.device)[0] < 8:
         return False
     return layer.fmt == moe_gemm.MXFP4.value or w.scale.dtype == torch.bfloat16
 

@@ -20,6 +20,7 @@ import triton
 from .. import ops
 from ..serve.reference import Activation
 from . import configs, moe_gemm
+from .device import capability, sm_count
 from .routing import RoutedTokens
 
 WINDOW = 64  # k per warp step (4 lanes x 16)
@@ -49,7 +50,7 @@ def operand_problems(layer, hidden: torch.Tensor) -> list[str]:
     """What keeps this call's operands from the CUDA GEMMs (these, and wgmma_prefill's): the device,
     the activations, the input permutation, the biases and the scales."""
     found = []
-    if hidden.device.type != "cuda" or torch.cuda.get_device_capability(hidden.device)[0] < 8:
+    if hidden.device.type != "cuda" or capability(hidden.device)[0] < 8:
         found.append("needs a CUDA GPU of compute capability >= 8.0")
     if hidden.dtype != torch.bfloat16 or hidden.stride(0) % 8 or hidden.data_ptr() % 16:
         found.append("needs bf16 activations in 16-byte aligned rows")
@@ -78,7 +79,7 @@ def w2_split(layer, r: RoutedTokens, g: configs.MmaGemm, device: torch.device) -
         blocks = min(layer.experts, r.topk_ids.numel())  # blocks that do work, at least
         rows_per_cta = g.warps // g.k_warps * BLOCKS * 16
         ctas = blocks * triton.cdiv(layer.hidden, rows_per_cta)
-        wanted = triton.cdiv(WARPS_PER_SM * configs.sm_count(device), ctas * g.warps)
+        wanted = triton.cdiv(WARPS_PER_SM * sm_count(device), ctas * g.warps)
     most = max(1, min(configs.MAX_ADDS // top_k, layer.inter // WINDOW // (2 * g.k_warps)))
     return max(1, min(wanted, most))
 

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from ..errors import MoeprepError
 from ..serve.routing import Routing
+from .device import capability
 from ._triton import INTERPRET, launch_dependents, rounded
 
 FUSED_MAX_TOKENS = 64
@@ -214,7 +215,7 @@ def _early_next(device: torch.device) -> bool:
     routing to finish."""
     if INTERPRET or torch.version.hip is not None or device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return capability(device)[0] >= 9
 
 
 def _pow2(n: int) -> int:

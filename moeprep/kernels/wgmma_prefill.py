@@ -21,6 +21,7 @@ import torch
 from .. import ops
 from ..serve.reference import Activation
 from . import mma_decode, moe_gemm
+from .device import capability
 from .routing import RoutedTokens
 
 TILE_N = 128  # weight rows per CTA (w13: 64 columns of h, their gate and up rows); K a multiple of it too
@@ -35,7 +36,7 @@ def available(device: torch.device) -> bool:
     """Whether this build runs the kernels on ``device`` (CUDA sm_90, compiled for sm_90a)."""
     if torch.version.hip is not None or device.type != "cuda" or not ops.has_cuda_op("moe_prefill_w13"):
         return False
-    if torch.cuda.get_device_capability(device) != (9, 0):
+    if capability(device) != (9, 0):
         return False
     return _available(device.index if device.index is not None else torch.cuda.current_device())
 

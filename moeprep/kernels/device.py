@@ -1,0 +1,26 @@
+"""What the kernels ask of a GPU: its compute capability and size, cached per device because every
+call's dispatch asks."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=None)
+def _properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def _of(device: torch.device):
+    return _properties(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA (or ROCm) device."""
+    p = _of(device)
+    return p.major, p.minor
+
+
+def sm_count(device: torch.device) -> int:
+    return _of(device).multi_processor_count

@@ -348,7 +348,7 @@ def test_real_shapes(model):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
-@pytest.mark.parametrize("T", [1, 64, 65, 8192])
+@pytest.mark.parametrize("T", [1, 2, 16, 64, 65, 8192])
 def test_routing_real_shapes(T):
     logits = torch.randn(T, 128, device=DEVICE).to(torch.bfloat16)
     for routing in (QWEN3, GPT_OSS):

@@ -478,7 +478,9 @@ __device__ __forceinline__ void w2_tile(const Gemm& g, const CUtensorMap& act_ma
     for (int j = 0; j < N / 8; ++j) {
       float2 v[2];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) v[r] = adjacent_columns(acc[4 * j + 2 * r] + bias[r], acc[4 * j + 2 * r + 1] + bias[r], odd);
+      for (int r = 0; r < 2; ++r) {
+        v[r] = adjacent_columns(acc[4 * j + 2 * r] + bias[r], acc[4 * j + 2 * r + 1] + bias[r], odd);
+      }
       const int pair = __ldg(g.sorted_ids + mb * kTok + 8 * j + 2 * l.t + odd);
       if (pair < g.num_pairs) {
         const float weight = __ldg(topk_weights + pair);

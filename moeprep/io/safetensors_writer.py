@@ -137,7 +137,8 @@ def sync_to_disk(path: Path) -> None:
     try:
         os.fsync(fd)
     except OSError as e:
-        if not (path.is_dir() and e.errno in (errno.EINVAL, errno.ENOTSUP)):  # some filesystems refuse it on directories
+        # some filesystems refuse it on directories
+        if not (path.is_dir() and e.errno in (errno.EINVAL, errno.ENOTSUP)):
             raise
     finally:
         os.close(fd)

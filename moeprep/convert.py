@@ -25,7 +25,7 @@ import torch
 from .errors import BadInputError, OutputError, TargetError, UnsupportedError
 from .formats.base import torch_dtype
 from .io.checkpoint import INDEX_NAME, Checkpoint, check_outside
-from .io.safetensors_writer import SafetensorsWriter, TensorSpec, sync_to_disk
+from .io.safetensors_writer import SafetensorsWriter, TensorSpec
 from .model import ModelMap, build_model_map, layer_of, natural_key
 from .targets import FORMAT_VERSION, PREFERENCE, TARGETS, LayerPlan, Target, get_target, layer_plan
 from .targets.base import metadata_json
@@ -229,7 +229,7 @@ def _alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside ``out``, moved onto it, durably, only when the block completes."""
+    """A temporary directory beside ``out``, moved onto it only when the block completes."""
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(out)
     tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}"
@@ -237,9 +237,6 @@ def atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        for p in sorted(tmp.rglob("*")):
-            sync_to_disk(p)
-        sync_to_disk(tmp)
         if out.exists() and overwrite:
             old = out.parent / f".{out.name}.moeprep-old-{os.getpid()}"
             os.rename(out, old)
@@ -247,7 +244,6 @@ def atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
-        sync_to_disk(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -104,49 +104,6 @@ def test_full_disk_is_reported_and_leaves_nothing(multi_layer, tmp_path, monkeyp
     assert run_cli("verify", str(multi_layer), str(out)).returncode == 0
 
 
-def _journal(monkeypatch) -> list:
-    """Records every fsync (by path) and rename from here on."""
-    import os
-
-    events = []
-    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
-
-    def fsync(fd):
-        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
-        return real_fsync(fd)
-
-    def rename(src, dst, real=real_rename):
-        events.append(("rename", Path(src), Path(dst)))
-        return real(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "rename", rename)
-    monkeypatch.setattr(os, "replace", lambda src, dst: rename(src, dst, real_replace))
-    return events
-
-
-@pytest.mark.parametrize("overwrite", [False, True])
-def test_outputs_reach_the_disk_before_they_are_published(multi_layer, tmp_path, monkeypatch, overwrite):
-    """Every output file and its directory are fsynced before the rename that publishes them, and the
-    parent directory after it: a crash cannot leave a complete-looking output with missing data."""
-    out = (tmp_path / "out").resolve()
-    if overwrite:
-        assert run_cli("convert", str(multi_layer), str(out)).returncode == 0
-    events = _journal(monkeypatch)
-    assert run_cli("convert", str(multi_layer), str(out), *(["--overwrite"] if overwrite else [])).returncode == 0
-    publish = max(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == out)
-    tmp = events[publish][1]
-    synced = {e[1] for e in events[:publish] if e[0] == "fsync"}
-    assert {tmp / p.relative_to(out) for p in out.rglob("*")} | {tmp} <= synced
-    assert ("fsync", out.parent) in events[publish + 1:]
-
-    events.clear()
-    single = tmp_path / "dequant.safetensors"
-    assert run_cli("dequant", str(multi_layer), str(single)).returncode == 0
-    publish = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == single)
-    assert ("fsync", events[publish][1]) in events[:publish] and ("fsync", single.parent) in events[publish + 1:]
-
-
 def test_crash_inside_a_layer_leaves_nothing(multi_layer, tmp_path, monkeypatch):
     from moeprep.targets.base import Target
 

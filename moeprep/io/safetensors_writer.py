@@ -130,30 +130,14 @@ class SafetensorsWriter:
         self._f.close()
 
 
-def sync_to_disk(path: Path) -> None:
-    """fsync a file or directory: a rename that publishes an output must not reach the disk before
-    the output's data does, or a crash right after it can leave a complete-looking, truncated file."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        # some filesystems refuse it on directories
-        if not (path.is_dir() and e.errno in (errno.EINVAL, errno.ENOTSUP)):
-            raise
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside ``final``, renamed onto it, durably, only if the block completes."""
+    """A temporary path beside ``final``, renamed onto it only if the block completes."""
     final = Path(final)
     tmp = final.with_name(f".{final.name}.moeprep-tmp-{os.getpid()}")
     try:
         yield tmp
-        sync_to_disk(tmp)
         os.replace(tmp, final)
-        sync_to_disk(final.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -23,4 +23,5 @@ def capability(device: torch.device) -> tuple[int, int]:
 
 
 def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors (CUDA) or compute units (ROCm) of a device."""
     return _of(device).multi_processor_count

@@ -12,8 +12,13 @@ def _properties(index: int):
     return torch.cuda.get_device_properties(index)
 
 
+def index(device: torch.device) -> int:
+    """The device's index, the current device's for a bare ``cuda``."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _of(device: torch.device):
-    return _properties(device.index if device.index is not None else torch.cuda.current_device())
+    return _properties(index(device))
 
 
 def capability(device: torch.device) -> tuple[int, int]:

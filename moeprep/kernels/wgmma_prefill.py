@@ -21,7 +21,7 @@ import torch
 from .. import ops
 from ..serve.reference import Activation
 from . import mma_decode, moe_gemm
-from .device import capability
+from .device import capability, index
 from .routing import RoutedTokens
 
 TILE_N = 128  # weight rows per CTA (w13: 64 columns of h, their gate and up rows); K a multiple of it too
@@ -38,7 +38,7 @@ def available(device: torch.device) -> bool:
         return False
     if capability(device) != (9, 0):
         return False
-    return _available(device.index if device.index is not None else torch.cuda.current_device())
+    return _available(index(device))
 
 
 def problems(layer, hidden: torch.Tensor, activation: Activation) -> list[str]:

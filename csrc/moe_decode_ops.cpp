@@ -75,6 +75,15 @@ MoeDecodeArgs args_of(const at::Tensor& words, const at::Tensor& scale, const st
                        static_cast<int>(stages)};
 }
 
+// h's rows: one per routed pair (decode), or one per slot of sorted_ids (prefill), and how an error names them
+struct HRows {
+  int64_t count;
+  const char* label;
+};
+HRows h_rows(bool sorted_h, const at::Tensor& sorted_ids, int64_t pairs) {
+  return sorted_h ? HRows{sorted_ids.numel(), "len(sorted_ids)"} : HRows{pairs, "T * top_k"};
+}
+
 // The gate/up GEMMs' arguments, checked: x bf16 [T, H] with 16-byte aligned rows, h [T * top_k, I]
 // (the prefill GEMMs': [len(sorted_ids), I]), out bf16 with a multiple of 8 elements (zeroed in
 // 16-byte units)
@@ -92,9 +101,9 @@ MoeDecodeArgs w13_args(const at::Tensor& x, const at::Tensor& words, const at::T
               "moeprep: x does not match the codes");
   check_cuda(h, at::kBFloat16, "h");
   check_cuda(out, at::kBFloat16, "out");
-  const int64_t h_rows = sorted_h ? sorted_ids.numel() : pairs;
-  TORCH_CHECK(h.numel() == h_rows * a.n / 2 && out.numel() % 8 == 0, "moeprep: h must be [",
-              sorted_h ? "len(sorted_ids)" : "T * top_k", ", I]");
+  const HRows rows = h_rows(sorted_h, sorted_ids, pairs);
+  TORCH_CHECK(h.numel() == rows.count * a.n / 2 && out.numel() % 8 == 0, "moeprep: h must be [", rows.label,
+              ", I]");
   return a;
 }
 
@@ -114,9 +123,9 @@ MoeDecodeArgs w2_args(const at::Tensor& h, const at::Tensor& words, const at::Te
   const int64_t pairs = topk_weights.numel();
   const MoeDecodeArgs a =
       args_of(words, scale, zero, bias, false, sorted_ids, expert_ids, num_padded, pairs, warps, k_warps, stages);
-  const int64_t h_rows = sorted_h ? sorted_ids.numel() : pairs;
-  TORCH_CHECK(h.numel() == h_rows * a.k && out.size(1) == a.n, "moeprep: h must be [",
-              sorted_h ? "len(sorted_ids)" : "T * top_k", ", I] and out [T, H]");
+  const HRows rows = h_rows(sorted_h, sorted_ids, pairs);
+  TORCH_CHECK(h.numel() == rows.count * a.k && out.size(1) == a.n, "moeprep: h must be [", rows.label,
+              ", I] and out [T, H]");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0 && out.stride(0) % 2 == 0,
               "moeprep: out must be 4-byte aligned");
   return a;

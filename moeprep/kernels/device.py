@@ -21,8 +21,10 @@ def _of(device: torch.device):
     return _properties(index(device))
 
 
-def capability(device: torch.device) -> tuple[int, int]:
-    """(major, minor) of a CUDA (or ROCm) device."""
+def nvidia_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of an NVIDIA GPU; (0, 0) for any other device (CPU, ROCm), on which no PTX runs."""
+    if torch.version.hip is not None or device.type != "cuda":
+        return 0, 0
     p = _of(device)
     return p.major, p.minor
 

@@ -15,7 +15,7 @@ from ..serve.reference import Activation
 from ..serve.routing import Routing
 from . import configs, mma_decode, moe_gemm, wgmma_prefill
 from ._triton import INTERPRET
-from .device import capability
+from .device import nvidia_capability
 from .routing import RoutedTokens, route
 
 # target -> (stored format, w13 gate/up blocks interleaved)
@@ -175,9 +175,7 @@ def packed_decode(layer: Layer, w: _Proj, a: torch.Tensor) -> bool:
     """Whether the MMA operand of ``a @ w^T`` can be decoded two values per instruction straight
     into bf16 (PTX, CUDA >= sm_80): bf16 activations, and bf16 scales for int4 (MXFP4's
     power-of-two scales bf16 holds exactly)."""
-    if INTERPRET or torch.version.hip is not None or a.device.type != "cuda" or a.dtype != torch.bfloat16:
-        return False
-    if capability(a.device)[0] < 8:
+    if INTERPRET or a.dtype != torch.bfloat16 or nvidia_capability(a.device) < (8, 0):
         return False
     return layer.fmt == moe_gemm.MXFP4.value or w.scale.dtype == torch.bfloat16
 

@@ -20,7 +20,7 @@ import triton
 from .. import ops
 from ..serve.reference import Activation
 from . import configs, moe_gemm
-from .device import capability, sm_count
+from .device import nvidia_capability, sm_count
 from .routing import RoutedTokens
 
 WINDOW = 64  # k per warp step (4 lanes x 16)
@@ -50,7 +50,7 @@ def operand_problems(layer, hidden: torch.Tensor) -> list[str]:
     """What keeps this call's operands from the CUDA GEMMs (these, and wgmma_prefill's): the device,
     the activations, the input permutation, the biases and the scales."""
     found = []
-    if hidden.device.type != "cuda" or capability(hidden.device)[0] < 8:
+    if nvidia_capability(hidden.device) < (8, 0):
         found.append("needs a CUDA GPU of compute capability >= 8.0")
     if hidden.dtype != torch.bfloat16 or hidden.stride(0) % 8 or hidden.data_ptr() % 16:
         found.append("needs bf16 activations in 16-byte aligned rows")

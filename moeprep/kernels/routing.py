@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..errors import MoeprepError
 from ..serve.routing import Routing
-from .device import capability
+from .device import nvidia_capability
 from ._triton import INTERPRET, launch_dependents, rounded
 
 FUSED_MAX_TOKENS = 64
@@ -212,9 +212,7 @@ def _early_next(device: torch.device) -> bool:
     launch, CUDA sm_90+): the CUDA gate/up GEMM is launched that way and waits for the routing's results
     before it reads them (csrc/moe_decode.cu); a kernel launched the ordinary way still waits for the
     routing to finish."""
-    if INTERPRET or torch.version.hip is not None or device.type != "cuda":
-        return False
-    return capability(device)[0] >= 9
+    return not INTERPRET and nvidia_capability(device) >= (9, 0)
 
 
 def _pow2(n: int) -> int:

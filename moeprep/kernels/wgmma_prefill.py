@@ -21,7 +21,7 @@ import torch
 from .. import ops
 from ..serve.reference import Activation
 from . import mma_decode, moe_gemm
-from .device import capability, index
+from .device import index, nvidia_capability
 from .routing import RoutedTokens
 
 TILE_N = 128  # weight rows per CTA (w13: 64 columns of h, their gate and up rows); K a multiple of it too
@@ -34,9 +34,7 @@ def _available(device_index: int) -> bool:
 
 def available(device: torch.device) -> bool:
     """Whether this build runs the kernels on ``device`` (CUDA sm_90, compiled for sm_90a)."""
-    if torch.version.hip is not None or device.type != "cuda" or not ops.has_cuda_op("moe_prefill_w13"):
-        return False
-    if capability(device) != (9, 0):
+    if nvidia_capability(device) != (9, 0) or not ops.has_cuda_op("moe_prefill_w13"):
         return False
     return _available(index(device))
 

@@ -287,13 +287,13 @@ struct WarpGemm {
   __device__ void copy_weights(int window, int stage) const {
     const uint32_t base = stage * S::kBytes, codes = static_cast<uint32_t>(window) * 512u;
 #pragma unroll
-    for (int b = 0; b < kBlocks; ++b) copy16(base + S::kCodes + b * 512 + code_dst, codes_src[b] + codes);
+    for (int b = 0; b < kBlocks; ++b) copy16_evict_first(base + S::kCodes + b * 512 + code_dst, codes_src[b] + codes);
     if (E2M1) {
       // groups 2 w and 2 w + 1 sit at (c % 4) * 64 = (w % 2) * 128 + h * 64 of the 256 bytes of c / 8
-      copy16(base + meta_dst, meta_src + (window >> 2) * 256 + (window & 1) * 128);
+      copy16_evict_first(base + meta_dst, meta_src + (window >> 2) * 256 + (window & 1) * 128);
     } else if (meta_dst >= 0) {
       const uint32_t pair = G32 ? window : (static_cast<uint32_t>(window) * kWindow >> log2_group) >> 1;
-      copy16(base + meta_dst, meta_src + static_cast<uint64_t>(pair) * meta_pair_stride);
+      copy16_evict_first(base + meta_dst, meta_src + static_cast<uint64_t>(pair) * meta_pair_stride);
     }
   }
 

@@ -92,7 +92,8 @@ def _gemm(fields: tuple) -> GemmConfig:
 # Triton configuration beside them, kept where the pair was faster (docs/benchmarks.md). The CUDA down
 # GEMM starts while the gate/up one runs: its time is the pair's less the gate/up GEMM's alone. Qwen3's
 # T = 4 entries serve from T = 2: the layer at T = 2 / 3 took 35 / 42 us on them against 38 / 53 on the
-# T = 1 entries (H200, fifteenth round); gpt-oss and Mixtral measured the same or slower that way.
+# T = 1 entries (H200, fifteenth round); gpt-oss and Mixtral measured the same or slower that way. Mixtral's
+# T = 2 entry is a sweep at T = 2 (its Triton GEMMs those of T = 1; sixteenth round).
 TUNED: dict[tuple, list[tuple[int, MoEConfig]]] = {
     ("int4", 8, 4096, 14336, 2, 32): [  # mixtral-8x7b
         (1, _cfg(16, (64, 64, 4, 3, 2, "swap"), (128, 64, 4, 4, 8, "swap"),

@@ -26,8 +26,9 @@ from .errors import BadInputError, OutputError, TargetError, UnsupportedError
 from .formats.base import torch_dtype
 from .io.checkpoint import INDEX_NAME, Checkpoint, check_outside
 from .io.safetensors_writer import SafetensorsWriter, TensorSpec
-from .model import ModelMap, build_model_map, layer_of, natural_key
-from .targets import FORMAT_VERSION, PREFERENCE, TARGETS, LayerPlan, Target, get_target, layer_plan
+from .io.names import layer_of, natural_key
+from .model import ModelMap, build_model_map
+from .targets import FORMAT_VERSION, PREFERENCE, TARGETS, LayerPlan, SourceLayer, Target, get_target
 from .targets.base import metadata_json
 
 DEFAULT_MAX_SHARD = 5 * 1000**3
@@ -91,20 +92,20 @@ def choose_target(model: ModelMap, name: Optional[str]) -> Target:
         raise UnsupportedError("no MoE experts found: nothing to convert", path=str(model.ckpt.root))
     if name is None:
         for candidate in PREFERENCE[model.fmt.kind]:
-            if not TARGETS[candidate].problems(model):
+            if not model.target_problems(TARGETS[candidate]):
                 return TARGETS[candidate]
-        raise TargetError(f"no target can hold this {model.fmt.name} checkpoint: {TARGETS['canonical'].problems(model)[0]}")
+        raise TargetError(f"no target can hold this {model.fmt.name} checkpoint: {model.target_problems(TARGETS['canonical'])[0]}")
     target = get_target(name)
-    problems = target.problems(model)
+    problems = model.target_problems(target)
     if problems:
-        able = [t for t in PREFERENCE[model.fmt.kind] if t != name and not TARGETS[t].problems(model)]
+        able = [t for t in PREFERENCE[model.fmt.kind] if t != name and not model.target_problems(TARGETS[t])]
         hint = f"; use --target {able[0]}" if able else ""
         raise TargetError(f"target {name} cannot hold this {model.fmt.name} checkpoint exactly: {problems[0]}{hint}")
     return target
 
 
 def plan_conversion(model: ModelMap, target: Target, max_shard_size: int = DEFAULT_MAX_SHARD) -> ConversionPlan:
-    layers = [layer_plan(model, layer) for layer in model.moe_layers]
+    layers = model.plans()
     items: list[tuple[list, OutputTensor]] = []
     consumed = set(model.expert_tensors())
     for name in model.ckpt.names():
@@ -277,14 +278,15 @@ class _LayerStream:
 
     _DONE = object()
 
-    def __init__(self, target: Target, model: ModelMap, layer: LayerPlan, depth: int = 4):
+    def __init__(self, target: Target, layer: LayerPlan, source: SourceLayer, depth: int = 4):
         self._queue: queue.Queue = queue.Queue(depth)
         self._free: queue.Queue = queue.Queue()
         for _ in range(depth + 2):
             self._free.put(torch.empty(0, dtype=torch.uint8))
         self._leased: dict[int, torch.Tensor] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(target.layer_pieces(model, layer, self._alloc),), daemon=True)
+        pieces = ((layer.tensor_name(role), piece) for role, piece in target.encode_layer(layer, source, self._alloc))
+        self._thread = threading.Thread(target=self._run, args=(pieces,), daemon=True)
         self._held = None
 
     def start(self) -> "_LayerStream":
@@ -385,7 +387,7 @@ def execute(
         for j in range(i, min(i + max(1, workers), len(plan.layers))):
             if j not in streams:
                 # registered before it starts, so an interrupt at any moment finds it to stop
-                streams[j] = _LayerStream(target, model, plan.layers[j])
+                streams[j] = _LayerStream(target, plan.layers[j], model.source_layer(model.moe_layers[j]))
                 streams[j].start()
         return streams[i]
 
@@ -394,7 +396,7 @@ def execute(
             weight_map: dict[str, str] = {}
             for shard in plan.shards:
                 layers_here = sorted({t.layer for t in shard.tensors if t.layer is not None})
-                extra = {i: target.extra_metadata(model, plan.layers[i]) for i in layers_here}
+                extra = {i: target.extra_metadata(plan.layers[i], model.source_layer(model.moe_layers[i])) for i in layers_here}
                 writer = SafetensorsWriter(tmp / shard.file, [t.spec for t in shard.tensors], shard_metadata(plan, shard, extra))
                 try:
                     for t in shard.tensors:

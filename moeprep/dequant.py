@@ -11,7 +11,8 @@ from .canonical import dequantize
 from .errors import BadInputError
 from .io.checkpoint import check_outside
 from .io.safetensors_writer import SafetensorsWriter, TensorSpec, atomic_path, write_error
-from .model import ModelMap, layer_of
+from .io.names import layer_of
+from .model import ModelMap
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

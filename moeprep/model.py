@@ -1,28 +1,22 @@
 """A checkpoint's quantized linears, grouped into MoE layers of experts, other quantized linears
-and plain tensors: the map every command works from (built from headers alone)."""
+and plain tensors: the map every command works from (built from headers alone), and each MoE
+layer's plan and on-demand reading for a target to encode."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
+from typing import Optional
 
+import torch
+
+from . import converted  # noqa: F401  (importing registers the reader of converted checkpoints)
 from .canonical import QuantLinear
 from .arch import EXPERT_MODULE, PROJ_ROLE, ROLES, Architecture, detect_architecture
 from .errors import BadInputError, MoeprepError
 from .formats import LinearFacts, LinearRef, RawLinear, SourceFormat, detect
+from .formats.base import g_idx_of
 from .io.checkpoint import Checkpoint
-
-
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def layer_of(name: str) -> int | None:
-    m = _LAYER.search(name)
-    return int(m[1]) if m else None
-
-
-def natural_key(name: str) -> list:
-    """Sort key that orders ``layers.2`` before ``layers.10``."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+from .io.names import natural_key
+from .targets import LayerPlan, ProjShape
 
 
 @dataclass
@@ -81,6 +75,51 @@ class ModelMap:
 
     def other_linear_tensors(self) -> list[str]:
         return sorted({t for r in self.other_linears for t in r.parts.values()}, key=natural_key)
+
+    def plan(self, layer: MoELayer) -> LayerPlan:
+        """The layer's stacked shapes and header facts, as a target plans its output."""
+        e0 = layer.experts[0]
+        shapes, facts = {}, {}
+        for proj, ref in (("w13", e0["gate"]), ("w2", e0["down"])):
+            raw_group = self.fmt.params.group_size
+            group = ref.in_features if raw_group == -1 else raw_group
+            rows = ref.out_features * (2 if proj == "w13" else 1)
+            shapes[proj] = ProjShape(layer.num_experts, rows, ref.in_features, ref.in_features // group)
+            facts[proj] = self.facts(ref)
+        desc_act = self.fmt.params.desc_act and facts["w13"].has_g_idx
+        return LayerPlan(layer.index, layer.prefix, shapes, facts, self.fmt.kind, desc_act)
+
+    def plans(self) -> list[LayerPlan]:
+        return [self.plan(layer) for layer in self.moe_layers]
+
+    def source_layer(self, layer: MoELayer) -> "ModelLayer":
+        return ModelLayer(self, layer)
+
+    def target_problems(self, target) -> list[str]:
+        """Why ``target`` cannot hold this checkpoint exactly (empty when it can)."""
+        return target.problems(self.fmt.kind, self.fmt.params, self.plans())
+
+
+@dataclass
+class ModelLayer:
+    """One MoE layer of a mapped checkpoint, read through its format's reader (a
+    :class:`moeprep.targets.SourceLayer`)."""
+
+    model: ModelMap
+    layer: MoELayer
+
+    def read(self, role: str) -> list[RawLinear]:
+        return self.model.read_raw_batch([expert[role] for expert in self.layer.experts])
+
+    def module(self, expert: int, role: str) -> str:
+        return self.layer.experts[expert][role].module
+
+    def g_idx(self, role: str) -> list[Optional[torch.Tensor]]:
+        refs = [expert[role] for expert in self.layer.experts]
+        fmt = self.model.fmt
+        if fmt.g_idx_role is None:
+            return [None] * len(refs)
+        return g_idx_of(self.model.ckpt, refs, fmt.g_idx_role, refs[0].in_features, fmt.params.group_size)
 
 
 def build_model_map(ckpt: Checkpoint, fmt: SourceFormat | None = None) -> ModelMap:

@@ -20,7 +20,7 @@ import torch
 
 from .canonical import QuantLinear, explicit_zeros
 from .errors import UnsupportedError
-from .formats.converted import Converted
+from .converted import Converted
 from .io.checkpoint import INDEX_NAME, Checkpoint
 from .model import ModelMap, build_model_map
 

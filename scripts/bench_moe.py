@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # kernel_layers: random stored layers
 
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
@@ -63,10 +64,10 @@ from moeprep.kernels import fused_moe  # noqa: E402
 from moeprep.kernels import mma_decode  # noqa: E402
 from moeprep.kernels.configs import GemmConfig, MmaDecode, MmaGemm, MoEConfig, fit  # noqa: E402
 from moeprep.kernels.fused import call_config, launch_w13, launch_w2, pick_config, prepare  # noqa: E402
-from moeprep.kernels.routing import route as route_kernel  # noqa: E402
-from moeprep.kernels.testing import layer_to, linears_to, random_layer  # noqa: E402
-from moeprep.serve.reference import Activation, expert_down, expert_hidden, experts_reference  # noqa: E402
-from moeprep.serve.routing import Routing, route  # noqa: E402
+from kernel_layers import layer_to, linears_to, random_layer  # noqa: E402
+from moeprep.kernels.routing import route_tokens as route_kernel  # noqa: E402
+from moeprep.moe import Activation, Routing, route  # noqa: E402
+from moeprep.serve.torch_moe import expert_down, expert_hidden, experts_reference  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ import torch
 import bench_moe as bm
 from moeprep.kernels import fused_moe
 from moeprep.kernels.fused import call_config, prepare
-from moeprep.kernels.routing import route as route_kernel
-from moeprep.kernels.testing import layer_to, linears_to
-from moeprep.serve.reference import experts_reference
+from moeprep.kernels.routing import route_tokens as route_kernel
+from moeprep.serve.torch_moe import experts_reference
+from kernel_layers import layer_to, linears_to
 
 INT4_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "qwen3-30b-a3b-zp")
 

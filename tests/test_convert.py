@@ -25,7 +25,7 @@ def accepting_targets(src: Path) -> list[str]:
     from moeprep.targets import TARGETS
 
     model = build_model_map(Checkpoint(src))
-    return [name for name, t in TARGETS.items() if not t.problems(model)]
+    return [name for name, t in TARGETS.items() if not model.target_problems(t)]
 
 
 def assert_loads_with_plain_safetensors(out: Path) -> dict[str, str]:

@@ -107,17 +107,17 @@ def test_full_disk_is_reported_and_leaves_nothing(multi_layer, tmp_path, monkeyp
 def test_crash_inside_a_layer_leaves_nothing(multi_layer, tmp_path, monkeypatch):
     from moeprep.targets.base import Target
 
-    real = Target.layer_pieces
+    real = Target.encode_layer
     seen = []
 
-    def crash_in_third_layer(self, model, plan, *args):
-        seen.append(plan.layer.index)
-        for i, piece in enumerate(real(self, model, plan, *args)):
+    def crash_in_third_layer(self, plan, *args):
+        seen.append(plan.index)
+        for i, piece in enumerate(real(self, plan, *args)):
             if len(seen) == 3 and i == 5:
                 raise RuntimeError("simulated crash")
             yield piece
 
-    monkeypatch.setattr(Target, "layer_pieces", crash_in_third_layer)
+    monkeypatch.setattr(Target, "encode_layer", crash_in_third_layer)
     out = tmp_path / "out"
     proc = run_cli("convert", str(multi_layer), str(out))
     assert proc.returncode == 1 and "simulated crash" in proc.stderr
@@ -129,18 +129,18 @@ def test_streams_one_expert_at_a_time(multi_layer, tmp_path, monkeypatch):
     in flight: memory does not grow with the number of experts or layers."""
     from moeprep.targets.base import Target
 
-    real = Target.layer_pieces
+    real = Target.encode_layer
     in_flight, peak, biggest = set(), [0], [0]
 
-    def tracked(self, model, plan, *args):
-        in_flight.add(plan.layer.index)
+    def tracked(self, plan, *args):
+        in_flight.add(plan.index)
         peak[0] = max(peak[0], len(in_flight))
-        for name, piece in real(self, model, plan, *args):
-            if name.endswith("_weight"):
+        for role, piece in real(self, plan, *args):
+            if role.endswith("_weight"):
                 biggest[0] = max(biggest[0], piece.shape[0])
-            yield name, piece
-        in_flight.discard(plan.layer.index)
+            yield role, piece
+        in_flight.discard(plan.index)
 
-    monkeypatch.setattr(Target, "layer_pieces", tracked)
+    monkeypatch.setattr(Target, "encode_layer", tracked)
     assert run_cli("convert", str(multi_layer), str(tmp_path / "out")).returncode == 0
     assert peak[0] <= 2 and biggest[0] == 1

@@ -21,12 +21,12 @@ pytest.importorskip("triton")
 from moeprep.errors import MoeprepError, UnsupportedError  # noqa: E402
 from moeprep.kernels import available, fused_moe, supports  # noqa: E402
 from moeprep.kernels import configs  # noqa: E402
-from moeprep.kernels.reference import align_reference  # noqa: E402
-from moeprep.kernels.routing import route as route_kernel  # noqa: E402
-from moeprep.kernels.testing import layer_to, linears_to, random_layer  # noqa: E402
+from align_reference import align_reference  # noqa: E402
+from kernel_layers import layer_to, linears_to, random_layer  # noqa: E402
+from moeprep.kernels.routing import route_tokens as route_kernel  # noqa: E402
 from moeprep.serve.moe_block import MoEBlock  # noqa: E402
-from moeprep.serve.reference import Activation, experts_reference  # noqa: E402
-from moeprep.serve.routing import Routing, route  # noqa: E402
+from moeprep.moe import Activation, Routing, route  # noqa: E402
+from moeprep.serve.torch_moe import experts_reference  # noqa: E402
 from moeprep.targets import get_target  # noqa: E402
 
 DEVICE = "cuda" if HAS_GPU else "cpu"

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from ..errors import UnsupportedError
+from .base import SourceFormat
 
-FORMATS: list[type] = []
+FORMATS: list[type[SourceFormat]] = []
 
 
 def register(cls: type) -> type:
@@ -13,8 +14,6 @@ def register(cls: type) -> type:
 
 def detect(qcfg: dict | None):
     """The reader for a checkpoint's quantization config, or a one-line refusal saying what was found."""
-    from .base import SourceFormat
-
     if qcfg is None:
         raise UnsupportedError(
             "not a quantized checkpoint: config.json has no quantization_config (and there is no quantize_config.json)",

@@ -10,21 +10,15 @@ import torch
 import triton
 
 from ..errors import MoeprepError, UnsupportedError
-from ..serve.loader import ExpertWeights
-from ..serve.reference import Activation
-from ..serve.routing import Routing
+from ..targets import TARGETS
+from ..moe import Activation, ExpertWeights, Routing
 from . import configs, mma_decode, moe_gemm, wgmma_prefill
 from ._triton import INTERPRET
 from .device import nvidia_capability
-from .routing import RoutedTokens, route
+from .routing import RoutedTokens, route_tokens
 
-# target -> (stored format, w13 gate/up blocks interleaved)
-FORMATS = {
-    "w4a16_preshuffle": (moe_gemm.W4A16.value, False),
-    "w4a16_preshuffle_zp": (moe_gemm.W4A16_ZP.value, False),
-    "mxfp4_preshuffle": (moe_gemm.MXFP4.value, False),
-    "mxfp4_moe": (moe_gemm.MXFP4.value, True),
-}
+# a target's kernel_codes -> the GEMMs' FMT
+CODES = {"int4_signed": moe_gemm.W4A16.value, "int4_unsigned": moe_gemm.W4A16_ZP.value, "e2m1": moe_gemm.MXFP4.value}
 ACTIVATIONS = {"silu": moe_gemm.SILU.value, "swiglu_oai": moe_gemm.SWIGLU_OAI.value}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -44,13 +38,14 @@ class _Proj:
 
 def problems(experts: ExpertWeights) -> list[str]:
     """Why the kernels cannot run this layer (empty when they can)."""
-    name = experts.target.name
-    if name not in FORMATS:
-        return [f"target {name} has no fused kernel (supported: {', '.join(FORMATS)})"]
+    target = experts.target
+    if target.kernel_codes not in CODES:
+        able = [name for name, t in TARGETS.items() if t.kernel_codes in CODES]
+        return [f"target {target.name} has no fused kernel (supported: {', '.join(able)})"]
     found = []
     for proj in ("w13", "w2"):
         s = experts.plan.shapes[proj]
-        if name.startswith("mxfp4") and s.group_size != 32:
+        if target.kernel_codes == "e2m1" and s.group_size != 32:
             found.append(f"{proj}: MXFP4 group size {s.group_size}, expected 32")
         if configs.fit_block_k(128, s.cols, s.group_size) == 0:
             found.append(f"{proj}: no K tile of >= 16 columns fits K={s.cols} with group size {s.group_size}")
@@ -79,9 +74,9 @@ def prepare(experts: ExpertWeights) -> Layer:
     found = problems(experts)
     if found:
         raise UnsupportedError("; ".join(found))
-    fmt, interleaved = FORMATS[experts.target.name]
+    target = experts.target
     perm = _plain(experts.get("w13_input_perm"))
-    return Layer(fmt, interleaved, _proj(experts, "w13"), _proj(experts, "w2"), None if perm is None else perm.contiguous(),
+    return Layer(CODES[target.kernel_codes], target.gate_up_interleaved, _proj(experts, "w13"), _proj(experts, "w2"), None if perm is None else perm.contiguous(),
                  experts.num_experts, experts.hidden_size, experts.intermediate_size)
 
 
@@ -114,7 +109,7 @@ def fused_moe(
     config: Optional[configs.MoEConfig] = None,
 ) -> torch.Tensor:
     """The MoE block's output ``[T, H]`` in ``hidden.dtype``: ``sum_j w[t, j] * expert_j(hidden[t])``
-    over the top-k experts of ``router_logits`` (routing as in :func:`moeprep.serve.routing.route`).
+    over the top-k experts of ``router_logits`` (routing as in :func:`moeprep.moe.route`).
 
     ``config`` overrides the tile configuration (it is still fitted to the shapes).
     """
@@ -134,7 +129,7 @@ def fused_moe(
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     cfg = call_config(layer, hidden, routing.top_k, activation, config)
-    r = route(router_logits, routing, cfg.route_block_m)
+    r = route_tokens(router_logits, routing, cfg.route_block_m)
     rows = wgmma_prefill.h_rows(r) if cfg.wgmma else T * routing.top_k
     h = torch.empty((rows, layer.inter), dtype=hidden.dtype, device=hidden.device)
     out = torch.empty((T, H), dtype=hidden.dtype, device=hidden.device)

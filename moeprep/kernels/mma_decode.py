@@ -18,7 +18,7 @@ import torch
 import triton
 
 from .. import ops
-from ..serve.reference import Activation
+from ..moe import Activation
 from . import configs, moe_gemm
 from .device import nvidia_capability, sm_count
 from .routing import RoutedTokens

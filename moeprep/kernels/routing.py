@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..errors import MoeprepError
-from ..serve.routing import Routing
+from ..moe import Routing
 from .device import nvidia_capability
 from ._triton import INTERPRET, launch_dependents, rounded
 
@@ -219,7 +219,7 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def route(logits: torch.Tensor, routing: Routing, block_m: int, fused_max_tokens: int = FUSED_MAX_TOKENS) -> RoutedTokens:
+def route_tokens(logits: torch.Tensor, routing: Routing, block_m: int, fused_max_tokens: int = FUSED_MAX_TOKENS) -> RoutedTokens:
     """Router logits ``[T, E]`` -> top-k weights and ids, and the expert-sorted, block-padded ids."""
     if routing.scoring not in SCORINGS:
         raise MoeprepError(f"unknown routing scoring {routing.scoring!r} (choose from {', '.join(SCORINGS)})")

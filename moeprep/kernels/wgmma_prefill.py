@@ -19,7 +19,7 @@ from functools import lru_cache
 import torch
 
 from .. import ops
-from ..serve.reference import Activation
+from ..moe import Activation
 from . import mma_decode, moe_gemm
 from .device import index, nvidia_capability
 from .routing import RoutedTokens

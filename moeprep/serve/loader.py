@@ -8,48 +8,16 @@ shapes) and refuses anything that is not a moeprep checkpoint it can serve.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 
+from ..converted import Converted
 from ..errors import BadInputError, UnsupportedError
-from ..formats.converted import Converted
 from ..io.checkpoint import Checkpoint
 from ..model import ModelMap, build_model_map
-from ..targets import LayerPlan, Target, tensor_name
+from ..moe import ExpertWeights
 from .tags import tag
-
-
-@dataclass
-class ExpertWeights:
-    """The stored tensors of one MoE layer (``role`` -> tensor, e.g. ``"w13_weight"``), as loaded."""
-
-    prefix: str
-    plan: LayerPlan
-    target: Target
-    tensors: dict[str, torch.Tensor]
-    row_perm: Optional[torch.Tensor]
-
-    def get(self, role: str) -> Optional[torch.Tensor]:
-        return self.tensors.get(role)
-
-    @property
-    def num_experts(self) -> int:
-        return self.plan.shapes["w13"].experts
-
-    @property
-    def hidden_size(self) -> int:
-        return self.plan.shapes["w13"].cols
-
-    @property
-    def intermediate_size(self) -> int:
-        return self.plan.shapes["w13"].rows // 2
-
-    def canonical(self):
-        """Per expert ``{"gate", "up", "down"}`` canonical linears in the source's order (exact)."""
-        stored = {tensor_name(self.plan.layer, role): t.as_subclass(torch.Tensor) for role, t in self.tensors.items()}
-        return self.target.unpack_layer(self.plan, stored, self.row_perm)
 
 
 class LoadedCheckpoint:

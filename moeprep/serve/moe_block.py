@@ -8,10 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kernels
 from ..errors import BadInputError, MoeprepError
-from .loader import ExpertWeights, LoadedCheckpoint, load
-from .reference import Activation, moe_reference
-from .routing import Routing
+from ..moe import Activation, ExpertWeights, Routing
+from .loader import LoadedCheckpoint, load
+from .torch_moe import moe_reference
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -50,8 +51,6 @@ class MoEBlock(nn.Module):
         if backend != "auto":
             return backend
         if self.router_weight.is_cuda:
-            from .. import kernels
-
             if kernels.available() and kernels.supports(self.expert_weights):
                 return "triton"
         return "reference"
@@ -59,8 +58,7 @@ class MoEBlock(nn.Module):
     def stored(self) -> ExpertWeights:
         """The expert weights as this module holds them now (after any ``.to(device)``)."""
         w = self.expert_weights
-        tensors = {role: getattr(self, role) for role in w.tensors}
-        return ExpertWeights(w.prefix, w.plan, w.target, tensors, w.row_perm)
+        return w.with_tensors({role: getattr(self, role) for role in w.tensors})
 
     def canonical(self):
         if self._canonical is None:
@@ -73,8 +71,6 @@ class MoEBlock(nn.Module):
         x = hidden_states.to(self.dtype)
         logits = F.linear(x, self.router_weight, self.router_bias)
         if self.backend == "triton":
-            from .. import kernels
-
             return kernels.fused_moe(x, logits, self.routing, self.stored(), self.activation)
         return moe_reference(x, logits, self.routing, self.canonical(), self.activation)
 

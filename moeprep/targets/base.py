@@ -1,11 +1,14 @@
-"""What a conversion target provides, and the per-layer conversion every target shares.
+"""What a conversion target provides: a pure encoder and decoder of one MoE layer.
 
 A target fixes, for the stacked expert tensors of one MoE layer (``w13`` = ``[gate; up]`` rows,
-``w2`` = down), how codes, scales and zero points are laid out. The shared flow here reads each
-expert once from its source packing and writes it straight into the target layout through the
-fused ``moeprep.ops.repack_into``; scales, zero points and biases are small and go through the
-target's ``encode_*`` hooks. ``unpack_layer`` is the exact inverse, back to the canonical form
-in the source's own order, for ``verify``, ``dequant`` and the reference serving path.
+``w2`` = down), how codes, scales and zero points are laid out. ``encode_layer`` takes the
+layer's source linears from a :class:`SourceLayer` (which a conversion implements over its
+reader) and writes each expert's codes straight from their source packing into the target layout
+through the fused ``moeprep.ops.repack_into``; scales, zero points and biases are small and go
+through the target's ``encode_*`` hooks. ``decode_layer`` is the exact inverse, back to the
+canonical form in the source's own order, for ``verify``, ``dequant`` and the reference serving
+path. Everything a target is to the rest of the code (its preference among the targets of a
+kind, the codes its kernels decode, the layout its ``repack_into`` writes) is a class attribute.
 """
 from __future__ import annotations
 
@@ -13,17 +16,15 @@ import base64
 import json
 from abc import ABC
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterator, Optional
+from typing import Callable, ClassVar, Iterator, Optional, Protocol, Sequence
 
 import torch
 
 from .. import ops
 from ..canonical import QuantLinear, explicit_zeros, pack_codes, unpack_codes
 from ..errors import BadInputError, TargetError
-from ..formats import LinearFacts, RawLinear
-from ..formats.base import g_idx_of
+from ..formats import LinearFacts, QuantParams, RawLinear
 from ..io.safetensors_writer import TensorSpec
-from ..model import MoELayer, ModelMap
 
 PROJS = ("w13", "w2")
 FORMAT_VERSION = 1
@@ -47,28 +48,35 @@ class ProjShape:
 class LayerPlan:
     """Everything about a layer's output known before reading data."""
 
-    layer: MoELayer
+    index: int  # the decoder layer
+    prefix: str  # the MoE block, e.g. model.layers.3.mlp
     shapes: dict[str, ProjShape]
     facts: dict[str, LinearFacts]  # per projection, from expert 0 (gate for w13, down for w2)
     kind: str
     desc_act: bool
 
-
-def layer_plan(model: ModelMap, layer: MoELayer) -> LayerPlan:
-    e0 = layer.experts[0]
-    shapes, facts = {}, {}
-    for proj, ref in (("w13", e0["gate"]), ("w2", e0["down"])):
-        raw_group = model.fmt.params.group_size
-        group = ref.in_features if raw_group == -1 else raw_group
-        rows = ref.out_features * (2 if proj == "w13" else 1)
-        shapes[proj] = ProjShape(layer.num_experts, rows, ref.in_features, ref.in_features // group)
-        facts[proj] = model.facts(ref)
-    desc_act = model.fmt.params.desc_act and facts["w13"].has_g_idx
-    return LayerPlan(layer, shapes, facts, model.fmt.kind, desc_act)
+    def tensor_name(self, role: str) -> str:
+        return tensor_name(self.prefix, role)
 
 
-def tensor_name(layer: MoELayer, role: str) -> str:
-    return f"{layer.prefix}.experts.{role}"
+def tensor_name(prefix: str, role: str) -> str:
+    """The stored name of one of a layer's stacked expert tensors (vLLM's FusedMoE names)."""
+    return f"{prefix}.experts.{role}"
+
+
+class SourceLayer(Protocol):
+    """One MoE layer of a source checkpoint, read on demand while a target encodes it."""
+
+    def read(self, role: str) -> list[RawLinear]:
+        """Projection ``role`` ("gate", "up" or "down") of every expert, in expert order; the codes
+        stay in their source packing (memory-mapped), the small tensors are decoded."""
+
+    def module(self, expert: int, role: str) -> str:
+        """The source module name of one projection, for error messages."""
+
+    def g_idx(self, role: str) -> list[Optional[torch.Tensor]]:
+        """The group index of projection ``role`` of every expert (``None`` where it is ``k // G``),
+        read without the weights."""
 
 
 def b64_int32(t: torch.Tensor) -> str:
@@ -87,28 +95,38 @@ class Target(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     kinds: ClassVar[tuple[str, ...]]
+    # Rank among the targets of a kind when none is asked for: the first that holds the source
+    # exactly is the default (see targets.preference).
+    preference: ClassVar[int]
     # repack_into layout and gate_up flag per projection
     weight_layout: ClassVar[dict[str, tuple[str, bool]]]
+    # The stored codes the fused kernels decode ("int4_signed", "int4_unsigned", "e2m1"), or None
+    # where no kernel reads this layout.
+    kernel_codes: ClassVar[Optional[str]] = None
     keeps_g_idx: ClassVar[bool] = False
 
     # --- what the target accepts ----------------------------------------------------------------
 
-    def problems(self, model: ModelMap) -> list[str]:
+    def problems(self, kind: str, params: QuantParams, plans: Sequence[LayerPlan]) -> list[str]:
         """Why this target cannot hold the source exactly (empty when it can). Headers only."""
-        if model.fmt.kind not in self.kinds:
-            return [f"{self.name} holds {'/'.join(self.kinds)} weights, the source is {model.fmt.kind}"]
+        if kind not in self.kinds:
+            return [f"{self.name} holds {'/'.join(self.kinds)} weights, the source is {kind}"]
         found = []
-        for layer in model.moe_layers:
-            plan = layer_plan(model, layer)
+        for plan in plans:
             for proj in PROJS:
-                for msg in self.shape_problems(proj, plan.shapes[proj], plan.facts[proj], model):
-                    found.append(f"layer {layer.index} {proj}: {msg}")
+                for msg in self.shape_problems(proj, plan.shapes[proj], plan.facts[proj]):
+                    found.append(f"layer {plan.index} {proj}: {msg}")
             if found:
                 break
         return found
 
-    def shape_problems(self, proj: str, shape: ProjShape, facts: LinearFacts, model: ModelMap) -> list[str]:
+    def shape_problems(self, proj: str, shape: ProjShape, facts: LinearFacts) -> list[str]:
         return []
+
+    @property
+    def gate_up_interleaved(self) -> bool:
+        """Whether w13 interleaves gate and up blocks (else gate rows, then up rows)."""
+        return self.weight_layout["w13"][1]
 
     # --- planning -----------------------------------------------------------------------------
 
@@ -147,7 +165,7 @@ class Target(ABC):
                     "group_size": s.group_size,
                     "format_version": FORMAT_VERSION,
                 }
-                out.append((TensorSpec(tensor_name(plan.layer, role), dtype, tuple(stored)), meta))
+                out.append((TensorSpec(plan.tensor_name(role), dtype, tuple(stored)), meta))
         return out
 
     # --- conversion ---------------------------------------------------------------------------
@@ -168,32 +186,31 @@ class Target(ABC):
     def check_expert(self, proj: str, raw: RawLinear, where: str) -> None:
         """Data-level checks a target needs beyond the headers (e.g. symmetric zero points)."""
 
-    def layer_pieces(
-        self, model: ModelMap, plan: LayerPlan, alloc: Callable[[tuple[int, ...]], torch.Tensor] = _new_block
+    def encode_layer(
+        self, plan: LayerPlan, source: SourceLayer, alloc: Callable[[tuple[int, ...]], torch.Tensor] = _new_block
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """The layer's output tensors in plan order, as ``(name, piece)`` pairs.
+        """The layer's stored tensors in plan order, as ``(role, piece)`` pairs.
 
         The stacked weights come one expert at a time (an expert's block is contiguous in every
         layout), in uint8 blocks from ``alloc`` (a consumer may recycle them), everything else
         whole. Each source tensor is read once, and memory holds one expert plus the layer's
         small scales, zero points and biases.
         """
-        layer = plan.layer
-        down_perms = self._down_perms(model, plan)
+        down_perms = self._down_perms(plan, source)
         for proj, members in (("w13", ("gate", "up")), ("w2", ("down",))):
             s = plan.shapes[proj]
             rows_each = s.rows // len(members)
             scales, zeros, bias, g_idx, in_perms = [], [], [], [], []
-            batches = {m: model.read_raw_batch([expert[m] for expert in layer.experts]) for m in members}
-            for e, expert in enumerate(layer.experts):
+            batches = {m: source.read(m) for m in members}
+            for e in range(s.experts):
                 raws = {m: batches[m][e] for m in members}
                 for m, raw in raws.items():
-                    self.check_expert(proj, raw, expert[m].module)
-                rows, cols = self._perms(plan, proj, raws, expert, down_perms[e] if down_perms else None)
+                    self.check_expert(proj, raw, source.module(e, m))
+                rows, cols = self._perms(plan, proj, raws, lambda m: source.module(e, m), down_perms[e] if down_perms else None)
                 block = alloc((1, s.rows, s.cols // 2))
                 for i, m in enumerate(members):
                     self._repack(block, raws[m], proj, i * rows_each, rows, cols)
-                yield tensor_name(layer, f"{proj}_weight"), block
+                yield f"{proj}_weight", block
                 scales.append(torch.cat([_rows(raws[m].scales, rows) for m in members]))
                 if self.has_zeros(plan, proj):
                     zeros.append(torch.cat([_rows(explicit_zeros(raws[m].zeros, raws[m].scales), rows) for m in members]))
@@ -202,37 +219,36 @@ class Target(ABC):
                 if plan.desc_act and self.keeps_g_idx:
                     g_idx.append(_g_idx_of(raws[members[0]], s))
                 in_perms.append(cols)
-            yield tensor_name(layer, f"{proj}_weight_scale"), self.encode_scales(proj, torch.stack(scales), s)
+            yield f"{proj}_weight_scale", self.encode_scales(proj, torch.stack(scales), s)
             if zeros:
-                yield tensor_name(layer, f"{proj}_weight_zero_point"), self.encode_zeros(proj, torch.stack(zeros), s)
+                yield f"{proj}_weight_zero_point", self.encode_zeros(proj, torch.stack(zeros), s)
             if bias:
-                yield tensor_name(layer, f"{proj}_bias"), torch.stack(bias)
+                yield f"{proj}_bias", torch.stack(bias)
             if g_idx:
-                yield tensor_name(layer, f"{proj}_g_idx"), torch.stack(g_idx)
+                yield f"{proj}_g_idx", torch.stack(g_idx)
             if proj == "w13" and down_perms is not None:
-                yield tensor_name(layer, "w13_input_perm"), torch.stack(in_perms).to(torch.int32)
+                yield "w13_input_perm", torch.stack(in_perms).to(torch.int32)
 
-    def _down_perms(self, model: ModelMap, plan: LayerPlan) -> Optional[list[torch.Tensor]]:
+    def _down_perms(self, plan: LayerPlan, source: SourceLayer) -> Optional[list[torch.Tensor]]:
         """Per expert, the stable sort of the down projection's inputs by group (desc_act), which
         becomes w2's column order and w13's row order; ``None`` when nothing is folded."""
         if not plan.desc_act or self.keeps_g_idx:
             return None
-        downs = [expert["down"] for expert in plan.layer.experts]
-        return [_sorting_perm(g, plan.shapes["w2"]) for g in _read_g_idx(model, downs)]
+        return [_sorting_perm(g, plan.shapes["w2"]) for g in source.g_idx("down")]
 
-    def extra_metadata(self, model: ModelMap, plan: LayerPlan) -> dict[str, str]:
+    def extra_metadata(self, plan: LayerPlan, source: SourceLayer) -> dict[str, str]:
         """Metadata of ``w13_weight`` that depends on data: the folded w2 input order (desc_act).
         Reads only the small ``g_idx`` tensors, so a shard header is written before its layers."""
-        perms = self._down_perms(model, plan)
+        perms = self._down_perms(plan, source)
         return {} if perms is None else {"row_perm": b64_int32(torch.stack(perms))}
 
-    def _perms(self, plan: LayerPlan, proj: str, raws: dict[str, RawLinear], expert, down_perm):
+    def _perms(self, plan: LayerPlan, proj: str, raws: dict[str, RawLinear], module: Callable[[str], str], down_perm):
         """(row gather, column gather) of one projection of one expert: the folded desc_act orders."""
         if down_perm is None:
             if not plan.desc_act:
                 for role, raw in raws.items():
                     if raw.g_idx is not None:
-                        raise TargetError("g_idx is not k // group_size although the config says desc_act is false", tensor=expert[role].module)
+                        raise TargetError("g_idx is not k // group_size although the config says desc_act is false", tensor=module(role))
             return None, None
         if proj == "w2":
             return None, down_perm
@@ -240,7 +256,7 @@ class Target(ABC):
         if not _same_g_idx(gate, up):
             raise TargetError(
                 "gate and up have different g_idx, so their input permutation cannot be shared; use --target canonical",
-                tensor=expert["gate"].module,
+                tensor=module("gate"),
             )
         return down_perm, _sorting_perm(gate, plan.shapes["w13"])
 
@@ -265,18 +281,15 @@ class Target(ABC):
         layout, gate_up = self.weight_layout[proj]
         return ops.decode_layout(t, layout, gate_up)
 
-    def unpack_layer(
+    def decode_layer(
         self,
         plan: LayerPlan,
         tensors: dict[str, torch.Tensor],
         row_perm: Optional[torch.Tensor] = None,
     ) -> list[dict[str, QuantLinear]]:
-        """Stored tensors of one layer -> per expert ``{"gate", "up", "down"}`` canonical linears,
-        in the source's own row and column order."""
-        layer = plan.layer
-
-        def get(role: str) -> Optional[torch.Tensor]:
-            return tensors.get(tensor_name(layer, role))
+        """Stored tensors of one layer (by role, e.g. ``"w13_weight"``) -> per expert ``{"gate",
+        "up", "down"}`` canonical linears, in the source's own row and column order."""
+        get = tensors.get
 
         kind = plan.kind
         decoded = {}
@@ -337,14 +350,6 @@ def _same_g_idx(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
     if a is None or b is None:
         return a is None and b is None
     return torch.equal(a, b)
-
-
-def _read_g_idx(model: ModelMap, refs: list) -> list[Optional[torch.Tensor]]:
-    """The g_idx of linears of one shape (None where trivial or absent), without their weights."""
-    role = model.fmt.g_idx_role
-    if role is None:
-        return [None] * len(refs)
-    return g_idx_of(model.ckpt, refs, role, refs[0].in_features, model.fmt.params.group_size)
 
 
 def _sorting_perm(g_idx: Optional[torch.Tensor], shape: ProjShape) -> torch.Tensor:

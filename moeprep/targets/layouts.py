@@ -1,14 +1,15 @@
-"""The five target layouts of ../shared/LAYOUTS.md (``shuffle_kind`` values)."""
+"""The five target layouts (``shuffle_kind`` values), specified in docs/layouts.md."""
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
 from .. import ops
 from ..canonical import SYMMETRIC_ZERO
-from ..formats import LinearFacts, RawLinear
+from ..formats import LinearFacts, QuantParams, RawLinear
 from ..errors import TargetError
-from ..model import ModelMap
-from .base import ProjShape, Target
+from .base import LayerPlan, ProjShape, Target
 from .registry import register
 
 
@@ -17,10 +18,11 @@ class Canonical(Target):
     name = "canonical"
     summary = "codes [E,N,K/2] low nibble = even k, scales/zeros [E,N,K/G] as stored; every source"
     kinds = ("int4", "mxfp4")
+    preference = 99
     weight_layout = {"w13": ("canonical", False), "w2": ("canonical", False)}
     keeps_g_idx = True
 
-    def shape_problems(self, proj, shape, facts, model):
+    def shape_problems(self, proj, shape, facts):
         return [] if shape.cols % 2 == 0 else [f"in_features {shape.cols} is odd"]
 
 
@@ -42,7 +44,7 @@ class _W4A16(Target):
 
     kinds = ("int4",)
 
-    def shape_problems(self, proj: str, shape: ProjShape, facts: LinearFacts, model: ModelMap) -> list[str]:
+    def shape_problems(self, proj: str, shape: ProjShape, facts: LinearFacts) -> list[str]:
         found = divisibility(proj, shape, 16, 16, 32)
         if shape.groups % 2:
             found.append(f"{shape.groups} groups along K is odd (the scale layout pairs groups)")
@@ -69,21 +71,22 @@ class _W4A16(Target):
 class W4A16Preshuffle(_W4A16):
     name = "w4a16_preshuffle"
     summary = "signed int4 (z = 8), bf16 scales, group 32: aiter a16wi4 MoE"
+    preference = 0
     signed = True
     weight_layout = {"w13": ("w4a16_signed", False), "w2": ("w4a16_signed", False)}
+    kernel_codes = "int4_signed"
 
-    def problems(self, model: ModelMap) -> list[str]:
-        found = super().problems(model)
-        params = model.fmt.params
-        if model.fmt.kind == "int4":
+    def problems(self, kind: str, params: QuantParams, plans: Sequence[LayerPlan]) -> list[str]:
+        found = super().problems(kind, params, plans)
+        if kind == "int4":
             if not params.symmetric:
                 found.insert(0, "the source has asymmetric zero points")
             if params.group_size != 32:
                 found.insert(0, f"group size {params.group_size}, this target needs 32")
         return found
 
-    def shape_problems(self, proj, shape, facts, model):
-        found = super().shape_problems(proj, shape, facts, model)
+    def shape_problems(self, proj, shape, facts):
+        found = super().shape_problems(proj, shape, facts)
         if facts.scale_dtype != torch.bfloat16:
             found.append(f"scales are {str(facts.scale_dtype).removeprefix('torch.')}, this target holds bfloat16 only")
         return found
@@ -103,8 +106,10 @@ class W4A16Preshuffle(_W4A16):
 class W4A16PreshuffleZP(_W4A16):
     name = "w4a16_preshuffle_zp"
     summary = "unsigned int4 + zero points, any group size: moeprep's own kernels (AWQ, GPTQ, asym)"
+    preference = 1
     signed = False
     weight_layout = {"w13": ("w4a16_unsigned", False), "w2": ("w4a16_unsigned", False)}
+    kernel_codes = "int4_unsigned"
 
     def has_zeros(self, plan, proj):
         return True
@@ -112,15 +117,17 @@ class W4A16PreshuffleZP(_W4A16):
 
 class _MXFP4(Target):
     kinds = ("mxfp4",)
+    kernel_codes = "e2m1"
 
 
 @register
 class MXFP4MoE(_MXFP4):
     name = "mxfp4_moe"
     summary = "gate/up-interleaved shuffle of weights and E8M0 scales: aiter a16w4 MoE (gfx950), ATOM"
+    preference = 0
     weight_layout = {"w13": ("guinterleave", True), "w2": ("guinterleave", False)}
 
-    def shape_problems(self, proj, shape, facts, model):
+    def shape_problems(self, proj, shape, facts):
         # 64-byte K blocks of the interleaved shuffle; the scale shuffle pairs 16-row blocks
         return divisibility(proj, shape, 16, 32, 128)
 
@@ -152,9 +159,10 @@ class MXFP4MoE(_MXFP4):
 class MXFP4Preshuffle(_MXFP4):
     name = "mxfp4_preshuffle"
     summary = "(16,16) shuffle_weight + e8m0_shuffle, gate/up separated: aiter CK MXFP4 MoE"
+    preference = 1
     weight_layout = {"w13": ("shuffle", False), "w2": ("shuffle", False)}
 
-    def shape_problems(self, proj, shape, facts, model):
+    def shape_problems(self, proj, shape, facts):
         return divisibility(proj, shape, 16, 16, 64)
 
     def scale_stored_shape(self, proj, s):

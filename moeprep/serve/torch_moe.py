@@ -1,32 +1,16 @@
-"""The pure-torch reference MoE: exact dequantized experts, the architecture's own math.
+"""The MoE block in plain torch: exact dequantized experts, the architecture's own math.
 
 It works for every target (the stored tensors are first brought back to the canonical form by
-the target's exact inverse) on any device, and is what the fused kernels are tested against.
+the target's exact inverse) on any device: the ``reference`` backend of :class:`MoEBlock`, and
+what the fused kernels are tested against.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..canonical import QuantLinear, dequantize
-from .routing import Routing, route
-
-
-@dataclass(frozen=True)
-class Activation:
-    """``silu``: ``down(silu(gate x) * up x)``; ``swiglu_oai``: gpt-oss's clamped SwiGLU with biases."""
-
-    kind: str
-    alpha: float = 1.702
-    limit: float = 7.0
-
-    @classmethod
-    def for_arch(cls, arch_activation: str, config: dict) -> "Activation":
-        if arch_activation == "swiglu_oai":
-            return cls("swiglu_oai", float(config.get("swiglu_alpha", 1.702)), float(config.get("swiglu_limit") or 7.0))
-        return cls("silu")
+from ..moe import Activation, Routing, route
 
 
 def _linear(x: torch.Tensor, ql: QuantLinear) -> torch.Tensor:

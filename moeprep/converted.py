@@ -14,11 +14,15 @@ from typing import Optional
 
 import torch
 
-from ..canonical import QuantLinear
-from ..errors import BadInputError, UnsupportedError
-from ..io.checkpoint import Checkpoint
-from .base import LinearFacts, LinearRef, QuantParams, RawLinear, SourceFormat, torch_dtype
-from .registry import detect, register
+from .canonical import QuantLinear
+from .errors import BadInputError, UnsupportedError
+from .formats import LinearFacts, LinearRef, QuantParams, RawLinear, SourceFormat, detect
+from .formats.base import torch_dtype
+from .formats.registry import register
+from .io.checkpoint import Checkpoint
+from .io.names import layer_of
+from .targets import TARGETS, LayerPlan, ProjShape
+from .targets.base import int32_from_b64
 
 SUPPORTED_VERSIONS = (1,)
 _ROLE_OF_PROJ = (("gate", "w13", 0), ("up", "w13", 1), ("down", "w2", None))
@@ -28,7 +32,7 @@ _ROLE_OF_PROJ = (("gate", "w13", 0), ("up", "w13", 1), ("down", "w2", None))
 class _Layer:
     prefix: str
     index: int
-    plan: object  # targets.LayerPlan
+    plan: LayerPlan
     tensors: dict[str, str]  # role -> tensor name
     row_perm: Optional[torch.Tensor]
 
@@ -40,8 +44,6 @@ class Converted(SourceFormat):
 
     def __init__(self, qcfg: dict):
         super().__init__(qcfg)
-        from ..targets import TARGETS
-
         version = qcfg.get("format_version")
         if version not in SUPPORTED_VERSIONS:
             raise UnsupportedError(f"moeprep format_version {version!r} is not supported (supported: {SUPPORTED_VERSIONS})", path="config.json")
@@ -86,9 +88,6 @@ class Converted(SourceFormat):
         return refs
 
     def _layer(self, ckpt: Checkpoint, prefix: str) -> _Layer:
-        from ..model import MoELayer, layer_of
-        from ..targets import LayerPlan, ProjShape
-
         tensors = {n[len(prefix) + len(".experts.") :]: n for n in ckpt.names() if n.startswith(prefix + ".experts.")}
         shapes, facts = {}, {}
         for proj in ("w13", "w2"):
@@ -110,7 +109,7 @@ class Converted(SourceFormat):
             )
         desc_act = facts["w13"].has_g_idx
         index = layer_of(prefix + ".")
-        plan = LayerPlan(MoELayer(index, prefix, []), shapes, facts, self.kind, desc_act)
+        plan = LayerPlan(index, prefix, shapes, facts, self.kind, desc_act)
         expected = {spec.name: (spec, meta) for spec, meta in self.target.plan_layer(plan)}
         for role, name in tensors.items():
             if name not in expected:
@@ -147,8 +146,6 @@ class Converted(SourceFormat):
         return meta
 
     def _row_perm(self, ckpt: Checkpoint, name: str, shapes) -> torch.Tensor:
-        from ..targets.base import int32_from_b64
-
         text = self._meta(ckpt, name).get("row_perm")
         e, inter = shapes["w13"].experts, shapes["w13"].rows // 2
         try:
@@ -171,8 +168,8 @@ class Converted(SourceFormat):
         """Every expert of one layer, canonical, in the source's order (cached: one layer)."""
         if self._cache is None or self._cache[0] != prefix:
             layer = self.layer(ckpt, prefix)
-            tensors = {name: ckpt.get_tensor(name) for name in layer.tensors.values()}
-            experts = self.target.unpack_layer(layer.plan, tensors, layer.row_perm)
+            tensors = {role: ckpt.get_tensor(name) for role, name in layer.tensors.items()}
+            experts = self.target.decode_layer(layer.plan, tensors, layer.row_perm)
             self._cache = (prefix, experts)
         return self._cache[1]
 

@@ -11,19 +11,12 @@ from typing import Optional
 
 import torch
 
-from .. import ops
-from ..canonical import QuantLinear
-from ..model import MoELayer
-from ..serve.loader import ExpertWeights
-from ..targets import LayerPlan, ProjShape, get_target
+from moeprep import ops
+from moeprep.canonical import QuantLinear
+from moeprep.moe import ExpertWeights
+from moeprep.targets import LayerPlan, ProjShape, get_target
 
 PREFIX = "model.layers.0.mlp"
-_LAYOUT = {  # target -> repack_into layout of (w13, w2)
-    "w4a16_preshuffle": ("w4a16_signed", "w4a16_signed"),
-    "w4a16_preshuffle_zp": ("w4a16_unsigned", "w4a16_unsigned"),
-    "mxfp4_preshuffle": ("shuffle", "shuffle"),
-    "mxfp4_moe": ("guinterleave", "guinterleave"),
-}
 
 
 def _linear(kind: str, n: int, k: int, group_size: int, zero_points: bool, bias: bool, g_idx: Optional[torch.Tensor],
@@ -58,10 +51,10 @@ def random_layer(
 ) -> tuple[ExpertWeights, list[dict[str, QuantLinear]]]:
     """(stored layer on the CPU, its experts in canonical source form)."""
     target = get_target(target_name)
-    kind = "mxfp4" if target_name.startswith("mxfp4") else "int4"
+    kind = target.kinds[0]
     gen = torch.Generator()
     gen.manual_seed(seed if seed is not None else torch.seed())
-    zero_points = target_name == "w4a16_preshuffle_zp"
+    zero_points = target.kernel_codes == "int4_unsigned"
     shapes = {
         "w13": ProjShape(num_experts, 2 * inter, hidden, hidden // group_size),
         "w2": ProjShape(num_experts, hidden, inter, inter // group_size),
@@ -75,14 +68,14 @@ def random_layer(
             for role, n, k, g in (("gate", inter, hidden, g13), ("up", inter, hidden, g13), ("down", hidden, inter, g2))
         })
     tensors, row_perm = _store(target_name, source, shapes, zero_points, bias, desc_act)
-    plan = LayerPlan(MoELayer(0, PREFIX, []), shapes, {}, kind, desc_act)
+    plan = LayerPlan(0, PREFIX, shapes, {}, kind, desc_act)
     return ExpertWeights(PREFIX, plan, target, tensors, row_perm), source
 
 
 def _store(target_name, source, shapes, zero_points, bias, desc_act):
-    """The stored tensors of a layer, as ``Target.convert_layer`` lays them out."""
+    """The stored tensors of a layer, as ``Target.encode_layer`` lays them out."""
     target = get_target(target_name)
-    layouts = _LAYOUT[target_name]
+    layouts = (target.weight_layout["w13"][0], target.weight_layout["w2"][0])
     E = len(source)
     inter = shapes["w13"].rows // 2
     weights = {proj: torch.empty((E, s.rows, s.cols // 2), dtype=torch.uint8) for proj, s in shapes.items()}
@@ -94,7 +87,7 @@ def _store(target_name, source, shapes, zero_points, bias, desc_act):
         p2 = torch.sort(ex["down"].g_idx.to(torch.int64), stable=True).indices if desc_act else None
         for role, offset in (("gate", 0), ("up", inter)):
             ops.repack_into(weights["w13"], ex[role].codes, src_packing="canonical", layout=layouts[0], expert=e,
-                            row_offset=offset, gate_up=layouts[0] == "guinterleave", row_index=p2, col_index=p13)
+                            row_offset=offset, gate_up=target.gate_up_interleaved, row_index=p2, col_index=p13)
         ops.repack_into(weights["w2"], ex["down"].codes, src_packing="canonical", layout=layouts[1], expert=e,
                         col_index=p2)
         for proj, members, rows in (("w13", ("gate", "up"), p2), ("w2", ("down",), None)):
@@ -125,8 +118,7 @@ def _store(target_name, source, shapes, zero_points, bias, desc_act):
 
 
 def layer_to(experts: ExpertWeights, device) -> ExpertWeights:
-    tensors = {role: t.to(device) for role, t in experts.tensors.items()}
-    return ExpertWeights(experts.prefix, experts.plan, experts.target, tensors, experts.row_perm)
+    return experts.to(device)
 
 
 def linears_to(source: list[dict[str, QuantLinear]], device) -> list[dict[str, QuantLinear]]:

@@ -1,0 +1,99 @@
+"""What an MoE block is, independent of how it is computed: its routing, its activation and its
+stored experts. The serving layer and the GPU kernels both work from these."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .arch import Architecture
+from .targets import LayerPlan, Target
+
+
+@dataclass(frozen=True)
+class Routing:
+    """``softmax_topk``: softmax over all experts, then top-k (optionally renormalised);
+    ``topk_softmax``: top-k of the logits, then softmax over those k (gpt-oss)."""
+
+    scoring: str
+    top_k: int
+    renormalize: bool
+    weights_in_logits_dtype: bool = False  # Qwen3-MoE casts the top-k weights back
+
+    @classmethod
+    def for_arch(cls, arch: Architecture, config: dict) -> "Routing":
+        top_k = arch.top_k(config)
+        if arch.name == "gpt_oss":
+            return cls("topk_softmax", top_k, False)
+        if arch.name == "mixtral":
+            return cls("softmax_topk", top_k, True)
+        return cls("softmax_topk", top_k, bool(config.get("norm_topk_prob", False)), True)
+
+
+def route(logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits ``[T, E]`` -> (weights ``[T, k]``, expert ids ``[T, k]`` int64), exactly as
+    transformers computes them for the architecture."""
+    if routing.scoring == "topk_softmax":
+        values, ids = torch.topk(logits, routing.top_k, dim=-1)
+        return torch.softmax(values, dim=1, dtype=values.dtype), ids
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    values, ids = torch.topk(probs, routing.top_k, dim=-1)
+    if routing.renormalize:
+        values = values / values.sum(dim=-1, keepdim=True)
+    if routing.weights_in_logits_dtype:
+        values = values.to(logits.dtype)
+    return values, ids
+
+
+@dataclass(frozen=True)
+class Activation:
+    """``silu``: ``down(silu(gate x) * up x)``; ``swiglu_oai``: gpt-oss's clamped SwiGLU with biases."""
+
+    kind: str
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    @classmethod
+    def for_arch(cls, arch_activation: str, config: dict) -> "Activation":
+        if arch_activation == "swiglu_oai":
+            return cls("swiglu_oai", float(config.get("swiglu_alpha", 1.702)), float(config.get("swiglu_limit") or 7.0))
+        return cls("silu")
+
+
+@dataclass
+class ExpertWeights:
+    """The stored tensors of one MoE layer (``role`` -> tensor, e.g. ``"w13_weight"``), in their
+    target's layout, with the plan that says their shapes."""
+
+    prefix: str
+    plan: LayerPlan
+    target: Target
+    tensors: dict[str, torch.Tensor]
+    row_perm: Optional[torch.Tensor]
+
+    def get(self, role: str) -> Optional[torch.Tensor]:
+        return self.tensors.get(role)
+
+    @property
+    def num_experts(self) -> int:
+        return self.plan.shapes["w13"].experts
+
+    @property
+    def hidden_size(self) -> int:
+        return self.plan.shapes["w13"].cols
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.plan.shapes["w13"].rows // 2
+
+    def with_tensors(self, tensors: dict[str, torch.Tensor]) -> "ExpertWeights":
+        return ExpertWeights(self.prefix, self.plan, self.target, tensors, self.row_perm)
+
+    def to(self, device) -> "ExpertWeights":
+        return self.with_tensors({role: t.to(device) for role, t in self.tensors.items()})
+
+    def canonical(self):
+        """Per expert ``{"gate", "up", "down"}`` canonical linears in the source's order (exact)."""
+        stored = {role: t.as_subclass(torch.Tensor) for role, t in self.tensors.items()}
+        return self.target.decode_layer(self.plan, stored, self.row_perm)

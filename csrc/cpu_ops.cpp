@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__linux__)
@@ -21,6 +22,7 @@
 #endif
 
 #include "cpu_kernels.h"
+#include "kernel_constants.h"
 #include "op_args.h"
 
 namespace moeprep {
@@ -395,9 +397,18 @@ void repack_into_cpu(const at::Tensor& dst, const at::Tensor& src, c10::string_v
   }
 }
 
+std::string kernel_constants() {
+  std::string text;
+#define MOEPREP_APPEND(name, value) text += std::string(#name "=") + std::to_string(value) + ";";
+  MOEPREP_KERNEL_CONSTANTS(MOEPREP_APPEND)
+#undef MOEPREP_APPEND
+  return text;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moeprep, m) {
+  m.def("kernel_constants() -> str", &kernel_constants);
   m.def("weight_shuffle(Tensor x, int chunk_bytes, bool gate_up, bool inverse) -> Tensor");
   m.def("preshuffle_int4(Tensor codes, bool is_signed, bool inverse) -> Tensor");
   m.def("scale_shuffle(Tensor s, int experts, bool gate_up, int rows_out, int cols_out) -> Tensor");

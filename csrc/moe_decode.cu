@@ -49,8 +49,8 @@
 namespace moeprep {
 namespace {
 
-constexpr int kWindow = 64;  // k per warp step: two quantization groups of 32 at most
-constexpr int kBlocks = 4;   // 16-row blocks per warp (w13: two of gate rows, then their two of up rows)
+constexpr int kWindow = kDecodeWindow;  // k per warp step: two quantization groups of 32 at most
+constexpr int kBlocks = kDecodeBlocks;  // 16-row blocks per warp (w13: two of gate rows, then their two of up rows)
 
 // bf16 MMAs need sm_80; builds for older GPUs keep the kernels as traps (the Python side only
 // launches them on sm_80+)
@@ -554,7 +554,7 @@ __device__ __forceinline__ void for_each_output(const Problem& p, int mb, int64_
 // (see wait_for_primary).
 // (Both kernels ask for 20 warps per SM with 4-warp CTAs, 16 with 8: 96 or 128 registers.)
 template <int WARPS, int STAGES, Codes C, bool G32>
-__global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
+__global__ void __launch_bounds__(WARPS * 32, kDecodeWarpsPerSm / WARPS)
     w13_kernel(Problem p, const __nv_bfloat16* bias, MoeDecodeActivation act, __nv_bfloat16* h, uint4* out,
                int64_t out_units, int64_t early_from) {
   wait_for_primary();  // the routing, and whatever used `out` before
@@ -597,7 +597,7 @@ __global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
 // out[p / top_k, c] += topk_weight[p] * (h[p] W_down^T + b)[c]: each warp group takes kBlocks
 // blocks of 16 output columns, and each CTA along z its share of K (the first adds the bias).
 template <int WARPS, int STAGES, Codes C, bool G32>
-__global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
+__global__ void __launch_bounds__(WARPS * 32, kDecodeWarpsPerSm / WARPS)
     w2_kernel(Problem p, const __nv_bfloat16* bias, __nv_bfloat16* out, int64_t stride_out, const float* topk_weights,
               int top_k) {
   const int mb = blockIdx.x;
@@ -634,7 +634,7 @@ __global__ void __launch_bounds__(WARPS * 32, 20 / WARPS)
   }
 }
 
-Problem make_problem(const MoeDecodeArgs& a, const void* act, int64_t act_stride, int act_div) {
+Problem make_problem(const MoeGemmArgs& a, const void* act, int64_t act_stride, int act_div) {
   return Problem{static_cast<const __nv_bfloat16*>(act), act_stride, act_div, a.words, a.scale,
                  static_cast<const uint16_t*>(a.zero), a.n, a.k, a.groups, a.group_size, a.gu_interleaved,
                  a.sorted_ids, a.expert_ids, a.num_padded, a.num_pairs, a.k_warps,
@@ -699,7 +699,7 @@ int launch(dim3 grid, void* stream, Args... args) {
 
 extern "C" {
 
-int moeprep_moe_decode_w13(MoeDecodeArgs a, const void* x, int64_t stride_x, int top_k, MoeDecodeActivation act,
+int moeprep_moe_decode_w13(MoeGemmArgs a, const void* x, int64_t stride_x, int top_k, MoeDecodeActivation act,
                            void* h, void* out, int64_t out_numel, void* stream) {
   using namespace moeprep;
   const Problem p = make_problem(a, x, stride_x, top_k);
@@ -710,7 +710,7 @@ int moeprep_moe_decode_w13(MoeDecodeArgs a, const void* x, int64_t stride_x, int
                    static_cast<__nv_bfloat16*>(h), static_cast<uint4*>(out), out_numel / 8);
 }
 
-int moeprep_moe_decode_w2(MoeDecodeArgs a, const void* h, int top_k, void* out, int64_t stride_out,
+int moeprep_moe_decode_w2(MoeGemmArgs a, const void* h, int top_k, void* out, int64_t stride_out,
                           const float* topk_weights, int split, void* stream) {
   using namespace moeprep;
   const Problem p = make_problem(a, h, a.k, 1);

@@ -4,10 +4,12 @@
 
 #include <stdint.h>
 
+#include "kernel_constants.h"
+
 extern "C" {
 
 // One projection of a 4-bit MoE layer in a preshuffled layout, and the routed blocks.
-struct MoeDecodeArgs {
+struct MoeGemmArgs {
   const uint32_t* words;  // codes [E, n, k / 8] as int32 words
   // int4 (w4a16_preshuffle[_zp]): bf16 [E, groups / 2, n, 2]; E2M1 (mxfp4_preshuffle, mxfp4_moe):
   // E8M0 bytes shuffled in 32-row tiles of `groups` columns (groups padded to a multiple of 8)
@@ -38,12 +40,12 @@ struct MoeDecodeActivation {
 // h[p] = act(x[p / top_k] W_gate^T + b_gate, x[p / top_k] W_up^T + b_up), bf16 (n = 2 * inter, a
 // multiple of 64: each warp takes two 16-row blocks of gate rows and their up rows); zeroes
 // out[0:out_numel].
-int moeprep_moe_decode_w13(struct MoeDecodeArgs a, const void* x, int64_t stride_x, int top_k,
+int moeprep_moe_decode_w13(struct MoeGemmArgs a, const void* x, int64_t stride_x, int top_k,
                            struct MoeDecodeActivation act, void* h, void* out, int64_t out_numel, void* stream);
 
 // out[p / top_k] += topk_weights[p] * (h[p] W_down^T + b_down), bf16 (n a multiple of 64), k
 // split over `split` CTAs (atomic adds).
-int moeprep_moe_decode_w2(struct MoeDecodeArgs a, const void* h, int top_k, void* out, int64_t stride_out,
+int moeprep_moe_decode_w2(struct MoeGemmArgs a, const void* h, int top_k, void* out, int64_t stride_out,
                           const float* topk_weights, int split, void* stream);
 
 }  // extern "C"

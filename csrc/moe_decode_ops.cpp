@@ -22,7 +22,7 @@ void check_cuda(const at::Tensor& t, at::ScalarType dtype, const char* name) {
 
 // The codes' format follows the scales: bf16 for int4 (w4a16_preshuffle[_zp]), uint8 E8M0 for
 // E2M1 (mxfp4_preshuffle, mxfp4_moe: 32-row tiles of the padded group count, the last dim).
-MoeDecodeArgs args_of(const at::Tensor& words, const at::Tensor& scale, const std::optional<at::Tensor>& zero,
+MoeGemmArgs args_of(const at::Tensor& words, const at::Tensor& scale, const std::optional<at::Tensor>& zero,
                       const std::optional<at::Tensor>& bias, bool gu_interleaved, const at::Tensor& sorted_ids,
                       const at::Tensor& expert_ids, const at::Tensor& num_padded, int64_t num_pairs, int64_t warps,
                       int64_t k_warps, int64_t stages) {
@@ -61,12 +61,13 @@ MoeDecodeArgs args_of(const at::Tensor& words, const at::Tensor& scale, const st
     check_cuda(*bias, at::kBFloat16, "bias");
     TORCH_CHECK(bias->numel() == experts * n, "moeprep: bias must be [E, N]");
   }
-  TORCH_CHECK(sorted_ids.numel() >= expert_ids.numel() * 8, "moeprep: sorted_ids shorter than the blocks of 8");
+  TORCH_CHECK(sorted_ids.numel() >= expert_ids.numel() * kDecodeBlockM, "moeprep: sorted_ids shorter than the blocks of ",
+              kDecodeBlockM);
   for (const void* p : {words.const_data_ptr(), scale.const_data_ptr(), sorted_ids.const_data_ptr(),
                         zero ? zero->const_data_ptr() : nullptr}) {
     TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, "moeprep: tensors must be 16-byte aligned");
   }
-  return MoeDecodeArgs{static_cast<const uint32_t*>(words.const_data_ptr()), scale.const_data_ptr(),
+  return MoeGemmArgs{static_cast<const uint32_t*>(words.const_data_ptr()), scale.const_data_ptr(),
                        zero ? zero->const_data_ptr() : nullptr, bias ? bias->const_data_ptr() : nullptr, experts, n, k,
                        static_cast<int>(groups), static_cast<int>(group_size), e2m1 ? 1 : 0, gu_interleaved ? 1 : 0,
                        sorted_ids.const_data_ptr<int32_t>(), expert_ids.const_data_ptr<int32_t>(),
@@ -87,7 +88,7 @@ HRows h_rows(bool sorted_h, const at::Tensor& sorted_ids, int64_t pairs) {
 // The gate/up GEMMs' arguments, checked: x bf16 [T, H] with 16-byte aligned rows, h [T * top_k, I]
 // (the prefill GEMMs': [len(sorted_ids), I]), out bf16 with a multiple of 8 elements (zeroed in
 // 16-byte units)
-MoeDecodeArgs w13_args(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scale,
+MoeGemmArgs w13_args(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scale,
                        const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias,
                        bool gu_interleaved, const at::Tensor& sorted_ids, const at::Tensor& expert_ids,
                        const at::Tensor& num_padded, int64_t top_k, int64_t warps, int64_t k_warps,
@@ -95,7 +96,7 @@ MoeDecodeArgs w13_args(const at::Tensor& x, const at::Tensor& words, const at::T
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0,
               "moeprep: x must be bf16 [T, H] with rows 16-byte aligned");
   const int64_t pairs = x.size(0) * top_k;
-  const MoeDecodeArgs a = args_of(words, scale, zero, bias, gu_interleaved, sorted_ids, expert_ids, num_padded, pairs,
+  const MoeGemmArgs a = args_of(words, scale, zero, bias, gu_interleaved, sorted_ids, expert_ids, num_padded, pairs,
                                   warps, k_warps, stages);
   TORCH_CHECK(x.size(1) == a.k && reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0,
               "moeprep: x does not match the codes");
@@ -110,7 +111,7 @@ MoeDecodeArgs w13_args(const at::Tensor& x, const at::Tensor& words, const at::T
 // The down GEMMs' arguments, checked: h bf16 [T * top_k, I] (the prefill GEMMs': [len(sorted_ids),
 // I]), topk_weights fp32 [T, top_k], out bf16 [T, H] taking bf16x2 reductions (two columns at a time:
 // 4-byte aligned, rows of an even length)
-MoeDecodeArgs w2_args(const at::Tensor& h, const at::Tensor& words, const at::Tensor& scale,
+MoeGemmArgs w2_args(const at::Tensor& h, const at::Tensor& words, const at::Tensor& scale,
                       const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias,
                       const at::Tensor& sorted_ids, const at::Tensor& expert_ids, const at::Tensor& num_padded,
                       const at::Tensor& topk_weights, int64_t warps, int64_t k_warps, int64_t stages,
@@ -121,7 +122,7 @@ MoeDecodeArgs w2_args(const at::Tensor& h, const at::Tensor& words, const at::Te
   TORCH_CHECK(topk_weights.dim() == 2 && out.dim() == 2 && out.size(0) == topk_weights.size(0),
               "moeprep: topk_weights must be [T, top_k] and out [T, H]");
   const int64_t pairs = topk_weights.numel();
-  const MoeDecodeArgs a =
+  const MoeGemmArgs a =
       args_of(words, scale, zero, bias, false, sorted_ids, expert_ids, num_padded, pairs, warps, k_warps, stages);
   const HRows rows = h_rows(sorted_h, sorted_ids, pairs);
   TORCH_CHECK(h.numel() == rows.count * a.k && out.size(1) == a.n, "moeprep: h must be [", rows.label,
@@ -136,7 +137,7 @@ void moe_decode_w13(const at::Tensor& x, const at::Tensor& words, const at::Tens
                     const at::Tensor& sorted_ids, const at::Tensor& expert_ids, const at::Tensor& num_padded,
                     int64_t top_k, bool swiglu, double alpha, double limit, int64_t warps, int64_t k_warps,
                     int64_t stages, at::Tensor& h, at::Tensor& out) {
-  const MoeDecodeArgs a = w13_args(x, words, scale, zero, bias, gu_interleaved, sorted_ids, expert_ids, num_padded,
+  const MoeGemmArgs a = w13_args(x, words, scale, zero, bias, gu_interleaved, sorted_ids, expert_ids, num_padded,
                                    top_k, warps, k_warps, stages, h, out, false);
   const c10::cuda::CUDAGuard guard(x.device());
   const MoeDecodeActivation act{swiglu ? 1 : 0, static_cast<float>(alpha), static_cast<float>(limit)};
@@ -150,7 +151,7 @@ void moe_decode_w2(const at::Tensor& h, const at::Tensor& words, const at::Tenso
                    const at::Tensor& sorted_ids, const at::Tensor& expert_ids,
                    const at::Tensor& num_padded, const at::Tensor& topk_weights, int64_t warps, int64_t k_warps,
                    int64_t stages, int64_t split, at::Tensor& out) {
-  const MoeDecodeArgs a = w2_args(h, words, scale, zero, bias, sorted_ids, expert_ids, num_padded, topk_weights, warps,
+  const MoeGemmArgs a = w2_args(h, words, scale, zero, bias, sorted_ids, expert_ids, num_padded, topk_weights, warps,
                                   k_warps, stages, out, false);
   TORCH_CHECK(split >= 1 && split <= 64, "moeprep: split must be in [1, 64]");
   const c10::cuda::CUDAGuard guard(h.device());
@@ -163,11 +164,12 @@ void moe_decode_w2(const at::Tensor& h, const at::Tensor& words, const at::Tenso
 // The prefill GEMMs' own limits on top of args_of's: routed blocks of 256 pairs, tiles of 128 rows,
 // an even number of 64-k windows, and the activation rows that their tensor maps read (xs or h)
 // 16-byte aligned.
-void check_prefill(const MoeDecodeArgs& a, const at::Tensor& sorted_ids, const at::Tensor& rows) {
+void check_prefill(const MoeGemmArgs& a, const at::Tensor& sorted_ids, const at::Tensor& rows) {
   TORCH_CHECK(a.e2m1 == 0, "moeprep: the prefill GEMMs take int4 codes");
-  TORCH_CHECK(a.n % 128 == 0 && a.k % 128 == 0, "moeprep: the prefill GEMMs need N and K multiples of 128");
-  TORCH_CHECK(sorted_ids.numel() >= static_cast<int64_t>(a.num_m_blocks) * 256,
-              "moeprep: sorted_ids shorter than the blocks of 256");
+  TORCH_CHECK(a.n % kPrefillTileN == 0 && a.k % kPrefillTileN == 0, "moeprep: the prefill GEMMs need N and K multiples of ",
+              kPrefillTileN);
+  TORCH_CHECK(sorted_ids.numel() >= static_cast<int64_t>(a.num_m_blocks) * kPrefillBlockM,
+              "moeprep: sorted_ids shorter than the blocks of ", kPrefillBlockM);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(rows.const_data_ptr()) % 16 == 0,
               "moeprep: the prefill GEMMs' xs and h must be 16-byte aligned");
 }
@@ -178,7 +180,7 @@ void moe_prefill_w13(const at::Tensor& x, const at::Tensor& words, const at::Ten
                      const at::Tensor& sorted_ids, const at::Tensor& expert_ids, const at::Tensor& num_padded,
                      int64_t top_k, bool swiglu, double alpha, double limit, at::Tensor& xs, at::Tensor& h,
                      at::Tensor& out) {
-  const MoeDecodeArgs a =
+  const MoeGemmArgs a =
       w13_args(x, words, scale, zero, bias, false, sorted_ids, expert_ids, num_padded, top_k, 4, 1, 2, h, out, true);
   check_cuda(xs, at::kBFloat16, "xs");
   TORCH_CHECK(xs.numel() == sorted_ids.numel() * a.k, "moeprep: xs must be [len(sorted_ids), H]");
@@ -195,7 +197,7 @@ void moe_prefill_w2(const at::Tensor& h, const at::Tensor& words, const at::Tens
                     const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& bias,
                     const at::Tensor& sorted_ids, const at::Tensor& expert_ids, const at::Tensor& num_padded,
                     const at::Tensor& topk_weights, at::Tensor& out) {
-  const MoeDecodeArgs a =
+  const MoeGemmArgs a =
       w2_args(h, words, scale, zero, bias, sorted_ids, expert_ids, num_padded, topk_weights, 4, 1, 2, out, true);
   check_prefill(a, sorted_ids, h);
   const c10::cuda::CUDAGuard guard(h.device());

@@ -46,8 +46,9 @@ namespace {
 #define MOEPREP_WGMMA 0
 #endif
 
-constexpr int kTok = 256;   // routed rows per block: the MMA's N
-constexpr int kRows = 128;  // weight rows per CTA: two consumer warpgroups of 64
+constexpr int kTok = kPrefillBlockM;  // routed rows per block: the MMA's N
+constexpr int kRows = kPrefillTileN;  // weight rows per CTA: two consumer warpgroups of 64
+static_assert(kTok == 256 && kRows == 128, "the MMAs and the warpgroups are written for 256 x 128 tiles");
 constexpr int kBK = 64;     // k per window: one 128-byte swizzle span of bf16
 constexpr int kProducers = 128;  // a warpgroup, for setmaxnreg; one thread issues the copies
 constexpr int kThreads = kProducers + 2 * 128;
@@ -529,7 +530,7 @@ __global__ void gather_kernel(const uint4* x, int64_t stride_units, int top_k, c
   }
 }
 
-Gemm make_gemm(const MoeDecodeArgs& a) {
+Gemm make_gemm(const MoeGemmArgs& a) {
   return Gemm{a.words, static_cast<const uint32_t*>(a.scale), static_cast<const uint16_t*>(a.zero),
               static_cast<const __nv_bfloat16*>(a.bias), a.n, a.k, a.groups, __builtin_ctz(a.group_size),
               a.sorted_ids, a.expert_ids, a.num_padded, a.num_pairs, a.num_m_blocks};
@@ -563,7 +564,7 @@ int encode(CUtensorMap* map, CUtensorMapDataType type, const void* base, uint64_
 
 // The GEMM's tensor maps: activation rows [rows, k] bf16 in boxes of a window of kTok rows (the
 // MMA's swizzle), and the codes (kCodeBoxBlocks)
-int encode_maps(const MoeDecodeArgs& a, const void* act, int64_t rows, CUtensorMap* act_map, CUtensorMap* code_map) {
+int encode_maps(const MoeGemmArgs& a, const void* act, int64_t rows, CUtensorMap* act_map, CUtensorMap* code_map) {
   int err = encode(act_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, act, a.k, rows, a.k * 2, kBK, kTok,
                    CU_TENSOR_MAP_SWIZZLE_128B);
   if (err) return err;
@@ -572,7 +573,7 @@ int encode_maps(const MoeDecodeArgs& a, const void* act, int64_t rows, CUtensorM
 }
 
 template <auto KERNEL, typename... Args>
-int launch(const MoeDecodeArgs& a, void* stream, Args... args) {
+int launch(const MoeGemmArgs& a, void* stream, Args... args) {
   constexpr int smem = Smem::kBytes;
   const KernelFacts facts = facts_of<KERNEL, kThreads, smem>();
   if (facts.error != cudaSuccess) return static_cast<int>(facts.error);
@@ -590,7 +591,7 @@ int moeprep_moe_prefill_available(int* available) {
   return static_cast<int>(cudaMemcpyFromSymbol(available, moeprep::prefill_built, sizeof(int)));
 }
 
-int moeprep_moe_prefill_w13(MoeDecodeArgs a, const void* x, int64_t stride_x, int top_k, MoeDecodeActivation act,
+int moeprep_moe_prefill_w13(MoeGemmArgs a, const void* x, int64_t stride_x, int top_k, MoeDecodeActivation act,
                             void* xs, int64_t rows, void* h, void* out, int64_t out_numel, void* stream) {
   using namespace moeprep;
   const int units = static_cast<int>(a.k / 8);
@@ -607,7 +608,7 @@ int moeprep_moe_prefill_w13(MoeDecodeArgs a, const void* x, int64_t stride_x, in
   return launch<w13_kernel<false>>(a, stream, g, act_map, code_map, act, hp, op, out_numel / 8);
 }
 
-int moeprep_moe_prefill_w2(MoeDecodeArgs a, const void* h, int64_t rows, int top_k, void* out, int64_t stride_out,
+int moeprep_moe_prefill_w2(MoeGemmArgs a, const void* h, int64_t rows, int top_k, void* out, int64_t stride_out,
                            const float* topk_weights, void* stream) {
   using namespace moeprep;
   CUtensorMap act_map, code_map;

@@ -15,13 +15,13 @@ int moeprep_moe_prefill_available(int* available);
 // As moeprep_moe_decode_w13 (a's warps, k_warps and stages are not used), except that h is in the
 // routing's sorted order: h[r] for sorted_ids[r], `rows` rows (sorted_ids' length). xs, bf16 [rows, k],
 // takes the activation rows in that order.
-int moeprep_moe_prefill_w13(struct MoeDecodeArgs a, const void* x, int64_t stride_x, int top_k,
+int moeprep_moe_prefill_w13(struct MoeGemmArgs a, const void* x, int64_t stride_x, int top_k,
                             struct MoeDecodeActivation act, void* xs, int64_t rows, void* h, void* out,
                             int64_t out_numel, void* stream);
 
 // As moeprep_moe_decode_w2, without a split of k, on h [rows, k] in the routing's sorted order (as
 // moeprep_moe_prefill_w13 leaves it).
-int moeprep_moe_prefill_w2(struct MoeDecodeArgs a, const void* h, int64_t rows, int top_k, void* out,
+int moeprep_moe_prefill_w2(struct MoeGemmArgs a, const void* h, int64_t rows, int top_k, void* out,
                            int64_t stride_out, const float* topk_weights, void* stream);
 
 }  // extern "C"

@@ -27,7 +27,8 @@ Every time is the median of CUDA-graph replays with the L2 cache flushed before 
 (triton.testing.do_bench), so launch gaps and cached weights do not flatter anything.
 
     python scripts/bench_moe.py                       # the table
-    python scripts/bench_moe.py --tune --tokens 1,64  # sweep tile configs per GEMM, print TUNED entries
+    python scripts/bench_moe.py --tune --tokens 1,64  # sweep tile configs per GEMM, print tuned-table entries
+    python scripts/bench_moe.py --tune --write  # and merge them into moeprep/kernels/tuned/<this GPU>.json
     python scripts/bench_moe.py --breakdown --tokens 1,4,16  # per-kernel times inside the layer's graph
 
 Kernels are compiled ahead in ``--jobs`` worker processes (each launches a GEMM once on a
@@ -61,9 +62,11 @@ from triton.testing import do_bench  # noqa: E402
 
 from moeprep.canonical import dequantize  # noqa: E402
 from moeprep.kernels import fused_moe  # noqa: E402
-from moeprep.kernels import mma_decode  # noqa: E402
+from moeprep.kernels import configs, mma_decode  # noqa: E402
 from moeprep.kernels.configs import GemmConfig, MmaDecode, MmaGemm, MoEConfig, fit  # noqa: E402
-from moeprep.kernels.fused import call_config, launch_w13, launch_w2, pick_config, prepare  # noqa: E402
+from moeprep.kernels.fused import call_config, pick_config  # noqa: E402
+from moeprep.kernels.layer import prepare  # noqa: E402
+from moeprep.kernels.triton_gemms import launch_w13, launch_w2  # noqa: E402
 from kernel_layers import layer_to, linears_to, random_layer  # noqa: E402
 from moeprep.kernels.routing import route_tokens as route_kernel  # noqa: E402
 from moeprep.moe import Activation, Routing, route  # noqa: E402
@@ -401,7 +404,8 @@ def _candidates(T: int, model: Model, stored, families=FAMILIES):
 
 def _fitted(stored, T: int, routing: Routing, bm, g) -> MoEConfig:
     if bm == MMA:
-        return MoEConfig(MmaDecode().block_m, GemmConfig(64, 64, 4, 3), GemmConfig(64, 64, 4, 3), MmaDecode(g, g))
+        return MoEConfig(mma_decode.BLOCK_M, GemmConfig(64, 64, 4, 3), GemmConfig(64, 64, 4, 3), "cuda_mma_decode",
+                         MmaDecode(g, g))
     return fit(MoEConfig(bm, g, g), T, routing.top_k, stored.experts, stored.hidden, stored.inter, torch.device("cuda"),
                (stored.w13.group_size, stored.w2.group_size), split_k=g.split_k or None)
 
@@ -611,34 +615,43 @@ def _tune_one(name: str, model: Model, stored, source, T: int, compiles: dict, f
     return row
 
 
-TUNED_KEYS = {  # model -> its key in moeprep.kernels.configs.TUNED
-    "qwen3-30b-a3b": '("int4", 128, 2048, 768, 8, 32)',
-    "qwen3-30b-a3b-zp": '("int4", 128, 2048, 768, 8, 128)',
-    "gpt-oss-120b": '("mxfp4", 128, 2880, 2880, 4, 32)',
-    "mixtral-8x7b": '("int4", 8, 4096, 14336, 2, 32)',
-}
+def tuned_entries(rows: list) -> dict:
+    """The sweep's winners, per benchmark model: [(T, MoEConfig)], the CUDA decode GEMMs named where
+    their pair beat the Triton pair (both timed in one graph)."""
+    found: dict = {}
+    for r in sorted((r for r in rows if "error" not in r), key=lambda r: (r["model"], r["T"])):
+        m = r.get("mma")
+        use = m is not None and m["w13_us"] + m["w2_us"] < r["pair_us"]
+        mma = MmaDecode(MmaGemm(**m["w13"]), MmaGemm(**m["w2"])) if use else None
+        cfg = MoEConfig(r["block_m"], GemmConfig(**r["w13"]), GemmConfig(**r["w2"]),
+                        "cuda_mma_decode" if use else "triton", mma)
+        found.setdefault(r["model"], []).append((r["T"], cfg))
+    return found
 
 
-def print_tuned(rows: list) -> None:
-    """The sweep's winners as entries of ``configs.TUNED`` (w2 with its split, w13 with one if it has one)."""
-    def tile(c: dict, split: bool) -> tuple:
-        split = split or c["split_k"] > 1
-        t = (c["block_n"], c["block_k"], c["num_warps"], c["num_stages"]) + ((c["split_k"],) if split else ())
-        return t + ("swap",) if c["swap_ab"] else t
-
-    def mma_fields(c: dict) -> tuple:
-        return c["warps"], c["k_warps"], c["stages"], c["split"]
-
-    for name in dict.fromkeys(r["model"] for r in rows if "error" not in r):
-        print(f"    {TUNED_KEYS.get(name, repr(name))}: [  # {name}")
-        for r in sorted((r for r in rows if r["model"] == name and "error" not in r), key=lambda r: r["T"]):
-            m = r.get("mma")
-            use = m is not None and m["w13_us"] + m["w2_us"] < r["pair_us"]  # both pairs in one graph
-            mma = f", mma=({mma_fields(m['w13'])}, {mma_fields(m['w2'])})" if use else ""
-            note = f" (CUDA decode GEMMs: {m['w13_us']:.0f} + {m['w2_us']:.0f} us)" if use else ""
-            print(f"        ({r['T']}, _cfg({r['block_m']}, {tile(r['w13'], False)}, {tile(r['w2'], True)}{mma})),"
-                  f"  # {r['w13_us']:.0f} + {r['w2_us']:.0f} us{note}")
-        print("    ],")
+def write_tuned(rows: list, write: bool) -> None:
+    """Print the sweep's winners as tuned-table entries of this GPU; with ``write``, merge them into
+    its table (moeprep/kernels/tuned/<device>.json): an entry at a swept T is replaced, except that
+    one naming the CUDA prefill GEMMs keeps that backend (the sweep times the Triton GEMMs that stand
+    in for them, not the CUDA prefill GEMMs themselves: scripts/compare_prefill.py decides those)."""
+    device = torch.cuda.get_device_name()
+    table = configs.tuned_table(device) or configs.TunedTable(device, source="scripts/bench_moe.py --tune")
+    for name, swept in tuned_entries(rows).items():
+        m = MODELS[name]
+        problem = configs.Problem("mxfp4" if m.target.startswith("mxfp4") else "int4", m.experts, m.hidden, m.inter,
+                                  m.routing.top_k, m.group)
+        entries = dict(table.entries.get(problem, []))
+        for T, cfg in swept:
+            if entries.get(T) is not None and entries[T].backend == "cuda_wgmma_prefill" and cfg.backend == "triton":
+                cfg = replace(cfg, backend="cuda_wgmma_prefill")
+            entries[T] = cfg
+            print(json.dumps({"model": name, **configs.config_to_json(T, cfg)}))
+        table.entries[problem] = sorted(entries.items())
+        table.models[problem] = name
+    if write:
+        path = configs.table_path(device)
+        path.write_text(json.dumps(configs.table_to_json(table), indent=1) + "\n")
+        print(f"# wrote {path}", file=sys.stderr)
 
 
 def print_table(rows: list, copy: float) -> None:
@@ -667,6 +680,7 @@ def main() -> None:
                    help="processes compiling the kernels in parallel ahead of the timings")
     p.add_argument("--deadline", type=float, default=1e9, help="--tune: seconds after which no new (model, T) starts")
     p.add_argument("--families", default=",".join(FAMILIES), help=f"--tune: tile families to sweep, from {', '.join(FAMILIES)}")
+    p.add_argument("--write", action="store_true", help="--tune: merge the winners into this GPU's tuned table")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -675,7 +689,7 @@ def main() -> None:
     rows: list = []
     if args.tune:
         tune(args.models.split(","), tokens, args.jobs, args.deadline, rows, args.json, args.families.split(","))
-        print_tuned(rows)
+        write_tuned(rows, args.write)
     elif args.breakdown:
         for name in args.models.split(","):
             breakdown_model(name, MODELS[name], build(MODELS[name])[0], tokens, rows)

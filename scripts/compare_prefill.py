@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The int4 prefill GEMMs side by side: a model's MoE layer with the CUDA Hopper GEMMs
-(kernels/wgmma_prefill.py), the same layer with TUNED's Triton GEMMs, and torch's bf16 grouped GEMM,
-in one run per (model, T), with each kernel's time inside the wgmma layer's graph. What decides
-TUNED's ``wgmma`` entries.
+(kernels/wgmma_prefill.py), the same layer with the tuned table's Triton GEMMs, and torch's bf16
+grouped GEMM, in one run per (model, T), with each kernel's time inside the wgmma layer's graph. What
+decides the tuned tables' ``cuda_wgmma_prefill`` entries.
 
     python scripts/compare_prefill.py --models mixtral-8x7b --tokens 512,2048,8192
 
@@ -18,7 +18,8 @@ import torch
 
 import bench_moe as bm
 from moeprep.kernels import fused_moe
-from moeprep.kernels.fused import call_config, prepare
+from moeprep.kernels.fused import call_config, pick_config
+from moeprep.kernels.layer import prepare
 from moeprep.kernels.routing import route_tokens as route_kernel
 from moeprep.serve.torch_moe import experts_reference
 from kernel_layers import layer_to, linears_to
@@ -35,9 +36,10 @@ def compare(name: str, tokens) -> None:
     for T in tokens:
         x = torch.randn(T, model.hidden, device="cuda", dtype=torch.bfloat16)
         logits = bm.router_logits(name, model, T)
-        cfg = call_config(stored, x, routing.top_k, act)
-        wgmma, triton = replace(cfg, wgmma=True, mma=None), replace(cfg, wgmma=False, mma=None)
-        if not call_config(stored, x, routing.top_k, act, wgmma).wgmma:
+        cfg = pick_config(stored, T, routing.top_k, x.device)
+        wgmma = replace(cfg, backend="cuda_wgmma_prefill", mma=None)
+        triton = replace(cfg, backend="triton", mma=None)
+        if call_config(stored, x, routing.top_k, act, wgmma).backend != "cuda_wgmma_prefill":
             raise SystemExit(f"{name}: the wgmma GEMMs do not apply on this device or build")
         r = route_kernel(logits, routing, 16)
         ref = experts_reference(x.float(), r.topk_weights, r.topk_ids.long(), source, act)

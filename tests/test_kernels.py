@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 from moeprep.errors import MoeprepError, UnsupportedError  # noqa: E402
 from moeprep.kernels import available, fused_moe, supports  # noqa: E402
 from moeprep.kernels import configs  # noqa: E402
+from moeprep.kernels.layer import prepare  # noqa: E402
 from align_reference import align_reference  # noqa: E402
 from kernel_layers import layer_to, linears_to, random_layer  # noqa: E402
 from moeprep.kernels.routing import route_tokens as route_kernel  # noqa: E402
@@ -153,20 +154,25 @@ def test_fp32_is_exact(target):
     run_and_check(layer, source, GPT_OSS, SWIGLU, 6, torch.float32, tol=1e-5 if not HAS_GPU else 2e-3)
 
 
-def test_split_k_one_row_blocks_and_large_tiles():
+TILE_CONFIGS = [
+    configs.MoEConfig(16, configs.GemmConfig(32, 64, 4, 2, split_k=4), configs.GemmConfig(32, 32, 4, 2)),
+    configs.MoEConfig(1, configs.GemmConfig(32, 64, 4, 3, split_k=2), configs.GemmConfig(64, 64, 4, 3)),
+    configs.MoEConfig(16, configs.GemmConfig(32, 64, 4, 2), configs.GemmConfig(32, 32, 4, 2, split_k=4)),
+    configs.MoEConfig(64, configs.GemmConfig(128, 128, 8, 3), configs.GemmConfig(128, 64, 8, 3)),
+    configs.MoEConfig(1, configs.GemmConfig(32, 128, 4, 3), configs.GemmConfig(64, 64, 4, 3, split_k=2)),
+    configs.MoEConfig(16, configs.GemmConfig(64, 64, 4, 3, swap_ab=True),
+                      configs.GemmConfig(64, 64, 4, 3, split_k=2, swap_ab=True)),
+    configs.MoEConfig(32, configs.GemmConfig(128, 64, 8, 3, swap_ab=True), configs.GemmConfig(64, 128, 4, 3, swap_ab=True)),
+]
+
+
+@pytest.mark.parametrize("cfg", TILE_CONFIGS, ids=lambda c: f"bm{c.block_m}-bn{c.w13.block_n}-bk{c.w13.block_k}"
+                         f"-split{c.w13.split_k}.{c.w2.split_k}{'-swap' if c.w13.swap_ab else ''}")
+def test_split_k_one_row_blocks_and_large_tiles(cfg):
+    # one-row blocks launch a program per routed pair: fewer tokens keep the interpreter quick
+    T = 6 if cfg.block_m == 1 and not HAS_GPU else 20
     layer, source = random_layer("w4a16_preshuffle", 4, 256, 256)
-    for cfg in (
-        configs.MoEConfig(16, configs.GemmConfig(32, 64, 4, 2, split_k=4), configs.GemmConfig(32, 32, 4, 2)),
-        configs.MoEConfig(1, configs.GemmConfig(32, 64, 4, 3, split_k=2), configs.GemmConfig(64, 64, 4, 3)),
-        configs.MoEConfig(16, configs.GemmConfig(32, 64, 4, 2), configs.GemmConfig(32, 32, 4, 2, split_k=4)),
-        configs.MoEConfig(64, configs.GemmConfig(128, 128, 8, 3), configs.GemmConfig(128, 64, 8, 3)),
-        configs.MoEConfig(1, configs.GemmConfig(32, 128, 4, 3), configs.GemmConfig(64, 64, 4, 3, split_k=2)),
-        configs.MoEConfig(16, configs.GemmConfig(64, 64, 4, 3, swap_ab=True),
-                          configs.GemmConfig(64, 64, 4, 3, split_k=2, swap_ab=True)),
-        configs.MoEConfig(32, configs.GemmConfig(128, 64, 8, 3, swap_ab=True),
-                          configs.GemmConfig(64, 128, 4, 3, swap_ab=True)),
-    ):
-        run_and_check(layer, source, MIXTRAL, SILU, 20, torch.bfloat16, config=cfg)
+    run_and_check(layer, source, MIXTRAL, SILU, T, torch.bfloat16, config=cfg)
 
 
 @pytest.mark.parametrize("target", ["w4a16_preshuffle_zp", "mxfp4_preshuffle"])
@@ -174,7 +180,7 @@ def test_gate_up_split_along_k_is_summed_in_split_order(target):
     """Every split of a gate/up tile stores its partial product, the last to arrive sums them and
     finishes the tile: the reference's output (fp32, to the order of additions) whatever the split,
     and the arrival counts back at zero for the next call."""
-    from moeprep.kernels import fused
+    from moeprep.kernels import triton_gemms
 
     layer, source = random_layer(target, 4, 256, 128, bias=True, group_size=32)
     experts = layer_to(layer, DEVICE)
@@ -189,7 +195,7 @@ def test_gate_up_split_along_k_is_summed_in_split_order(target):
         with poisoned_allocations():
             out = fused_moe(x, logits, GPT_OSS, experts, SWIGLU, config=cfg)
         assert rel_err(out, ref) <= (2e-3 if HAS_GPU else 1e-5), split
-    assert all(int(counts.count_nonzero()) == 0 for counts in fused._ARRIVALS.values())
+    assert all(int(counts.count_nonzero()) == 0 for counts in triton_gemms._ARRIVALS.values())
 
 
 def test_split_k_is_capped_by_the_additions_into_the_output():
@@ -363,27 +369,27 @@ def test_routing_real_shapes(T):
 # ---- the CUDA decode GEMMs (kernels/mma_decode.py) ------------------------------------------
 def mma_config(w13: tuple, w2: tuple) -> configs.MoEConfig:
     g = configs.GemmConfig(64, 64, 4, 3)
-    return configs.MoEConfig(16, g, g, configs.MmaDecode(configs.MmaGemm(*w13), configs.MmaGemm(*w2)))
+    return configs.MoEConfig(16, g, g, "cuda_mma_decode", configs.MmaDecode(configs.MmaGemm(*w13), configs.MmaGemm(*w2)))
 
 
 def test_mma_decode_says_why_it_cannot_run():
-    from moeprep.kernels import fused, mma_decode
+    from moeprep.kernels import mma_decode
 
-    stored = fused.prepare(random_layer("w4a16_preshuffle", 4, 128, 64)[0])
+    stored = prepare(random_layer("w4a16_preshuffle", 4, 128, 64)[0])
     x = torch.zeros(2, 128, dtype=torch.bfloat16)
     if not HAS_GPU:
         assert "needs a CUDA GPU of compute capability >= 8.0" in mma_decode.problems(stored, x, SILU)
     assert "needs bf16 activations in 16-byte aligned rows" in mma_decode.problems(stored, x.half(), SILU)
-    permuted = fused.prepare(random_layer("w4a16_preshuffle_zp", 4, 128, 64, desc_act=True)[0])
+    permuted = prepare(random_layer("w4a16_preshuffle_zp", 4, 128, 64, desc_act=True)[0])
     assert "needs no input permutation" in mma_decode.problems(permuted, x, SILU)
-    biased = fused.prepare(random_layer("mxfp4_preshuffle", 4, 128, 64, bias=True)[0])
+    biased = prepare(random_layer("mxfp4_preshuffle", 4, 128, 64, bias=True)[0])
     fp32_bias = dataclasses.replace(biased, w2=dataclasses.replace(biased.w2, bias=biased.w2.bias.float()))
     assert "needs bf16 biases or none" in mma_decode.problems(fp32_bias, x, SWIGLU)
-    odd = fused.prepare(random_layer("w4a16_preshuffle", 4, 96, 64, group_size=16)[0])
+    odd = prepare(random_layer("w4a16_preshuffle", 4, 96, 64, group_size=16)[0])
     assert any("divisible by 64" in p for p in mma_decode.problems(odd, x, SILU))
     if _mma_built():  # MXFP4, both layouts, with biases and gpt-oss's activation
         for target in ("mxfp4_preshuffle", "mxfp4_moe"):
-            mx = fused.prepare(layer_to(random_layer(target, 4, 128, 128, bias=True)[0], DEVICE))
+            mx = prepare(layer_to(random_layer(target, 4, 128, 128, bias=True)[0], DEVICE))
             assert mma_decode.problems(mx, x.to(DEVICE), SWIGLU) == []
 
 
@@ -394,12 +400,6 @@ def test_mma_decode_config_falls_back_where_it_does_not_apply():
     run_and_check(layer, source, QWEN3, SILU, 5, torch.float16, config=cfg)
     if not HAS_GPU:
         run_and_check(layer, source, QWEN3, SILU, 3, torch.bfloat16, config=cfg)
-
-
-def test_tuned_decode_entries_pick_the_mma_kernels():
-    cfg = configs.pick(1, 2, 8, 4096, 14336, "int4", torch.device("cpu"), (32, 32))
-    assert cfg.mma is not None and cfg.mma.block_m == 8
-    assert configs.pick(8192, 2, 8, 4096, 14336, "int4", torch.device("cpu"), (32, 32)).mma is None
 
 
 def _mma_built() -> bool:
@@ -443,9 +443,7 @@ def test_mma_decode_real_shapes(model):
 def _ops_check_operands(hidden: int, block_m: int):
     """What the ops-check tests start from: a 4-expert int4 layer (intermediate size 64) on the
     device, 2 tokens routed in blocks of ``block_m``, their activations and an output."""
-    from moeprep.kernels import fused
-
-    stored = fused.prepare(layer_to(random_layer("w4a16_preshuffle", 4, hidden, 64)[0], DEVICE))
+    stored = prepare(layer_to(random_layer("w4a16_preshuffle", 4, hidden, 64)[0], DEVICE))
     r = route_kernel(torch.randn(2, 4, device=DEVICE), MIXTRAL, block_m)
     x = torch.randn(2, hidden, device=DEVICE, dtype=torch.bfloat16)
     out = torch.empty(2, hidden, device=DEVICE, dtype=torch.bfloat16)
@@ -481,7 +479,7 @@ def test_mma_decode_ops_check_their_arguments():
 # ---- the CUDA prefill GEMMs (kernels/wgmma_prefill.py) --------------------------------------
 def wgmma_config() -> configs.MoEConfig:
     g = configs.GemmConfig(64, 64, 4, 3)
-    return configs.MoEConfig(64, g, g, wgmma=True)
+    return configs.MoEConfig(64, g, g, "cuda_wgmma_prefill")
 
 
 def _wgmma_available() -> bool:
@@ -491,31 +489,21 @@ def _wgmma_available() -> bool:
 
 
 def test_wgmma_prefill_says_why_it_cannot_run():
-    from moeprep.kernels import fused, wgmma_prefill
+    from moeprep.kernels import wgmma_prefill
 
     x = torch.zeros(2, 256, dtype=torch.bfloat16)
-    mx = fused.prepare(random_layer("mxfp4_preshuffle", 4, 256, 128)[0])
+    mx = prepare(random_layer("mxfp4_preshuffle", 4, 256, 128)[0])
     assert "needs int4 codes" in wgmma_prefill.problems(mx, x, SILU)
-    narrow = fused.prepare(random_layer("w4a16_preshuffle", 4, 256, 64)[0])
+    narrow = prepare(random_layer("w4a16_preshuffle", 4, 256, 64)[0])
     assert any("divisible by 128" in p for p in wgmma_prefill.problems(narrow, x, SILU))
-    permuted = fused.prepare(random_layer("w4a16_preshuffle_zp", 4, 256, 128, desc_act=True)[0])
+    permuted = prepare(random_layer("w4a16_preshuffle_zp", 4, 256, 128, desc_act=True)[0])
     assert "needs no input permutation" in wgmma_prefill.problems(permuted, x, SILU)
     if not HAS_GPU:
-        stored = fused.prepare(random_layer("w4a16_preshuffle", 4, 256, 128)[0])
+        stored = prepare(random_layer("w4a16_preshuffle", 4, 256, 128)[0])
         assert wgmma_prefill.problems(stored, x, SILU) == ["needs a CUDA GPU of compute capability >= 8.0"]
         # the Triton GEMMs of the same config run instead
         layer, source = random_layer("w4a16_preshuffle", 4, 256, 128)
         run_and_check(layer, source, MIXTRAL, SILU, 3, torch.bfloat16, config=wgmma_config())
-
-
-def test_tuned_prefill_entries_pick_the_wgmma_kernels():
-    cpu = torch.device("cpu")
-    assert configs.pick(2048, 2, 8, 4096, 14336, "int4", cpu, (32, 32)).wgmma
-    assert configs.pick(512, 2, 8, 4096, 14336, "int4", cpu, (32, 32)).wgmma
-    assert configs.pick(8192, 8, 128, 2048, 768, "int4", cpu, (128, 128)).wgmma
-    assert not configs.pick(2048, 8, 128, 2048, 768, "int4", cpu, (32, 32)).wgmma
-    assert configs.pick(2048, 2, 8, 4096, 14336, "int4", cpu, (32, 32)).route_block_m == 256
-    assert not configs.pick(16, 2, 8, 4096, 14336, "int4", cpu, (32, 32)).wgmma
 
 
 @pytest.mark.gpu

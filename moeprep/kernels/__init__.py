@@ -1,12 +1,13 @@
-"""Fused MoE kernels (Triton) on moeprep's stored layouts, for NVIDIA and AMD GPUs.
+"""Fused MoE kernels on moeprep's stored layouts, for NVIDIA and AMD GPUs.
 
-Modules, each beside its reference (``reference.py``) and tests (``tests/test_kernels*.py``):
-``routing`` (scores, top-k, per-expert block alignment), ``w4a16`` and ``mxfp4`` (in-register
-dequantization of each stored format), ``moe_gemm`` (the two grouped GEMMs with the activation
-and the weighted top-k sum fused in), ``configs`` (tile sizes), ``fused`` (the entry point, :func:`fused_moe`).
-On CUDA, decode batches take hand-written tensor-core GEMMs instead
-(``mma_decode``, ``csrc/moe_decode.cu``), and int4 prefill batches on Hopper the wgmma GEMMs
-(``wgmma_prefill``, ``csrc/moe_prefill.cu``), where the configuration asks for them.
+Modules: ``routing`` (scores, top-k, per-expert block alignment), ``layer`` (a stored layer as
+the kernels take it), ``backend`` (what a GPU backend provides, and their registry), and the
+backends: ``triton_gemms`` (the grouped GEMMs of ``moe_gemm``, with the in-register decode of each
+code family in ``w4a16`` and ``mxfp4``; every GPU), ``mma_decode`` (CUDA tensor-core decode GEMMs,
+``csrc/moe_decode.cu``) and ``wgmma_prefill`` (CUDA Hopper prefill GEMMs, ``csrc/moe_prefill.cu``).
+``configs`` holds the configurations and reads the tuned tables (``tuned/*.json``); ``fused``
+chooses the backend and runs a layer (:func:`fused_moe`). Their tests are ``tests/test_kernels*.py``,
+against the plain-torch MoE of ``moeprep.serve.torch_moe``.
 
 Triton is optional: :func:`available` says whether these kernels can run here.
 """
@@ -35,7 +36,7 @@ def supports(experts) -> bool:
     """Whether the kernels handle this layer's stored layout and shapes."""
     if not _have_triton():
         return False
-    from .fused import problems
+    from .layer import problems
 
     return not problems(experts)
 

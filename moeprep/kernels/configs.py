@@ -1,19 +1,22 @@
-"""Tile configurations of the grouped GEMMs, per shape and batch size.
+"""Configurations of the fused MoE GEMMs, per device, shape and batch size.
 
-Decode (few rows per expert) is a stream over the touched experts' weights: 16-row blocks (the
-one-row, no-MMA blocks remain selectable but lost every H100 sweep once the MMA operand was
-decoded two values per instruction), split-K on the down projection when the grid would still
-not fill the GPU, and on the gate/up projection where TUNED asks for it. Prefill is tensor-core
-bound: large tiles, 64- to 128-row blocks so that each decoded weight serves many tokens.
-Swapped operands (``swap_ab``) won most int4 sweeps, in decode and prefill. ``TUNED`` holds what
-``scripts/bench_moe.py --tune`` measured (and checked against the fp32 reference) on an H100,
-decode re-swept on an H200, for the benchmarked models; other shapes get the heuristic. Decode
-entries may also name the CUDA decode GEMMs (``MmaDecode``), and prefill entries the CUDA Hopper
-GEMMs (``wgmma``), which replace the Triton ones on CUDA builds where they apply.
+Decode (few rows per expert) is a stream over the touched experts' weights: 16-row blocks,
+split-K on the down projection when the grid would still not fill the GPU, and on the gate/up
+projection where a tuned entry asks for it. Prefill is tensor-core bound: large tiles, 64- to
+128-row blocks so that each decoded weight serves many tokens.
+
+A configuration names the backend that should run it (``backend``, see kernels/backend.py) and
+always carries the Triton GEMMs' tiles, which run wherever that backend cannot. Tuned
+configurations are data: ``tuned/<device name>.json`` (written by ``scripts/bench_moe.py --tune
+--write``), looked up by the GPU's name and the problem's shape. A device or shape without entries
+gets its vendor's heuristic. docs/design/tuning.md says how the tables are made.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import json
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -21,9 +24,13 @@ import triton
 
 from .device import sm_count
 
+TUNED_DIR = Path(__file__).resolve().parent / "tuned"
+
 
 @dataclass(frozen=True)
 class GemmConfig:
+    """One Triton GEMM's tiles."""
+
     block_n: int
     block_k: int
     num_warps: int
@@ -45,116 +52,117 @@ class MmaGemm:
 
 @dataclass(frozen=True)
 class MmaDecode:
+    """The parameters of the CUDA decode backend."""
+
     w13: MmaGemm = MmaGemm()
     w2: MmaGemm = MmaGemm(split=0)
-
-    @property
-    def block_m(self) -> int:
-        return 8  # routed rows per block: the MMA's N
-
-
-WGMMA_BLOCK_M = 256  # routed rows per block of the CUDA prefill GEMMs
 
 
 @dataclass(frozen=True)
 class MoEConfig:
-    block_m: int  # shared by both GEMMs: the routing pads every expert's rows to it
+    block_m: int  # routed rows per block, shared by both GEMMs: the routing pads every expert's rows to it
     w13: GemmConfig
     w2: GemmConfig
-    mma: Optional[MmaDecode] = None  # the CUDA decode GEMMs (with their own block_m) where they apply
-    wgmma: bool = False  # the CUDA Hopper prefill GEMMs (kernels/wgmma_prefill.py) where they apply
+    backend: str = "triton"  # the registered backend asked for (kernels/backend.py)
+    mma: Optional[MmaDecode] = None  # the parameters of the "cuda_mma_decode" backend
+
+    def __post_init__(self):
+        if (self.backend == "cuda_mma_decode") != (self.mma is not None):
+            raise ValueError("mma parameters go with the cuda_mma_decode backend, and only with it")
 
     @property
     def route_block_m(self) -> int:
-        """The block size the routing pads to: that of the CUDA GEMMs when they run."""
-        if self.wgmma:
-            return WGMMA_BLOCK_M
-        return self.block_m if self.mma is None else self.mma.block_m
+        """The block size the routing pads to (the dispatcher sets ``block_m`` to the backend's)."""
+        return self.block_m
 
 
-def _cfg(block_m: int, w13: tuple, w2: tuple, mma: Optional[tuple] = None, wgmma: bool = False) -> MoEConfig:
-    """Tuples of GemmConfig's leading fields, ending in "swap" for swap_ab; ``mma``: the (w13, w2)
-    MmaGemm fields of the CUDA decode GEMMs, which take over where they apply; ``wgmma``: the CUDA
-    prefill GEMMs take over where they apply."""
-    decode = None if mma is None else MmaDecode(MmaGemm(*mma[0]), MmaGemm(*mma[1]))
-    return MoEConfig(block_m, _gemm(w13), _gemm(w2), decode, wgmma)
+@dataclass(frozen=True)
+class Problem:
+    """What a tuned table is keyed by: the code family and the layer's shapes."""
+
+    family: str  # "int4" or "mxfp4"
+    experts: int
+    hidden: int
+    intermediate: int
+    top_k: int
+    group_size: int  # of w13
 
 
-def _gemm(fields: tuple) -> GemmConfig:
-    if fields[-1] == "swap":
-        return GemmConfig(*fields[:-1], swap_ab=True)
-    return GemmConfig(*fields)
+@dataclass
+class TunedTable:
+    """One device's tuned configurations: per problem, entries in ascending smallest batch size."""
+
+    device: str
+    entries: dict[Problem, list[tuple[int, MoEConfig]]] = field(default_factory=dict)
+    source: str = ""
+    models: dict[Problem, str] = field(default_factory=dict)  # the benchmark model each problem is
+
+    def lookup(self, problem: Problem, tokens: int) -> Optional[MoEConfig]:
+        chosen = None
+        for t_min, cfg in self.entries.get(problem, []):
+            if tokens >= t_min:
+                chosen = cfg
+        return chosen
 
 
-# (format family, E, H, I, top_k, w13 group size) -> [(smallest T, config)], ascending T; the comments give the
-# GEMMs' times. From `scripts/bench_moe.py --tune` on an H100, T <= 16 since re-swept on an H200 with the
-# gate/up split along K, and the CUDA decode GEMMs ("CUDA", mma=...) swept on the H200 against the
-# Triton configuration beside them, kept where the pair was faster (docs/benchmarks.md). The CUDA down
-# GEMM starts while the gate/up one runs: its time is the pair's less the gate/up GEMM's alone. Qwen3's
-# T = 4 entries serve from T = 2: the layer at T = 2 / 3 took 35 / 42 us on them against 38 / 53 on the
-# T = 1 entries (H200, fifteenth round); gpt-oss and Mixtral measured the same or slower that way. Mixtral's
-# T = 2 entry is a sweep at T = 2 (its Triton GEMMs those of T = 1; sixteenth round).
-TUNED: dict[tuple, list[tuple[int, MoEConfig]]] = {
-    ("int4", 8, 4096, 14336, 2, 32): [  # mixtral-8x7b
-        (1, _cfg(16, (64, 64, 4, 3, 2, "swap"), (128, 64, 4, 4, 8, "swap"),
-                 mma=((4, 4, 4), (8, 8, 3, 2)))),  # 81 + 42 us; CUDA 60 + 23 us (H200)
-        (2, _cfg(16, (64, 64, 4, 3, 2, "swap"), (128, 64, 4, 4, 8, "swap"),
-                 mma=((4, 4, 4), (8, 8, 4, 1)))),  # CUDA 89 + 38 us (H200)
-        (4, _cfg(16, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 8, "swap"),
-                 mma=((4, 4, 4), (8, 8, 3, 0)))),  # 145 + 76 us; CUDA 93 + 41 us (H200)
-        (16, _cfg(16, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 8, "swap"),
-                  mma=((4, 4, 3), (8, 8, 2, 0)))),  # 274 + 141 us; CUDA 154 + 75 us (H200)
-        (64, _cfg(32, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 2, "swap"))),  # 306 + 162 us
-        (512, _cfg(128, (64, 64, 4, 3, "swap"), (128, 128, 8, 4, 1),
-                   wgmma=True)),  # 803 + 538 us; CUDA 582 + 297 us (H200)
-        (2048, _cfg(128, (64, 64, 4, 3, "swap"), (256, 64, 8, 3, 1, "swap"),
-                    wgmma=True)),  # 2262 + 1382 us; CUDA 1536 + 801 us (H200)
-        (8192, _cfg(128, (64, 64, 4, 3, "swap"), (256, 64, 8, 3, 1, "swap"),
-                    wgmma=True)),  # 8158 + 4430 us; CUDA 6249 + 3033 us (H200)
-    ],
-    ("int4", 128, 2048, 768, 8, 32): [  # qwen3-30b-a3b
-        (1, _cfg(16, (64, 64, 4, 3, 4, "swap"), (128, 64, 4, 4, 2, "swap"),
-                 mma=((8, 8, 2), (8, 8, 2, 2)))),  # 17 + 11 us; CUDA 15 + 8 us (H200)
-        (2, _cfg(16, (64, 64, 4, 3, 2, "swap"), (128, 64, 4, 4, 1, "swap"),
-                 mma=((4, 4, 3), (8, 2, 3, 1)))),  # T = 4: 35 + 22 us; CUDA 29 + 16 us (H200)
-        (16, _cfg(16, (64, 128, 4, 3, "swap"), (128, 64, 4, 4, 1, "swap"),
-                  mma=((4, 4, 3), (4, 1, 3, 1)))),  # 86 + 48 us; CUDA 62 + 35 us (H200)
-        (64, _cfg(16, (64, 64, 4, 3, "swap"), (128, 64, 4, 4, 1, "swap"),
-                  mma=((4, 4, 3), (4, 2, 3, 1)))),  # 130 + 67 us; CUDA 81 + 53 us (H200)
-        (512, _cfg(64, (64, 64, 4, 3), (128, 64, 4, 3, 1))),  # 172 + 105 us
-        (2048, _cfg(128, (64, 64, 4, 3, "swap"), (128, 64, 4, 3, 1))),  # 356 + 217 us
-        (8192, _cfg(128, (64, 64, 4, 3, "swap"), (128, 64, 4, 3, 1),
-                    wgmma=True)),  # 1031 + 640 us; CUDA 760 + 726 us (H200)
-    ],
-    ("mxfp4", 128, 2880, 2880, 4, 32): [  # gpt-oss-120b
-        (1, _cfg(16, (32, 64, 4, 3, 5), (64, 64, 4, 3, 3),
-                 mma=((4, 4, 4), (4, 2, 4, 4)))),  # 37 + 23 us; CUDA 25 + 13 us (H200)
-        (4, _cfg(16, (128, 64, 4, 3, 3), (64, 64, 4, 3, 3),
-                 mma=((4, 4, 3), (4, 4, 3, 1)))),  # 87 + 54 us; CUDA 56 + 30 us (H200)
-        (16, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 3),
-                  mma=((4, 4, 3), (4, 4, 3, 1)))),  # 257 + 147 us; CUDA 151 + 76 us (H200)
-        (64, _cfg(16, (128, 64, 4, 3), (128, 64, 4, 3, 3),
-                  mma=((8, 2, 4), (4, 2, 3, 1)))),  # 513 + 293 us; CUDA 318 + 175 us (H200)
-        (512, _cfg(32, (32, 64, 4, 3, "swap"), (64, 64, 4, 4, 1, "swap"))),  # 827 + 446 us
-        (2048, _cfg(64, (128, 64, 4, 3), (128, 64, 4, 3, 1))),  # 1261 + 753 us
-        (8192, _cfg(128, (64, 64, 8, 3), (128, 64, 4, 3, 1, "swap"))),  # 3680 + 1814 us
-    ],
-    ("int4", 128, 2048, 768, 8, 128): [  # qwen3-30b-a3b-zp
-        (1, _cfg(16, (128, 64, 4, 3, 8), (64, 64, 4, 4, 2),
-                 mma=((8, 8, 2), (8, 8, 2, 4)))),  # 17 + 11 us; CUDA 16 + 7 us (H200)
-        (2, _cfg(16, (128, 64, 4, 4, 2), (64, 64, 4, 4, 1),
-                 mma=((4, 4, 4), (8, 2, 3, 1)))),  # T = 4: 39 + 25 us; CUDA 33 + 17 us (H200)
-        (16, _cfg(16, (64, 64, 4, 4, 2), (128, 64, 4, 3, 1),
-                  mma=((4, 4, 3), (4, 1, 3, 1)))),  # 88 + 46 us; CUDA 59 + 36 us (H200)
-        (64, _cfg(16, (128, 64, 4, 3), (64, 64, 4, 4, 1),
-                  mma=((4, 2, 4), (4, 1, 4, 0)))),  # 117 + 72 us; CUDA 82 + 54 us (H200)
-        (512, _cfg(64, (64, 64, 4, 3), (128, 64, 4, 3, 1))),  # 181 + 109 us
-        (2048, _cfg(128, (64, 64, 8, 3), (128, 64, 8, 3, 1),
-                    wgmma=True)),  # 401 + 227 us; CUDA 324 + 244 us (H200)
-        (8192, _cfg(128, (64, 64, 8, 3), (128, 64, 8, 3, 1),
-                    wgmma=True)),  # 1210 + 683 us; CUDA 802 + 748 us (H200)
-    ],
-}
+def config_from_json(entry: dict) -> MoEConfig:
+    mma = entry.get("mma")
+    return MoEConfig(
+        entry["block_m"], GemmConfig(**entry["w13"]), GemmConfig(**entry["w2"]), entry.get("backend", "triton"),
+        None if mma is None else MmaDecode(MmaGemm(**mma["w13"]), MmaGemm(**mma["w2"])),
+    )
+
+
+def config_to_json(t_min: int, cfg: MoEConfig) -> dict:
+    entry = {"min_tokens": t_min, "backend": cfg.backend, "block_m": cfg.block_m, "w13": asdict(cfg.w13),
+             "w2": asdict(cfg.w2)}
+    if cfg.mma is not None:
+        entry["mma"] = {"w13": asdict(cfg.mma.w13), "w2": asdict(cfg.mma.w2)}
+    return entry
+
+
+def table_from_json(doc: dict) -> TunedTable:
+    table = TunedTable(doc["device"], source=doc.get("source", ""))
+    for p in doc["problems"]:
+        problem = Problem(p["family"], p["experts"], p["hidden"], p["intermediate"], p["top_k"], p["group_size"])
+        table.entries[problem] = sorted((e["min_tokens"], config_from_json(e)) for e in p["entries"])
+        if "model" in p:
+            table.models[problem] = p["model"]
+    return table
+
+
+def table_to_json(table: TunedTable) -> dict:
+    problems = []
+    for problem, entries in table.entries.items():
+        head = {"model": table.models[problem]} if problem in table.models else {}
+        problems.append({**head, **asdict(problem), "entries": [config_to_json(t, c) for t, c in entries]})
+    return {"device": table.device, "source": table.source, "problems": problems}
+
+
+def table_path(device_name: str) -> Path:
+    return TUNED_DIR / ("".join(c if c.isalnum() else "_" for c in device_name) + ".json")
+
+
+@lru_cache(maxsize=None)
+def tuned_table(device_name: str) -> Optional[TunedTable]:
+    """The tuned table of a GPU by its name (``torch.cuda.get_device_name``), if there is one."""
+    path = table_path(device_name)
+    if not path.is_file():
+        return None
+    table = table_from_json(json.loads(path.read_text()))
+    return table if table.device == device_name else None
+
+
+def vendor(device: torch.device) -> str:
+    """``amd`` on ROCm builds, else ``nvidia`` (the CPU runs the Triton interpreter, which takes the
+    NVIDIA heuristic)."""
+    return "amd" if torch.version.hip is not None and device.type == "cuda" else "nvidia"
+
+
+def device_table(device: torch.device) -> Optional[TunedTable]:
+    if device.type != "cuda":
+        return None
+    return tuned_table(torch.cuda.get_device_name(device))
 
 
 def fit_block_k(block_k: int, cols: int, group_size: int) -> int:
@@ -175,28 +183,37 @@ def _programs_wanted(device: torch.device) -> int:
     return 1
 
 
-def _heuristic(tokens: int, top_k: int, experts: int) -> MoEConfig:
-    """Untuned shapes, by rows per expert: tiles the H100 sweeps favoured, with the weights as the
-    MMA's second operand. Swapped operands only come from TUNED, whose sweeps checked every result:
-    one swapped MXFP4 tile compiled to wrong results on gpt-oss's shapes (docs/benchmarks.md)."""
+# Untuned shapes, by rows per expert: (most rows per expert, block_m, w13 tiles, w2 tiles). NVIDIA: the
+# tiles the H100 sweeps favoured. AMD: the same tiles in two stages (Triton's AMD pipeliner), until
+# measured. Only unswapped tiles: swapped ones come from tuned tables, whose sweeps checked every
+# result (docs/design/triton-kernels.md).
+HEURISTICS = {
+    "nvidia": [(8, 16, (64, 128, 4, 3), (128, 64, 4, 3)), (32, 32, (64, 64, 4, 3), (128, 64, 4, 3)),
+               (128, 64, (64, 64, 4, 3), (128, 64, 4, 3)), (None, 128, (64, 64, 8, 3), (128, 64, 4, 3))],
+    "amd": [(8, 16, (64, 128, 4, 2), (128, 64, 4, 2)), (32, 32, (64, 64, 4, 2), (128, 64, 4, 2)),
+            (128, 64, (64, 64, 4, 2), (128, 64, 4, 2)), (None, 128, (64, 64, 8, 2), (128, 64, 4, 2))],
+}
+
+
+def heuristic(vendor_name: str, tokens: int, top_k: int, experts: int) -> MoEConfig:
+    """A vendor's configuration for a shape it has no tuned entry for."""
     per_expert = tokens * top_k / experts
-    if per_expert <= 8:
-        return _cfg(16, (64, 128, 4, 3), (128, 64, 4, 3))
-    if per_expert <= 32:
-        return _cfg(32, (64, 64, 4, 3), (128, 64, 4, 3))
-    if per_expert <= 128:
-        return _cfg(64, (64, 64, 4, 3), (128, 64, 4, 3))
-    return _cfg(128, (64, 64, 8, 3), (128, 64, 4, 3))
+    for most, block_m, w13, w2 in HEURISTICS[vendor_name]:
+        if most is None or per_expert <= most:
+            return MoEConfig(block_m, GemmConfig(*w13), GemmConfig(*w2))
+    raise AssertionError("every heuristic ends in a catch-all row")
 
 
 def pick(tokens: int, top_k: int, experts: int, hidden: int, inter: int, family: str, device: torch.device,
-         group_sizes: tuple[int, int]) -> MoEConfig:
-    """The configuration for one call, fitted to the shapes (block_k to K and the scale groups,
-    block_n to N, split-K to fill the device)."""
-    cfg = _heuristic(tokens, top_k, experts)
-    for t_min, tuned in TUNED.get((family, experts, hidden, inter, top_k, group_sizes[0]), []):
-        if tokens >= t_min:
-            cfg = tuned
+         group_sizes: tuple[int, int], table: Optional[TunedTable] = None) -> MoEConfig:
+    """The configuration for one call: the tuned entry of ``table`` (by default the device's own),
+    else the vendor's heuristic, fitted to the shapes (block_k to K and the scale groups, block_n to
+    N, split-K to fill the device)."""
+    table = table if table is not None else device_table(device)
+    problem = Problem(family, experts, hidden, inter, top_k, group_sizes[0])
+    cfg = table.lookup(problem, tokens) if table is not None else None
+    if cfg is None:
+        cfg = heuristic(vendor(device), tokens, top_k, experts)
     return fit(cfg, tokens, top_k, experts, hidden, inter, device, group_sizes)
 
 
@@ -217,7 +234,7 @@ def fit(cfg: MoEConfig, tokens: int, top_k: int, experts: int, hidden: int, inte
     # every split adds each token's top-k partial sums into the output once more, rounded to its
     # dtype each time: keep it to MAX_ADDS roundings (32 measured 8e-3 of bf16 error, near the 1e-2 bound)
     wanted = min(wanted, max(1, MAX_ADDS // top_k))
-    return MoEConfig(cfg.block_m, w13, replace(w2, split_k=_split(wanted, inter // w2.block_k)), cfg.mma, cfg.wgmma)
+    return replace(cfg, w13=w13, w2=replace(w2, split_k=_split(wanted, inter // w2.block_k)))
 
 
 def _split(wanted: int, k_tiles: int) -> int:

@@ -20,12 +20,16 @@ import triton
 from .. import ops
 from ..moe import Activation
 from . import configs, moe_gemm
+from .backend import Backend, register
 from .device import nvidia_capability, sm_count
+from .layer import Layer
 from .routing import RoutedTokens
 
-WINDOW = 64  # k per warp step (4 lanes x 16)
-BLOCKS = 4  # 16-row blocks of the weights per warp
-WARPS_PER_SM = 20  # w2_split's default aim: about what registers and the rings let an SM hold (16 to 20)
+_SHARED = ops.kernel_constants()  # csrc/kernel_constants.h
+WINDOW = _SHARED["decode_window"]  # k per warp step (4 lanes x 16)
+BLOCKS = _SHARED["decode_blocks"]  # 16-row blocks of the weights per warp
+BLOCK_M = _SHARED["decode_block_m"]  # routed rows per block: the MMA's N
+WARPS_PER_SM = _SHARED["decode_warps_per_sm"]  # w2_split's aim: what registers and the rings let an SM hold
 
 
 @lru_cache(maxsize=None)
@@ -102,3 +106,18 @@ def launch_w2(layer, h: torch.Tensor, r: RoutedTokens, out: torch.Tensor, mma: c
     w, g = layer.w2, mma.w2
     torch.ops.moeprep.moe_decode_w2(h, w.words, w.scale, w.zero, w.bias, r.sorted_ids, r.expert_ids, r.num_padded,
                                     r.topk_weights, g.warps, g.k_warps, g.stages, w2_split(layer, r, g, h.device), out)
+
+
+@register
+class MmaDecodeBackend(Backend):
+    name = "cuda_mma_decode"
+
+    def problems(self, layer: Layer, hidden: torch.Tensor, activation: Activation) -> list[str]:
+        return problems(layer, hidden, activation)
+
+    def block_m(self, cfg: configs.MoEConfig) -> int:
+        return BLOCK_M
+
+    def launch(self, layer, hidden, r, h, out, activation, cfg) -> None:
+        launch_w13(layer, hidden, r, h, out, activation, cfg.mma)
+        launch_w2(layer, h, r, out, cfg.mma)

@@ -9,8 +9,8 @@ kernels copy the routed activation rows into the routing's sorted order first an
 that order (:func:`h_rows`). They serve ``w4a16_preshuffle`` and
 ``w4a16_preshuffle_zp`` with bf16 activations and scales, SiLU-and-mul or gpt-oss's clamped
 SwiGLU, bf16 biases or none, and no desc_act permutation, on sm_90 GPUs with a build for sm_90a;
-everything else takes the Triton kernels. The routing pads each expert to blocks of
-``configs.WGMMA_BLOCK_M`` routed rows for them.
+everything else takes the Triton kernels. The routing pads each expert to blocks of ``BLOCK_M``
+routed rows for them.
 """
 from __future__ import annotations
 
@@ -20,11 +20,15 @@ import torch
 
 from .. import ops
 from ..moe import Activation
-from . import mma_decode, moe_gemm
+from . import configs, mma_decode, moe_gemm
+from .backend import Backend, register
 from .device import index, nvidia_capability
+from .layer import Layer
 from .routing import RoutedTokens
 
-TILE_N = 128  # weight rows per CTA (w13: 64 columns of h, their gate and up rows); K a multiple of it too
+_SHARED = ops.kernel_constants()  # csrc/kernel_constants.h
+BLOCK_M = _SHARED["prefill_block_m"]  # routed rows per block: the MMA's N
+TILE_N = _SHARED["prefill_tile_n"]  # weight rows per CTA (w13: 64 columns of h, their gate and up rows); K too
 
 
 @lru_cache(maxsize=None)
@@ -74,3 +78,21 @@ def launch_w2(layer, h: torch.Tensor, r: RoutedTokens, out: torch.Tensor) -> Non
     w = layer.w2
     torch.ops.moeprep.moe_prefill_w2(h, w.words, w.scale, w.zero, w.bias, r.sorted_ids, r.expert_ids, r.num_padded,
                                      r.topk_weights, out)
+
+
+@register
+class WgmmaPrefillBackend(Backend):
+    name = "cuda_wgmma_prefill"
+
+    def problems(self, layer: Layer, hidden: torch.Tensor, activation: Activation) -> list[str]:
+        return problems(layer, hidden, activation)
+
+    def block_m(self, cfg: configs.MoEConfig) -> int:
+        return BLOCK_M
+
+    def h_rows(self, r: RoutedTokens) -> int:
+        return h_rows(r)
+
+    def launch(self, layer, hidden, r, h, out, activation, cfg) -> None:
+        launch_w13(layer, hidden, r, h, out, activation)
+        launch_w2(layer, h, r, out)

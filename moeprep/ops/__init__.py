@@ -5,7 +5,7 @@ Tensor in, new tensor out (except :func:`repack_into`, which fills a preallocate
 function checks its arguments and raises :class:`moeprep.errors.TargetError` with a one-line
 message for shapes, dtypes or values a layout cannot take; then it runs the compiled kernels
 (``moeprep._C`` on CPU, ``moeprep._C_cuda`` on CUDA tensors). The layout formulas are in
-``moeprep/ops/reference.py`` and /work/shared/LAYOUTS.md.
+``moeprep/ops/reference.py`` and docs/layouts.md.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ..errors import MoeprepError, TargetError
 
 __all__ = [
     "REPACK_LAYOUTS",
+    "kernel_constants",
     "decode_layout",
     "has_cuda_op",
     "SRC_PACKINGS",
@@ -57,6 +58,20 @@ def _lib():
             _cuda_problem = str(exc) or "not built"
         _ops = torch.ops.moeprep
     return _ops
+
+
+_constants: dict[str, int] | None = None
+
+
+def kernel_constants() -> dict[str, int]:
+    """The numbers the CUDA GEMMs and their launchers share (``csrc/kernel_constants.h``), as the
+    compiled module reports them: ``decode_window``, ``decode_blocks``, ``decode_block_m``,
+    ``decode_warps_per_sm``, ``prefill_block_m``, ``prefill_tile_n``."""
+    global _constants
+    if _constants is None:
+        text = _lib().kernel_constants()
+        _constants = {name: int(value) for name, value in (pair.split("=") for pair in text.split(";") if pair)}
+    return _constants
 
 
 def has_cuda_op(name: str) -> bool:

@@ -1,7 +1,7 @@
-"""Pure-torch reference of every op in :mod:`moeprep.ops`, written from /work/shared/LAYOUTS.md.
+"""Pure-torch reference of every op in :mod:`moeprep.ops`, written from docs/layouts.md.
 
-Each layout is the view/permute formula of the layout spec, spelled out; the inverses are the
-spec's inverse formulas, not the forward run backwards. Slow and memory-hungry (int4 codes are
+Each layout is the index formula of the layout spec as a view/permute, spelled out; each inverse
+is its own view/permute, not the forward run backwards. Slow and memory-hungry (int4 codes are
 expanded), but obviously correct: the tests and ``moeprep verify`` compare the compiled ops with
 these. No argument checking beyond what the views themselves enforce.
 """

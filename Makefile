@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEMO := examples/demo-qwen3moe-ct-w4a16
 DEMO_OUT := build/demo-preshuffled
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-slow clean
 
 setup: $(VENV)/.installed
 
@@ -24,7 +24,10 @@ demo: setup
 	$(BIN)/moeprep generate $(DEMO_OUT) --prompt "Return the" --max-new-tokens 16
 
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow
 
 clean:
 	rm -rf $(VENV) build *.egg-info moeprep/*.so

@@ -14,7 +14,7 @@ __device__ __forceinline__ void copy16(uint32_t smem, const void* gmem) {
 }
 // copy16 of data read once (the decode GEMMs' weights), marked evict-first in L2: the streamed
 // weights then leave what is read again (activations, h, the routing's results, out's
-// reductions) in L2: 1.5-4% faster decode layers at T <= 4 on the H200 (docs/benchmarks.md, sixteenth round).
+// reductions) in L2: 1.5-4% faster decode layers at T <= 4 on the H200 (docs/design/decode-gemms.md).
 __device__ __forceinline__ void copy16_evict_first(uint32_t smem, const void* gmem) {
   uint64_t policy;
   asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));

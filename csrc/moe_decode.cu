@@ -82,9 +82,9 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
 // anything else, and then allows at once in its last `resident` CTAs (by linear index, as many as
 // the GPU holds at a time: they start as the earlier ones end) and past their main loop in the
 // others, so that w2_kernel's CTAs take the slots that w13_kernel's tail frees and request their
-// first windows there. (Allowing at every CTA's start made Mixtral T = 1 13% slower in the
-// seventh round; this rule gained 2-6% over allowing past the main loop where the gate/up grid
-// takes more than one wave: the fourteenth.) Every w13_kernel CTA has waited for the routing before
+// first windows there. (Allowing at every CTA's start made Mixtral T = 1 13% slower; this rule
+// gained 2-6% over allowing past the main loop where the gate/up grid takes more than one
+// wave.) Every w13_kernel CTA has waited for the routing before
 // it allows, so w2_kernel may read the routing's results before it waits for h.
 __device__ __forceinline__ void wait_for_primary() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -4,8 +4,8 @@
 //
 // Why a hand-written kernel: at hundreds of tokens per expert the GEMMs are tensor-core bound, and
 // a weight tile must be decoded before its MMAs. Writing the decoded tile to shared memory (the
-// Triton kernels, and a warp-specialised wgmma version measured in docs/benchmarks.md, tenth
-// round) costs a shared-memory round trip per weight and puts the decode on the MMAs' critical
+// Triton kernels, and a warp-specialised wgmma version measured and not kept:
+// docs/design/prefill-gemms.md) costs a shared-memory round trip per weight and puts the decode on the MMAs' critical
 // path. Here the weights are the MMA's A operand, taken from registers: each consumer thread
 // decodes exactly the 16 weights of its fragment for a 16-k step (rows g and g + 8 of its warp's
 // 16, k 2t..2t+1 and 2t+8..2t+9) while the previous window's MMAs run. Shared memory carries only

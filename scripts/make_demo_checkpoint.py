@@ -2,7 +2,7 @@
 int4, symmetric, bf16 scales, group 32), with a byte-level BPE tokenizer trained here.
 
 Deterministic (fixed seeds, no network): running it again rewrites the same bytes, which
-tests/test_demo.py checks. The weights are random, so generations are gibberish by design;
+tests/test_commands_demo.py checks. The weights are random, so generations are gibberish by design;
 the demo shows the pipeline, not a language model.
 
     python scripts/make_demo_checkpoint.py [OUT]   # default: examples/demo-qwen3moe-ct-w4a16

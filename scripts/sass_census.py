@@ -1,7 +1,7 @@
 """Static census of the CUDA decode GEMMs (csrc/moe_decode.cu): warp instructions per 64-k window.
 
-The decode GEMMs are bound by the instructions they issue per byte of weights (docs/benchmarks.md,
-ninth round), and that count can be read off the compiled code without a GPU: this compiles
+The decode GEMMs are bound by the instructions they issue per byte of weights
+(docs/design/decode-gemms.md), and that count can be read off the compiled code without a GPU: this compiles
 moe_decode.cu for sm_90a with nvcc, disassembles it with cuobjdump and counts each kernel's main
 loop (the backward branch spanning the most MMAs, which runs STAGES windows per turn). With
 ``--base REV`` it compiles that git revision's csrc/ too and prints both side by side.

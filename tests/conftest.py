@@ -1,4 +1,5 @@
-"""Shared test fixtures: the real quantizer fixtures from ../shared, unpacked once per session."""
+"""Test fixtures used across the suite: the real quantizers' checkpoints (tests/data, unpacked once
+per run), the packed checkpoints of tests/cases.py, and ways to run the CLI."""
 from __future__ import annotations
 
 import os
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MOEPREP_SHARED", REPO.parent / "shared"))
-FIXTURE_TAR = SHARED / "fixtures" / "qwen3moe-quantized.tar.xz"
+DATA = REPO / "tests" / "data"  # FORMATS.md says who wrote each fixture, and how
+FIXTURE_TAR = DATA / "qwen3moe-quantized.tar.xz"
 REAL_FIXTURES = {
     "awq_gemm_g32_qwen3moe": "awq",
     "ct_w4a16_g32_sym_qwen3moe": "compressed-tensors-int4",
@@ -22,8 +23,6 @@ REAL_FIXTURES = {
 
 @pytest.fixture(scope="session")
 def fixtures_dir(tmp_path_factory) -> Path:
-    if not FIXTURE_TAR.is_file():
-        pytest.skip(f"shared fixtures not found at {FIXTURE_TAR} (set MOEPREP_SHARED)")
     dest = tmp_path_factory.mktemp("fixtures")
     with tarfile.open(FIXTURE_TAR, "r:xz") as tar:
         tar.extractall(dest, filter="data")

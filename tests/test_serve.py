@@ -1,4 +1,4 @@
-"""Issue 6: serving converted checkpoints. Every target and architecture against a dense fp32
+"""Serving converted checkpoints. Every target and architecture against a dense fp32
 reference built independently from the quantizer's reference weights (ref_dequant) and the
 router; the transformers path against transformers' own model with the same weights."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import REAL_FIXTURES, run_cli, source_dir
 from hostile import edit_tensor_meta
-from test_convert import accepting_targets
+from test_commands_convert import accepting_targets
 
 SERVE_SOURCES = sorted(REAL_FIXTURES) + ["ct_int4_sym_mixtral_llmc", "gptoss_mxfp4", "gptq_v1_asym_descact_mixtral_sharded", "gptq_v2_sym_descact_bf16"]
 

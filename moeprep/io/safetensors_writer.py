@@ -22,7 +22,7 @@ from .safetensors_header import TORCH_TO_ST
 
 _ALIGN = 8
 # Writes of a few hundred KB run at memory speed here; single writes of hundreds of MB are
-# several times slower (measured on the 2-core CI machine: 4 GB/s vs 0.4 GB/s).
+# several times slower (on a 2-core machine: 4 GB/s against 0.4 GB/s).
 _WRITE_CHUNK = 256 << 10
 
 

@@ -1,9 +1,9 @@
 """Independent packers for quantized MoE checkpoints of every source format moeprep reads.
 
-Written from shared/fixtures/FORMATS.md only (never from moeprep's code), in numpy, and
+Written from tests/data/FORMATS.md only (never from moeprep's code), in numpy, and
 validated against the real fixtures: the oracle reproduces each fixture's
 ref_dequant.safetensors bit for bit, and the packers re-pack each fixture's integer codes into
-its exact tensor bytes (tests/test_packers.py).
+its exact tensor bytes (tests/test_support_packers.py).
 
     from packers import build_checkpoint  # tests/ is on sys.path under pytest (rootdir conftest)
     ckpt = build_checkpoint(tmp_path / "gptq", "gptq", arch="mixtral", desc_act=True)

@@ -1,6 +1,6 @@
 """Independent unpackers and dequantizers for every source format (numpy only).
 
-Written from shared/fixtures/FORMATS.md and checked bit for bit against the real fixtures'
+Written from tests/data/FORMATS.md and checked bit for bit against the real fixtures'
 ref_dequant.safetensors. This module deliberately imports nothing from the packers: a
 packer bug must not be able to cancel out against the same bug here.
 

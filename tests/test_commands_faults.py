@@ -41,6 +41,7 @@ def _spawn(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "moeprep", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(4))
 def test_sigkill_at_random_points_leaves_no_output(multi_layer, tmp_path, seed):
     before = tree_hash(multi_layer)
@@ -62,6 +63,7 @@ def test_sigkill_at_random_points_leaves_no_output(multi_layer, tmp_path, seed):
     assert run_cli("verify", str(multi_layer), str(out)).returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_stops_cleanly(multi_layer, tmp_path, sig, seed):

@@ -1,4 +1,4 @@
-"""Issue 5: every format into every target that accepts it, proven by verify and dequant;
+"""Conversion: every format into every target that accepts it, proven by verify and dequant;
 the CLI's guarantees (refusals, existing OUT, dry run, no double shuffle, sharding)."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from cases import CASE_IDS
 from conftest import REAL_FIXTURES, assert_clean_error, run_cli, source_dir
-from test_read_fixtures import assert_bit_equal
+from test_formats_fixtures import assert_bit_equal
 
 ALL_SOURCES = sorted(REAL_FIXTURES) + CASE_IDS
 

@@ -1,4 +1,4 @@
-"""Issue 3 bad input: one line on stderr, non-zero exit, no traceback."""
+"""Bad input to the readers: one line on stderr, non-zero exit, no traceback."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Issue 3 on the formats without a fixture: checkpoints from the independent packers
+"""The readers on the formats without a fixture: checkpoints from the independent packers
 (tests/packers), each with the packer's own exact reference."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from cases import BY_ID, CASE_IDS
 from conftest import run_cli
-from test_read_fixtures import assert_bit_equal
+from test_formats_fixtures import assert_bit_equal
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)

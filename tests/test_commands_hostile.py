@@ -1,4 +1,4 @@
-"""Issue 7: every command refuses every hostile input with one line naming the file and the
+"""Hostile input: every command refuses every hostile input with one line naming the file and the
 tensor, exit code 2, no traceback, nothing written, and the input unchanged."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import moeprep
 from conftest import run_cli
 from hostile import BY_ID, CORPUS_IDS, make
-from test_faults import leftovers, tree_hash
+from test_commands_faults import leftovers, tree_hash
 
 COMMANDS = ["inspect", "dequant", "convert", "verify", "load"]
 

@@ -1,4 +1,4 @@
-"""Issue 3 on the real fixtures: dequant is bit-exact against each quantizer's own reference,
+"""The readers on the real fixtures: dequant is bit-exact against each quantizer's own reference,
 inspect reports the right facts from headers alone, the hub path works offline."""
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ class Converted(SourceFormat):
                     s = shapes[proj]
                     rows = s.rows // 2 if half is not None else s.rows
                     module = f"{layer.prefix}.experts.{e}.{self.expert_names[role]}"
-                    refs.append(LinearRef(module, layer.tensors, rows, s.cols, expert=e, rows=role))
+                    refs.append(LinearRef(module, layer.tensors, rows, s.cols, expert=e, role=role))
         return refs
 
     def _layer(self, ckpt: Checkpoint, prefix: str) -> _Layer:
@@ -177,7 +177,7 @@ class Converted(SourceFormat):
         if ref.expert is None:
             return self.source.read(ckpt, ref)
         prefix = ref.module.rsplit(".experts.", 1)[0]
-        return self.read_layer(ckpt, prefix)[ref.expert][ref.rows]
+        return self.read_layer(ckpt, prefix)[ref.expert][ref.role]
 
     def read_raw_batch(self, ckpt: Checkpoint, refs: list[LinearRef]) -> list[RawLinear]:
         if all(ref.expert is None for ref in refs):

@@ -29,8 +29,8 @@ class LinearRef:
     parts: Mapping[str, str]  # role ("qweight", "scales", "bias", ...) -> tensor name
     out_features: int
     in_features: int
-    expert: Optional[int] = None  # index into stacked-experts tensors (gpt-oss)
-    rows: Optional[str] = None  # "even"/"odd": rows taken from an interleaved gate/up tensor
+    expert: Optional[int] = None  # index into stacked-experts tensors (gpt-oss, converted checkpoints)
+    role: Optional[str] = None  # "gate", "up" or "down": which projection of a stacked tensor this is
 
 
 @dataclass(frozen=True)

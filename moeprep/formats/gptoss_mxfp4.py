@@ -22,7 +22,9 @@ class GptOssMXFP4(SourceFormat):
     kind = "mxfp4"
     quant_methods = ("mxfp4",)
     params = MXFP4_PARAMS
-    _PROJS = (("gate_proj", "gate_up_proj", "even"), ("up_proj", "gate_up_proj", "odd"), ("down_proj", "down_proj", None))
+    # (module name, stored tensor, role); gate_up_proj interleaves its rows: gate even, up odd
+    _PROJS = (("gate_proj", "gate_up_proj", "gate"), ("up_proj", "gate_up_proj", "up"), ("down_proj", "down_proj", "down"))
+    _ROWS = {"gate": slice(0, None, 2), "up": slice(1, None, 2), "down": slice(None)}
 
     def __init__(self, qcfg: dict):
         super().__init__(qcfg)
@@ -38,12 +40,12 @@ class GptOssMXFP4(SourceFormat):
                     raise BadInputError("missing tensor", path=str(ckpt.root), tensor=f"{block}.{needed}")
             n_experts = self._check_stack(ckpt, block)
             for e in range(n_experts):
-                for proj, fused, rows in self._PROJS:
+                for proj, fused, role in self._PROJS:
                     parts = {s: f"{block}.{fused}_{s}" for s in ("blocks", "scales", "bias") if f"{block}.{fused}_{s}" in ckpt}
                     out_f, in_f = self.shape(ckpt, parts)
-                    if rows:
+                    if role != "down":
                         out_f //= 2
-                    refs.append(LinearRef(f"{block}.{e}.{proj}", parts, out_f, in_f, expert=e, rows=rows))
+                    refs.append(LinearRef(f"{block}.{e}.{proj}", parts, out_f, in_f, expert=e, role=role))
         return refs
 
     def _check_stack(self, ckpt: Checkpoint, block: str) -> int:
@@ -73,7 +75,7 @@ class GptOssMXFP4(SourceFormat):
     def _read_one(self, ckpt: Checkpoint, ref: LinearRef) -> RawLinear:
         blocks = ref.parts["blocks"]
         _, n_all, kb, _ = ckpt.info(blocks).shape
-        rows = slice(None) if ref.rows is None else slice(0 if ref.rows == "even" else 1, None, 2)
+        rows = self._ROWS[ref.role]
         codes = ckpt.get_expert(blocks, ref.expert).reshape(n_all, kb * 16)[rows].contiguous()
         scale = ckpt.get_expert(ref.parts["scales"], ref.expert)[rows].contiguous()
         bias = ckpt.get_expert(ref.parts["bias"], ref.expert)[rows].contiguous() if "bias" in ref.parts else None

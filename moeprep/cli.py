@@ -1,4 +1,7 @@
-"""The ``moeprep`` command line."""
+"""The ``moeprep`` command line.
+
+Each command imports what it runs when it runs: ``--help`` and ``--version`` stay free of torch.
+"""
 from __future__ import annotations
 
 import functools

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .canonical import dequantize
 from .errors import BadInputError, MoeprepError
+from .io.checkpoint import resolve
 from .serve.loader import LoadedCheckpoint, load
 from .serve.moe_block import MoEBlock, build_moe_block
 
@@ -145,7 +146,7 @@ def generate(path: str | os.PathLike, prompt: str, max_new_tokens: int = 32, dev
     transformers = _transformers()
     model = load_model(path, dtype=dtype, device=device)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path(path))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(resolve(path))
     except Exception as e:
         raise BadInputError(f"no usable tokenizer: {type(e).__name__}: {e}", path=str(path)) from None
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
@@ -153,8 +154,3 @@ def generate(path: str | os.PathLike, prompt: str, max_new_tokens: int = 32, dev
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
-
-def model_path(path: str | os.PathLike):
-    from .io.checkpoint import resolve
-
-    return resolve(path)

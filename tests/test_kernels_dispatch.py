@@ -128,3 +128,17 @@ def test_call_config_takes_the_block_of_the_backend_that_runs():
     finally:
         BACKENDS["cuda_mma_decode"] = real
     assert cfg.backend == "cuda_mma_decode" and cfg.block_m == real.block_m(cfg) != 32
+
+
+def test_the_launchers_take_their_constants_from_the_compiled_module():
+    from moeprep import ops
+    from moeprep.kernels import mma_decode, wgmma_prefill
+
+    shared = ops.kernel_constants()
+    assert set(shared) == {"decode_window", "decode_blocks", "decode_block_m", "decode_warps_per_sm", "prefill_block_m",
+                           "prefill_tile_n"}
+    assert (mma_decode.WINDOW, mma_decode.BLOCKS, mma_decode.BLOCK_M, mma_decode.WARPS_PER_SM) == (
+        shared["decode_window"], shared["decode_blocks"], shared["decode_block_m"], shared["decode_warps_per_sm"])
+    assert (wgmma_prefill.BLOCK_M, wgmma_prefill.TILE_N) == (shared["prefill_block_m"], shared["prefill_tile_n"])
+    assert BACKENDS["cuda_mma_decode"].block_m(None) == shared["decode_block_m"]
+    assert BACKENDS["cuda_wgmma_prefill"].block_m(None) == shared["prefill_block_m"]

@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import sys
+import unicodedata
 
 import click
 
@@ -60,16 +61,17 @@ def main() -> None:
 
 @main.command()
 @click.argument("ckpt")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every tensor name included).")
+@click.option("--tensors", "all_tensors", is_flag=True, help="List every tensor name, not the first few of each kind.")
 @_clean_errors
-def inspect(ckpt: str, as_json: bool) -> None:
+def inspect(ckpt: str, as_json: bool, all_tensors: bool) -> None:
     """Describe a checkpoint (directory or hub repo id) from its headers alone."""
     from .inspect import describe, render_text
     from .io.checkpoint import Checkpoint
     from .model import build_model_map
 
     info = describe(build_model_map(Checkpoint(ckpt)))
-    click.echo(json.dumps(info, indent=1) if as_json else render_text(info))
+    click.echo(json.dumps(info, indent=1) if as_json else render_text(info, all_tensors))
 
 
 @main.command()
@@ -194,4 +196,10 @@ def generate(ckpt: str, prompt: str, max_new_tokens: int, device: str) -> None:
     """Greedy text generation from a converted checkpoint through transformers."""
     from .hf import generate as run_generate
 
-    click.echo(run_generate(ckpt, prompt, max_new_tokens, device=device))
+    click.echo(printable(run_generate(ckpt, prompt, max_new_tokens, device=device)))
+
+
+def printable(text: str) -> str:
+    """Text safe to print on a terminal: control characters (bar newline and tab), which a
+    model may generate, become U+FFFD."""
+    return "".join(ch if ch in "\n\t" or unicodedata.category(ch) != "Cc" else "\ufffd" for ch in text)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import queue
+import re
 import shutil
 import signal
 import threading
@@ -22,7 +23,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .errors import BadInputError, OutputError, TargetError, UnsupportedError
+from .errors import BadInputError, MoeprepError, OutputError, TargetError, UnsupportedError
 from .formats.base import torch_dtype
 from .io.checkpoint import INDEX_NAME, Checkpoint, check_outside
 from .io.safetensors_writer import SafetensorsWriter, TensorSpec
@@ -65,19 +66,18 @@ class ConversionPlan:
         return sum(t.spec.nbytes for s in self.shards for t in s.tensors)
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]I?B|B)?")
+_UNITS = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "KIB": 1024, "MIB": 1024**2,
+          "GIB": 1024**3, "TIB": 1024**4}
+
+
 def parse_size(text: str) -> int:
-    """``5GB``, ``500MB``, ``2GiB``, ``123`` -> bytes."""
-    units = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
-    t = text.strip().upper()
-    num = t.rstrip("KMGTIB")
-    unit = t[len(num) :]
-    try:
-        value = float(num)
-    except ValueError:
-        value = -1
-    if unit not in units or value <= 0:
-        raise OutputError(f"invalid size {text!r} (examples: 5GB, 500MB, 2GiB)")
-    return int(value * units[unit])
+    """``5GB``, ``500MB``, ``2GiB``, ``123`` -> bytes; anything else is a usage error (exit 2)."""
+    m = _SIZE.fullmatch(text.strip().upper())
+    value = int(float(m[1]) * _UNITS[m[2] or "B"]) if m else 0
+    if value <= 0:
+        raise MoeprepError(f"--max-shard-size {text!r} is not a size (examples: 5GB, 500MB, 2GiB, 1000000)")
+    return value
 
 
 def choose_target(model: ModelMap, name: Optional[str]) -> Target:

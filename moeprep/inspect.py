@@ -11,6 +11,7 @@ def describe(model: ModelMap) -> dict:
     layers = model.moe_layers
     info = {
         **model.fmt.describe(),
+        "kind": model.fmt.kind,
         "quant_method": (model.ckpt.quantization_config or {}).get("quant_method"),
         "architecture": model.arch.name,
         "model_type": cfg.get("model_type"),
@@ -40,13 +41,13 @@ def _expert_shapes(model: ModelMap) -> dict:
     return {role: [expert[role].out_features, expert[role].in_features] for role in ROLES}
 
 
-def render_text(info: dict) -> str:
-    t = info["tensors"]
-    lines = [
-        f"format          {info['format']}  (quant_method {info['quant_method']})",
-        f"quantization    {info['bits']}-bit, group size {info['group_size']}, "
-        f"{'symmetric' if info['symmetric'] else 'asymmetric'}, desc_act {str(info['desc_act']).lower()}",
-    ]
+FIRST_NAMES = 5  # tensor names per kind that the text summary shows
+
+
+def render_text(info: dict, all_tensors: bool = False) -> str:
+    """The summary a person reads: counts per kind of tensor and the first few names of each
+    (every name with ``all_tensors``)."""
+    lines = [f"format          {info['format']}  (quant_method {info['quant_method']})", _quantization(info)]
     if "target" in info:
         lines.append(f"target          {info['target']}  (shuffle_kind {info['shuffle_kind']}, source {info['source_format']})")
     lines += [
@@ -57,9 +58,20 @@ def render_text(info: dict) -> str:
     for role, shape in info["expert_shapes"].items():
         lines.append(f"  expert {role:<5}  [out {shape[0]}, in {shape[1]}]")
     lines.append(f"shards          {info['shards']}")
-    lines.append(f"expert tensors            {len(t['experts'])}")
-    lines.append(f"other quantized linears   {len(t['quantized_linears'])} tensors")
-    lines += [f"  {name}" for name in t["quantized_linears"]]
-    lines.append(f"plain tensors             {len(t['plain'])}")
-    lines += [f"  {name}" for name in t["plain"]]
+    for key, title in (("experts", "expert tensors"), ("quantized_linears", "other quantized linears"),
+                       ("plain", "plain tensors")):
+        names = info["tensors"][key]
+        lines.append(f"{title:<26}{len(names)}")
+        shown = names if all_tensors else names[:FIRST_NAMES]
+        lines += [f"  {name}" for name in shown]
+        if len(names) > len(shown):
+            lines.append(f"  ... and {len(names) - len(shown)} more (--tensors lists them all)")
     return "\n".join(lines)
+
+
+def _quantization(info: dict) -> str:
+    if info.get("kind") == "mxfp4":
+        return "quantization    MXFP4: E2M1 codes, one E8M0 (power of two) scale per 32 inputs"
+    return (f"quantization    {info['bits']}-bit int, group size {info['group_size']}, "
+            f"{'symmetric' if info['symmetric'] else 'asymmetric (zero points)'}, "
+            f"{'act-order (desc_act)' if info['desc_act'] else 'groups in input order'}")

@@ -102,6 +102,11 @@ def check_index(out: Checkpoint, report: Report) -> None:
 def verify(src: str, out: str, progress: Optional[Callable[[str], None]] = None) -> Report:
     source = build_model_map(Checkpoint(src))
     converted = build_model_map(Checkpoint(out))
+    if isinstance(source.fmt, Converted) and not isinstance(converted.fmt, Converted):
+        raise UnsupportedError(
+            f"the arguments look swapped: SRC is a converted checkpoint and OUT is not; run `moeprep verify {out} {src}`",
+            path=str(source.ckpt.root / "config.json"),
+        )
     if not isinstance(converted.fmt, Converted):
         raise UnsupportedError("not a checkpoint written by moeprep convert", path=str(converted.ckpt.root / "config.json"))
     if isinstance(source.fmt, Converted):

@@ -1,0 +1,55 @@
+"""What the commands print for a person: summaries, not dumps; MXFP4 in its own words; usage
+mistakes as one-line refusals with exit code 2; generated text safe for a terminal."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO, assert_clean_error, run_cli
+from moeprep.cli import printable
+from moeprep.inspect import FIRST_NAMES
+
+DEMO = str(REPO / "examples" / "demo-qwen3moe-ct-w4a16")
+
+
+def _names(text: str) -> set[str]:
+    return {line.strip() for line in text.splitlines() if line.startswith("  ") and not line.strip().startswith(("expert ", "..."))}
+
+
+def test_inspect_summarises_and_lists_everything_on_request():
+    full = json.loads(run_cli("inspect", DEMO, "--json").stdout)["tensors"]
+    every = set().union(*full.values())
+    short = run_cli("inspect", DEMO)
+    assert short.returncode == 0
+    for key, title in (("experts", "expert tensors"), ("quantized_linears", "other quantized linears"),
+                       ("plain", "plain tensors")):
+        assert any(line.startswith(title) and line.split()[-1] == str(len(full[key])) for line in short.stdout.splitlines())
+    assert len(_names(short.stdout)) == sum(min(len(v), FIRST_NAMES) for v in full.values()) < len(every)
+    assert "--tensors lists them all" in short.stdout
+    listed = run_cli("inspect", DEMO, "--tensors")
+    assert _names(listed.stdout) == every and "more" not in listed.stdout
+
+
+def test_mxfp4_is_described_in_its_own_terms(fixtures_dir):
+    text = run_cli("inspect", str(fixtures_dir / "quark_mxfp4_qwen3moe")).stdout
+    quant = next(line for line in text.splitlines() if line.startswith("quantization"))
+    assert "E2M1" in quant and "E8M0" in quant
+    assert "desc_act" not in quant and "symmetric" not in quant and "bit" not in quant
+
+
+@pytest.mark.parametrize("size", ["500M", "inf", "nan", "0", "-5GB", "5 XB", "1e9"])
+def test_a_bad_shard_size_is_a_usage_error(tmp_path, size):
+    assert_clean_error(run_cli("convert", DEMO, str(tmp_path / "out"), "--max-shard-size", size), "--max-shard-size")
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_with_swapped_arguments_says_so(tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("convert", DEMO, str(out), "-q").returncode == 0
+    assert_clean_error(run_cli("verify", str(out), DEMO), "look swapped", f"moeprep verify {DEMO} {out}")
+
+
+def test_generated_text_is_safe_to_print():
+    assert printable("a\x1b[2Jb\x07c\nd\te\x00") == "a\ufffd[2Jb\ufffdc\nd\te\ufffd"
+    assert printable("plain, ünïcødé, 中文") == "plain, ünïcødé, 中文"

@@ -101,3 +101,15 @@ def test_hub_repo_id_from_offline_cache(fixtures_dir, tmp_path):
     assert json.loads(proc.stdout)["format"] == "awq"
     missing = run_cli_subprocess("inspect", "acme/not-cached", env=env)
     assert missing.returncode == 2 and "HF_HUB_OFFLINE" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("exc, words", [
+    ("GatedRepoError", "gated"), ("RepositoryNotFoundError", "no such hub repo"),
+    ("RevisionNotFoundError", "no such revision"), ("LocalEntryNotFoundError", "not in the local hub cache"),
+    ("ConnectError", "could not be reached"), ("SomethingElse", "could not be fetched (SomethingElse)"),
+])
+def test_hub_failures_are_said_in_words(monkeypatch, exc, words):
+    from moeprep.io.checkpoint import _hub_failure
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert words in _hub_failure(type(exc, (Exception,), {})())

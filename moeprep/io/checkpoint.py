@@ -47,9 +47,26 @@ def resolve(source: str | os.PathLike) -> Path:
     except HFValidationError as e:
         raise BadInputError(f"not a directory, nor a valid hub repo id ({e})", path=text) from None
     except Exception as e:  # hub errors come in many classes: offline, missing, gated, network
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = " (HF_HUB_OFFLINE is set: only the local hub cache was searched)" if offline else ""
-        raise BadInputError(f"not a directory, and the hub repo could not be fetched{hint}: {type(e).__name__}", path=text) from None
+        raise BadInputError(f"no such directory, and {_hub_failure(e)}", path=text) from None
+
+
+def _hub_failure(exc: Exception) -> str:
+    """What a failed hub download means, in words (the hub's exceptions, by class name, most
+    specific first: they subclass one another)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "LocalEntryNotFoundError" in names or offline:
+        where = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+        return f"the hub repo is not in the local hub cache ({where}: only the cache was searched)"
+    if "GatedRepoError" in names:
+        return "the hub repo is gated: accept its terms on the hub, then give a token (HF_TOKEN)"
+    if "RevisionNotFoundError" in names:
+        return "the hub repo has no such revision"
+    if "RepositoryNotFoundError" in names:
+        return "there is no such hub repo (or it is private: give a token, HF_TOKEN)"
+    if names & {"ConnectionError", "ConnectError", "TimeoutError", "Timeout", "ConnectTimeout"}:
+        return "the hub could not be reached (no network?)"
+    return f"the hub repo could not be fetched ({type(exc).__name__})"
 
 
 def check_outside(src: Path, out: Path) -> None:

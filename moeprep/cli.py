@@ -123,8 +123,10 @@ class _ConvertCommand(click.Command):
 @click.option("--dry-run", is_flag=True, help="Print what would be written, write nothing.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="MoE layers converted in parallel.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (no progress bar).")
 @_clean_errors
-def convert(src: str, out: str, target: str | None, max_shard_size: str, overwrite: bool, dry_run: bool, workers: int, quiet: bool) -> None:
+def convert(src: str, out: str, target: str | None, max_shard_size: str, overwrite: bool, dry_run: bool, workers: int,
+            quiet: bool, as_json: bool) -> None:
     """Convert the quantized MoE checkpoint SRC (directory or hub repo id) into OUT."""
     import time
     from pathlib import Path
@@ -141,10 +143,13 @@ def convert(src: str, out: str, target: str | None, max_shard_size: str, overwri
     out_path = Path(out)
     check_paths(model.ckpt.root, out_path, overwrite)
     plan = plan_conversion(model, chosen, limit)
+    result = {"source": str(model.ckpt.root), "source_format": model.fmt.name, "out": str(out_path),
+              "target": chosen.name, "moe_layers": len(plan.layers), "shards": len(plan.shards),
+              "bytes": plan.total_bytes, "dry_run": dry_run}
     if dry_run:
-        click.echo(describe_plan(plan))
-        click.echo("dry run: nothing was written")
+        click.echo(json.dumps(result) if as_json else describe_plan(plan) + "\ndry run: nothing was written")
         return
+    quiet = quiet or as_json
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
     layers_done = [0]
 
@@ -160,7 +165,9 @@ def convert(src: str, out: str, target: str | None, max_shard_size: str, overwri
     finally:
         bar.close()
     secs = time.perf_counter() - start
-    if not quiet:
+    if as_json:
+        click.echo(json.dumps({**result, "seconds": round(secs, 3)}))
+    elif not quiet:
         size, rate = _human_bytes(plan.total_bytes), _human_bytes(plan.total_bytes / max(secs, 1e-9))
         click.echo(f"converted {len(plan.layers)} MoE layers to {chosen.name}: {size} in {secs:.2f} s ({rate}/s) -> {out_path}")
 
@@ -169,12 +176,16 @@ def convert(src: str, out: str, target: str | None, max_shard_size: str, overwri
 @click.argument("src")
 @click.argument("out")
 @click.option("--quiet", "-q", is_flag=True, help="Print only failures.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (every failure listed).")
 @_clean_errors
-def verify(src: str, out: str, quiet: bool) -> None:
+def verify(src: str, out: str, quiet: bool, as_json: bool) -> None:
     """Prove that OUT is an exact conversion of SRC; exit 0 only if every check holds."""
     from .verify import MAX_REPORTED, verify as run_verify
 
     report = run_verify(src, out)
+    if as_json:
+        click.echo(json.dumps({"ok": report.ok, "checked": report.checked, "failures": report.failures}))
+        sys.exit(0 if report.ok else 1)
     if report.ok:
         if not quiet:
             click.echo(f"verified: {report.checked} tensors exact, index and metadata consistent")

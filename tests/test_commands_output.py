@@ -53,3 +53,21 @@ def test_verify_with_swapped_arguments_says_so(tmp_path):
 def test_generated_text_is_safe_to_print():
     assert printable("a\x1b[2Jb\x07c\nd\te\x00") == "a\ufffd[2Jb\ufffdc\nd\te\ufffd"
     assert printable("plain, ünïcødé, 中文") == "plain, ünïcødé, 中文"
+
+
+def test_convert_and_verify_report_json(tmp_path):
+    out = tmp_path / "out"
+    dry = json.loads(run_cli("convert", DEMO, str(out), "--dry-run", "--json").stdout)
+    assert dry["dry_run"] is True and not out.exists()
+    done = json.loads(run_cli("convert", DEMO, str(out), "--json").stdout)
+    assert done["target"] == dry["target"] == "w4a16_preshuffle" and done["bytes"] == dry["bytes"] > 0
+    assert done["moe_layers"] == 2 and done["seconds"] >= 0 and out.is_dir()
+    good = run_cli("verify", DEMO, str(out), "--json")
+    assert good.returncode == 0 and json.loads(good.stdout) == {"ok": True, "checked": json.loads(good.stdout)["checked"],
+                                                                  "failures": []}
+    shard = next(out.glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # the last byte of the last tensor
+    shard.write_bytes(bytes(data))
+    bad = run_cli("verify", DEMO, str(out), "--json")
+    assert bad.returncode == 1 and json.loads(bad.stdout)["ok"] is False and json.loads(bad.stdout)["failures"]

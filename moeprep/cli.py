@@ -78,15 +78,22 @@ def inspect(ckpt: str, as_json: bool, all_tensors: bool) -> None:
 @click.argument("ckpt")
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
 @_clean_errors
-def dequant(ckpt: str, out: str, dtype: str) -> None:
+def dequant(ckpt: str, out: str, dtype: str, quiet: bool) -> None:
     """Write every quantized linear of CKPT, dequantized, as <module>.weight [out, in] into OUT."""
     from .dequant import DTYPES, dequantize_checkpoint
     from .io.checkpoint import Checkpoint
     from .model import build_model_map
+    from .progress import Progress
 
-    n = dequantize_checkpoint(build_model_map(Checkpoint(ckpt)), out, DTYPES[dtype])
-    click.echo(f"wrote {n} tensors to {out}")
+    model = build_model_map(Checkpoint(ckpt))
+    linears = model.linears()
+    total = sum(r.out_features * r.in_features for r in linears) * DTYPES[dtype].itemsize
+    with Progress("dequant", total, len(linears), quiet) as bar:
+        n = dequantize_checkpoint(model, out, DTYPES[dtype], bar.advance)
+    if not quiet:
+        click.echo(f"wrote {n} tensors to {out}")
 
 
 def _targets_help() -> str:
@@ -131,11 +138,10 @@ def convert(src: str, out: str, target: str | None, max_shard_size: str, overwri
     import time
     from pathlib import Path
 
-    from tqdm import tqdm
-
     from .convert import check_paths, choose_target, describe_plan, execute, parse_size, plan_conversion
     from .io.checkpoint import Checkpoint
     from .model import build_model_map
+    from .progress import Progress
 
     limit = parse_size(max_shard_size)
     model = build_model_map(Checkpoint(src))
@@ -150,20 +156,9 @@ def convert(src: str, out: str, target: str | None, max_shard_size: str, overwri
         click.echo(json.dumps(result) if as_json else describe_plan(plan) + "\ndry run: nothing was written")
         return
     quiet = quiet or as_json
-    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
-    layers_done = [0]
-
-    def progress(nbytes: int, layer_done: bool) -> None:
-        if layer_done:
-            layers_done[0] += 1
-            bar.set_description(f"layers {layers_done[0]}/{len(plan.layers)}")
-        bar.update(nbytes)
-
     start = time.perf_counter()
-    try:
-        execute(plan, out_path, overwrite, workers, progress)
-    finally:
-        bar.close()
+    with Progress("convert", plan.total_bytes, sum(len(shard.tensors) for shard in plan.shards), quiet) as bar:
+        execute(plan, out_path, overwrite, workers, bar.advance)
     secs = time.perf_counter() - start
     if as_json:
         click.echo(json.dumps({**result, "seconds": round(secs, 3)}))
@@ -180,9 +175,14 @@ def convert(src: str, out: str, target: str | None, max_shard_size: str, overwri
 @_clean_errors
 def verify(src: str, out: str, quiet: bool, as_json: bool) -> None:
     """Prove that OUT is an exact conversion of SRC; exit 0 only if every check holds."""
-    from .verify import MAX_REPORTED, verify as run_verify
+    from .progress import Progress
+    from .verify import MAX_REPORTED, check_pair, open_pair
 
-    report = run_verify(src, out)
+    source, converted = open_pair(src, out)
+    ckpt = converted.ckpt
+    total = sum(ckpt.info(name).nbytes for name in ckpt.names())
+    with Progress("verify", total, len(ckpt.names()), quiet or as_json) as bar:
+        report = check_pair(source, converted, bar.advance)
     if as_json:
         click.echo(json.dumps({"ok": report.ok, "checked": report.checked, "failures": report.failures}))
         sys.exit(0 if report.ok else 1)

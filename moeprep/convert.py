@@ -364,14 +364,22 @@ class _Stopped(Exception):
     """The writer gave up on this layer (an error elsewhere): stop producing."""
 
 
+def _reported(pieces: Iterator[torch.Tensor], progress: Optional[Callable[[int, int], None]]) -> Iterator[torch.Tensor]:
+    for piece in pieces:
+        yield piece
+        if progress:
+            progress(piece.numel() * piece.element_size(), 0)
+
+
 def execute(
     plan: ConversionPlan,
     out: Path,
     overwrite: bool = False,
     workers: int = 1,
-    progress: Optional[Callable[[int, bool], None]] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> None:
-    """Write the planned checkpoint into ``out`` atomically. ``progress(bytes, layer_done)``.
+    """Write the planned checkpoint into ``out`` atomically. ``progress(bytes, tensors)`` as pieces
+    and tensors are written.
 
     Up to ``workers`` MoE layers are produced in background threads ahead of the writer.
     """
@@ -403,16 +411,16 @@ def execute(
                         if t.source is not None:
                             info = model.ckpt.info(t.source)
                             writer.copy(t.spec.name, model.ckpt.file_of(t.source), info.begin, info.nbytes)
+                            if progress:
+                                progress(t.spec.nbytes, 0)
                         else:
-                            writer.write_pieces(t.spec.name, stream(t.layer).tensor(t.spec.name))
+                            writer.write_pieces(t.spec.name, _reported(stream(t.layer).tensor(t.spec.name), progress))
                             if last_of_layer[t.layer] == t.spec.name:
                                 streams.pop(t.layer).close()
                                 model.ckpt.release()
-                                if progress:
-                                    progress(0, True)
                         weight_map[t.spec.name] = shard.file
                         if progress:
-                            progress(t.spec.nbytes, False)
+                            progress(0, 1)
                     writer.close()
                 except BaseException:
                     writer.abort()
@@ -445,7 +453,7 @@ def convert(
     max_shard_size: int = DEFAULT_MAX_SHARD,
     overwrite: bool = False,
     workers: int = 1,
-    progress: Optional[Callable[[int, bool], None]] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> ConversionPlan:
     """Convert ``src`` (directory or hub repo id) into ``out``. Returns the executed plan."""
     model = build_model_map(Checkpoint(src))

@@ -21,12 +21,12 @@ def dequantize_checkpoint(
     model: ModelMap,
     out: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
-    progress: Optional[Callable[[str], None]] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> int:
     """Write ``<module>.weight`` for every quantized linear into one safetensors file.
 
     Modules are read one at a time, so memory holds one linear plus the file being written.
-    Returns the number of tensors written.
+    ``progress(bytes, tensors)`` as each is written. Returns the number of tensors written.
     """
     out = Path(out)
     check_outside(model.ckpt.root, out)
@@ -46,7 +46,7 @@ def dequantize_checkpoint(
                         layer = layer_of(ref.module)
                     writer.write(spec.name, dequantize(model.read(ref), dtype))
                     if progress:
-                        progress(spec.name)
+                        progress(spec.nbytes, 1)
                 writer.close()
             except BaseException:
                 writer.abort()

@@ -99,7 +99,8 @@ def check_index(out: Checkpoint, report: Report) -> None:
         report.fail(f"{index_path}: total_size {total} but the tensors hold {actual} bytes")
 
 
-def verify(src: str, out: str, progress: Optional[Callable[[str], None]] = None) -> Report:
+def open_pair(src: str, out: str) -> tuple[ModelMap, ModelMap]:
+    """The maps of a source checkpoint and its conversion, refused unless they are that."""
     source = build_model_map(Checkpoint(src))
     converted = build_model_map(Checkpoint(out))
     if isinstance(source.fmt, Converted) and not isinstance(converted.fmt, Converted):
@@ -111,11 +112,20 @@ def verify(src: str, out: str, progress: Optional[Callable[[str], None]] = None)
         raise UnsupportedError("not a checkpoint written by moeprep convert", path=str(converted.ckpt.root / "config.json"))
     if isinstance(source.fmt, Converted):
         raise UnsupportedError("SRC is itself a converted checkpoint; give the original", path=str(source.ckpt.root / "config.json"))
+    return source, converted
+
+
+def verify(src: str, out: str, progress: Optional[Callable[[int, int], None]] = None) -> Report:
+    """Every check of OUT against SRC. ``progress(bytes, tensors)`` of OUT as they are checked."""
+    return check_pair(*open_pair(src, out), progress)
+
+
+def check_pair(source: ModelMap, converted: ModelMap, progress: Optional[Callable[[int, int], None]] = None) -> Report:
     report = Report()
     check_index(converted.ckpt, report)
     _check_config(source, converted, report)
     _check_experts(source, converted, report, progress)
-    _check_copied(source, converted, report)
+    _check_copied(source, converted, report, progress)
     return report
 
 
@@ -143,15 +153,19 @@ def _check_experts(source: ModelMap, converted: ModelMap, report: Report, progre
             report.fail(f"{layer.prefix}: {out_layer.num_experts} experts in OUT, {layer.num_experts} in SRC")
             continue
         out_experts = converted.fmt.read_layer(converted.ckpt, layer.prefix)
+        stored = list(converted.fmt.layer(converted.ckpt, layer.prefix).tensors.values())
+        layer_bytes = sum(converted.ckpt.info(name).nbytes for name in stored)
         for e, expert in enumerate(layer.experts):
             for role, ref in expert.items():
                 compare_linear(source.read(ref), out_experts[e][role], f"{ref.module}:", report)
                 report.checked += 1
+            if progress:  # the layer's bytes, an expert's share at a time
+                progress(layer_bytes * (e + 1) // len(layer.experts) - layer_bytes * e // len(layer.experts), 0)
         _check_reencoding(converted, layer.prefix, out_experts, report)
         source.ckpt.release()
         converted.ckpt.release()
         if progress:
-            progress(layer.prefix)
+            progress(0, len(stored))
     for prefix in out_layers:
         report.fail(f"{prefix}: MoE layer in OUT but not in SRC")
 
@@ -180,7 +194,7 @@ def _check_reencoding(converted: ModelMap, prefix: str, experts: list[dict[str, 
                 report.fail(f"{name}: stored bytes are not the {target.name} encoding: {_first_diff(expected, stored)}")
 
 
-def _check_copied(source: ModelMap, converted: ModelMap, report: Report) -> None:
+def _check_copied(source: ModelMap, converted: ModelMap, report: Report, progress=None) -> None:
     expert_tensors = set(source.expert_tensors())
     out_expert_tensors = set(converted.expert_tensors())
     for name in source.ckpt.names():
@@ -195,6 +209,8 @@ def _check_copied(source: ModelMap, converted: ModelMap, report: Report) -> None
         elif not _bytes_equal(source.ckpt.file_of(name), a.begin, converted.ckpt.file_of(name), b.begin, a.nbytes):
             report.fail(f"{name}: bytes differ from SRC")
         report.checked += 1
+        if progress:
+            progress(b.nbytes, 1)
     for name in converted.ckpt.names():
         if name not in out_expert_tensors and name not in source.ckpt:
             report.fail(f"{name}: in OUT but not in SRC")

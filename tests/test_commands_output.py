@@ -71,3 +71,55 @@ def test_convert_and_verify_report_json(tmp_path):
     shard.write_bytes(bytes(data))
     bad = run_cli("verify", DEMO, str(out), "--json")
     assert bad.returncode == 1 and json.loads(bad.stdout)["ok"] is False and json.loads(bad.stdout)["failures"]
+
+
+def _stderr_on_a_terminal(args: list[str], columns: int) -> str:
+    """What a command writes to stderr when stderr is a terminal ``columns`` wide."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    main_fd, child_fd = pty.openpty()
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "moeprep", *args], stdout=subprocess.PIPE, stderr=child_fd,
+                            env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")})
+    os.close(child_fd)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main_fd, 65536)
+        except OSError:  # the child closed its end
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    proc.wait()
+    os.close(main_fd)
+    assert proc.returncode == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.parametrize("command", ["convert", "verify", "dequant"])
+def test_progress_only_on_a_terminal_wide_enough(tmp_path, command):
+    out = tmp_path / "out"
+    if command != "convert":
+        assert run_cli("convert", DEMO, str(out), "-q").returncode == 0
+    args = {"convert": ["convert", DEMO, str(tmp_path / "new")], "verify": ["verify", DEMO, str(out)],
+            "dequant": ["dequant", DEMO, str(tmp_path / "w.safetensors")]}[command]
+    shown = _stderr_on_a_terminal(args, 120)
+    assert f"{command}:" in shown and "B/s" in shown, shown
+    for i, columns in enumerate((0, 10)):
+        if command != "verify":
+            args[2] = str(tmp_path / f"again{i}{'.safetensors' if command == 'dequant' else ''}")
+        assert _stderr_on_a_terminal(args, columns) == ""
+    if command != "verify":
+        args[2] = str(tmp_path / f"quiet{'.safetensors' if command == 'dequant' else ''}")
+    assert _stderr_on_a_terminal([*args, "--quiet"], 120) == ""
+    if command != "verify":
+        args[2] = str(tmp_path / f"piped{'.safetensors' if command == 'dequant' else ''}")
+    piped = run_cli(*args)  # stderr is not a terminal
+    assert piped.returncode == 0 and piped.stderr == ""

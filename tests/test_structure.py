@@ -15,7 +15,7 @@ LAYERS = [
     {"targets"},
     {"moe", "converted"},
     {"model", "kernels"},
-    {"convert", "verify", "dequant", "inspect", "serve"},
+    {"convert", "verify", "dequant", "inspect", "progress", "serve"},
     {"hf"},
     {"cli", "__main__", "__init__"},
 ]

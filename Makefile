@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine (Debian, Python 3.11, no GPU): `make demo` and `make test`.
-# torch is pinned to the CPU build so that nothing pulls GBs of CUDA wheels.
+# torch comes from PyTorch's CPU wheel index where it answers (scripts/install_torch.sh), so that
+# nothing pulls GBs of CUDA wheels.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,8 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0 setuptools wheel ninja
+	$(BIN)/pip install -q setuptools wheel ninja
+	PY=$(BIN)/python bash scripts/install_torch.sh
 	$(BIN)/pip install -q --no-build-isolation -e '.[test,hf]'
 	touch $@
 

@@ -15,6 +15,23 @@ import click
 from .errors import MoeprepError
 
 
+def _hub_options(fn):
+    """--revision, --cache-dir and --token for the commands that open checkpoints by hub repo id;
+    the command receives them as ``hub`` (a moeprep.io.checkpoint.HubOptions)."""
+
+    @click.option("--revision", default=None, help="Hub repo ids: a branch, tag or commit (default: main).")
+    @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+                  help="Hub repo ids: the cache folder (default: the hub's own).")
+    @click.option("--token", default=None, help="Hub repo ids: an access token (default: HF_TOKEN or a saved login).")
+    @functools.wraps(fn)
+    def wrapper(*args, revision=None, cache_dir=None, token=None, **kwargs):
+        from .io.checkpoint import HubOptions
+
+        return fn(*args, hub=HubOptions(revision, cache_dir, token), **kwargs)
+
+    return wrapper
+
+
 def _clean_errors(fn):
     """Turn every failure into one line on stderr and an exit code, never a traceback."""
 
@@ -63,14 +80,15 @@ def main() -> None:
 @click.argument("ckpt")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every tensor name included).")
 @click.option("--tensors", "all_tensors", is_flag=True, help="List every tensor name, not the first few of each kind.")
+@_hub_options
 @_clean_errors
-def inspect(ckpt: str, as_json: bool, all_tensors: bool) -> None:
+def inspect(ckpt: str, as_json: bool, all_tensors: bool, hub) -> None:
     """Describe a checkpoint (directory or hub repo id) from its headers alone."""
     from .inspect import describe, render_text
     from .io.checkpoint import Checkpoint
     from .model import build_model_map
 
-    info = describe(build_model_map(Checkpoint(ckpt)))
+    info = describe(build_model_map(Checkpoint(ckpt, hub)))
     click.echo(json.dumps(info, indent=1) if as_json else render_text(info, all_tensors))
 
 
@@ -79,15 +97,16 @@ def inspect(ckpt: str, as_json: bool, all_tensors: bool) -> None:
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
+@_hub_options
 @_clean_errors
-def dequant(ckpt: str, out: str, dtype: str, quiet: bool) -> None:
+def dequant(ckpt: str, out: str, dtype: str, quiet: bool, hub) -> None:
     """Write every quantized linear of CKPT, dequantized, as <module>.weight [out, in] into OUT."""
     from .dequant import DTYPES, dequantize_checkpoint
     from .io.checkpoint import Checkpoint
     from .model import build_model_map
     from .progress import Progress
 
-    model = build_model_map(Checkpoint(ckpt))
+    model = build_model_map(Checkpoint(ckpt, hub))
     linears = model.linears()
     total = sum(r.out_features * r.in_features for r in linears) * DTYPES[dtype].itemsize
     with Progress("dequant", total, len(linears), quiet) as bar:
@@ -131,9 +150,10 @@ class _ConvertCommand(click.Command):
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="MoE layers converted in parallel.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (no progress bar).")
+@_hub_options
 @_clean_errors
 def convert(src: str, out: str, target: str | None, max_shard_size: str, overwrite: bool, dry_run: bool, workers: int,
-            quiet: bool, as_json: bool) -> None:
+            quiet: bool, as_json: bool, hub) -> None:
     """Convert the quantized MoE checkpoint SRC (directory or hub repo id) into OUT."""
     import time
     from pathlib import Path
@@ -144,7 +164,7 @@ def convert(src: str, out: str, target: str | None, max_shard_size: str, overwri
     from .progress import Progress
 
     limit = parse_size(max_shard_size)
-    model = build_model_map(Checkpoint(src))
+    model = build_model_map(Checkpoint(src, hub))
     chosen = choose_target(model, target)
     out_path = Path(out)
     check_paths(model.ckpt.root, out_path, overwrite)
@@ -172,13 +192,14 @@ def convert(src: str, out: str, target: str | None, max_shard_size: str, overwri
 @click.argument("out")
 @click.option("--quiet", "-q", is_flag=True, help="Print only failures.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (every failure listed).")
+@_hub_options
 @_clean_errors
-def verify(src: str, out: str, quiet: bool, as_json: bool) -> None:
+def verify(src: str, out: str, quiet: bool, as_json: bool, hub) -> None:
     """Prove that OUT is an exact conversion of SRC; exit 0 only if every check holds."""
     from .progress import Progress
     from .verify import MAX_REPORTED, check_pair, open_pair
 
-    source, converted = open_pair(src, out)
+    source, converted = open_pair(src, out, hub)
     ckpt = converted.ckpt
     total = sum(ckpt.info(name).nbytes for name in ckpt.names())
     with Progress("verify", total, len(ckpt.names()), quiet or as_json) as bar:
@@ -202,12 +223,13 @@ def verify(src: str, out: str, quiet: bool, as_json: bool) -> None:
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--device", default="cpu", show_default=True)
+@_hub_options
 @_clean_errors
-def generate(ckpt: str, prompt: str, max_new_tokens: int, device: str) -> None:
+def generate(ckpt: str, prompt: str, max_new_tokens: int, device: str, hub) -> None:
     """Greedy text generation from a converted checkpoint through transformers."""
     from .hf import generate as run_generate
 
-    click.echo(printable(run_generate(ckpt, prompt, max_new_tokens, device=device)))
+    click.echo(printable(run_generate(ckpt, prompt, max_new_tokens, device=device, hub=hub)))
 
 
 def printable(text: str) -> str:

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .canonical import dequantize
 from .errors import BadInputError, MoeprepError
-from .io.checkpoint import resolve
+from .io.checkpoint import HubOptions
 from .serve.loader import LoadedCheckpoint, load
 from .serve.moe_block import MoEBlock, build_moe_block
 
@@ -72,11 +72,12 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     backend: str = "auto",
+    hub: HubOptions = HubOptions(),
 ):
     """A transformers causal LM whose MoE blocks run on moeprep's preshuffled weights."""
     transformers = _transformers()
     device = torch.device(device)
-    loaded = load(path, device)
+    loaded = load(path, device, hub)
     arch = loaded.model.arch.name
     config = transformers.AutoConfig.from_pretrained(loaded.root)
     if hasattr(config, "quantization_config"):
@@ -141,12 +142,13 @@ def _rebuild_nonpersistent_buffers(model: nn.Module, device: torch.device) -> No
                 setattr(module, attr, value)
 
 
-def generate(path: str | os.PathLike, prompt: str, max_new_tokens: int = 32, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+def generate(path: str | os.PathLike, prompt: str, max_new_tokens: int = 32, device: str = "cpu",
+             dtype: torch.dtype = torch.float32, hub: HubOptions = HubOptions()) -> str:
     """Greedy generation with the checkpoint's own tokenizer; returns the prompt plus new text."""
     transformers = _transformers()
-    model = load_model(path, dtype=dtype, device=device)
+    model = load_model(path, dtype=dtype, device=device, hub=hub)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(resolve(path))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model.config.name_or_path)
     except Exception as e:
         raise BadInputError(f"no usable tokenizer: {type(e).__name__}: {e}", path=str(path)) from None
     inputs = tokenizer(prompt, return_tensors="pt").to(device)

@@ -21,7 +21,7 @@ import torch
 from .canonical import QuantLinear, explicit_zeros
 from .errors import UnsupportedError
 from .converted import Converted
-from .io.checkpoint import INDEX_NAME, Checkpoint
+from .io.checkpoint import INDEX_NAME, Checkpoint, HubOptions
 from .model import ModelMap, build_model_map
 
 _CHUNK = 16 << 20
@@ -99,10 +99,10 @@ def check_index(out: Checkpoint, report: Report) -> None:
         report.fail(f"{index_path}: total_size {total} but the tensors hold {actual} bytes")
 
 
-def open_pair(src: str, out: str) -> tuple[ModelMap, ModelMap]:
+def open_pair(src: str, out: str, hub: HubOptions = HubOptions()) -> tuple[ModelMap, ModelMap]:
     """The maps of a source checkpoint and its conversion, refused unless they are that."""
-    source = build_model_map(Checkpoint(src))
-    converted = build_model_map(Checkpoint(out))
+    source = build_model_map(Checkpoint(src, hub))
+    converted = build_model_map(Checkpoint(out, hub))
     if isinstance(source.fmt, Converted) and not isinstance(converted.fmt, Converted):
         raise UnsupportedError(
             f"the arguments look swapped: SRC is a converted checkpoint and OUT is not; run `moeprep verify {out} {src}`",

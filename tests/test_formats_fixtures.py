@@ -113,3 +113,21 @@ def test_hub_failures_are_said_in_words(monkeypatch, exc, words):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert words in _hub_failure(type(exc, (Exception,), {})())
+
+
+def test_hub_revision_and_cache_dir(fixtures_dir, tmp_path):
+    """--cache-dir names the hub cache, --revision a branch in it (offline: from the cache alone)."""
+    cache = tmp_path / "elsewhere"
+    repo = cache / "models--acme--two-revisions"
+    for ref, commit, fixture in (("main", "1" * 40, "awq_gemm_g32_qwen3moe"), ("mxfp4", "2" * 40, "quark_mxfp4_qwen3moe")):
+        shutil.copytree(fixtures_dir / fixture, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    main = run_cli_subprocess("inspect", "acme/two-revisions", "--json", "--cache-dir", str(cache), env=env)
+    assert main.returncode == 0, main.stderr
+    assert json.loads(main.stdout)["format"] == "awq"
+    other = run_cli_subprocess("inspect", "acme/two-revisions", "--json", "--cache-dir", str(cache), "--revision", "mxfp4", env=env)
+    assert other.returncode == 0, other.stderr
+    assert json.loads(other.stdout)["format"] == "quark-mxfp4"
+    assert run_cli_subprocess("inspect", "acme/two-revisions", env=env).returncode == 2  # not in the default cache

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -29,7 +30,17 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _HUB_IGNORE = ["*.bin", "*.pt", "*.pth", "*.gguf", "*.onnx", "*.msgpack", "*.h5", "original/*", "metal/*"]
 
 
-def resolve(source: str | os.PathLike) -> Path:
+@dataclass(frozen=True)
+class HubOptions:
+    """Where a hub repo id is fetched from: a branch, tag or commit, a cache folder other than the
+    hub's default, a token (else the hub library's own: HF_TOKEN or a saved login)."""
+
+    revision: Optional[str] = None
+    cache_dir: Optional[str] = None
+    token: Optional[str] = None
+
+
+def resolve(source: str | os.PathLike, hub: HubOptions = HubOptions()) -> Path:
     """A local checkpoint directory, or a hub repo id fetched (or found in the cache when offline)."""
     path = Path(source)
     if path.exists():
@@ -43,7 +54,8 @@ def resolve(source: str | os.PathLike) -> Path:
     from huggingface_hub.errors import HFValidationError
 
     try:
-        return Path(snapshot_download(text, ignore_patterns=_HUB_IGNORE))
+        return Path(snapshot_download(text, revision=hub.revision, cache_dir=hub.cache_dir, token=hub.token,
+                                      ignore_patterns=_HUB_IGNORE))
     except HFValidationError as e:
         raise BadInputError(f"not a directory, nor a valid hub repo id ({e})", path=text) from None
     except Exception as e:  # hub errors come in many classes: offline, missing, gated, network
@@ -91,8 +103,8 @@ def _load_json(path: Path) -> dict:
 class Checkpoint:
     """Read-only view of one checkpoint directory."""
 
-    def __init__(self, source: str | os.PathLike):
-        self.root = resolve(source)
+    def __init__(self, source: str | os.PathLike, hub: HubOptions = HubOptions()):
+        self.root = resolve(source, hub)
         config_path = self.root / "config.json"
         if not config_path.is_file():
             raise BadInputError("not a checkpoint: no config.json", path=str(self.root))

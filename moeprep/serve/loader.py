@@ -14,7 +14,7 @@ import torch
 
 from ..converted import Converted
 from ..errors import BadInputError, UnsupportedError
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, HubOptions
 from ..model import ModelMap, build_model_map
 from ..moe import ExpertWeights
 from .tags import tag
@@ -23,9 +23,9 @@ from .tags import tag
 class LoadedCheckpoint:
     """A converted checkpoint opened for serving; tensors load on first access and are cached."""
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", hub: HubOptions = HubOptions()):
         self.device = torch.device(device)
-        ckpt = Checkpoint(path)
+        ckpt = Checkpoint(path, hub)
         model = build_model_map(ckpt)
         if not isinstance(model.fmt, Converted):
             raise UnsupportedError(
@@ -79,6 +79,6 @@ class LoadedCheckpoint:
         self.model.ckpt.release()
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", hub: HubOptions = HubOptions()) -> LoadedCheckpoint:
     """Open a checkpoint written by ``moeprep convert`` (directory or hub repo id)."""
-    return LoadedCheckpoint(path, device)
+    return LoadedCheckpoint(path, device, hub)

@@ -159,9 +159,10 @@ def _check_layer(ckpt: Checkpoint, index: int, prefix: str, experts: dict, n_exp
     where = dict(path=str(ckpt.root))
     if max(experts) >= n_experts:
         raise BadInputError(f"config.json says {n_experts} experts but layer {index} has expert {max(experts)}", **where, tensor=f"{prefix}.experts.{max(experts)}")
-    missing = [e for e in range(n_experts) if e not in experts]
-    if missing:
-        raise BadInputError(f"MoE layer {index} has no expert {missing[0]} ({len(missing)} of {n_experts} missing)", **where, tensor=f"{prefix}.experts.{missing[0]}")
+    if len(experts) != n_experts:  # sized by what the layer holds: the config's count is not trusted yet
+        first = next(e for e in range(len(experts) + 1) if e not in experts)
+        raise BadInputError(f"MoE layer {index} has no expert {first} ({n_experts - len(experts)} of {n_experts} missing)",
+                            **where, tensor=f"{prefix}.experts.{first}")
     ordered = []
     for e in range(n_experts):
         slot = experts[e]

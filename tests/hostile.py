@@ -220,6 +220,56 @@ def _unindexed(root: Path) -> None:
     _write_index(root, index)
 
 
+def _deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def config_nested_deeply(root: Path) -> None:
+    text = (root / "config.json").read_text().rstrip().rstrip("}")
+    (root / "config.json").write_text(text + f', "deep": {_deep(100_000)}}}')
+
+
+def config_with_nan(root: Path) -> None:
+    text = (root / "config.json").read_text().rstrip().rstrip("}")
+    (root / "config.json").write_text(text + ', "rope_theta": NaN}')
+
+
+def index_nested_deeply(root: Path) -> None:
+    text = (root / "model.safetensors.index.json").read_text().rstrip().rstrip("}")
+    (root / "model.safetensors.index.json").write_text(text + f', "deep": {_deep(100_000)}}}')
+
+
+def _raw_header(shard: str, fn: Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    """Edits the header's JSON text itself (what json.dumps cannot write)."""
+    def mutate(root: Path) -> None:
+        raw = (root / shard).read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        text = fn(raw[8 : 8 + n].rstrip())
+        text += b" " * (-len(text) % 8)
+        (root / shard).write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+    return mutate
+
+
+def _deep_entry(text: bytes) -> bytes:
+    return text[:-1] + b', "deep": {"dtype": "U8", "shape": ' + _deep(100_000).encode() + b', "data_offsets": [0, 0]}}'
+
+
+def _surrogate_name(text: bytes) -> bytes:
+    return text.replace(f'"{SRC_LAYER0}.3.gate_proj.scales"'.encode(), f'"{SRC_LAYER0}.3.gate_proj.scales\\udc80"'.encode())
+
+
+def _huge_dimension(header: dict) -> None:
+    end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    header["huge"] = {"dtype": "U8", "shape": [2**64, 0], "data_offsets": [end, end]}
+
+
+def _fifo_shard(root: Path) -> None:
+    shard = root / "model-00002-of-00002.safetensors"
+    shard.unlink()
+    os.mkfifo(shard)
+
+
 CORPUS = [
     Hostile("truncated", truncate, "model-00002-of-00002.safetensors"),
     Hostile("header_beyond_file", header_beyond_file, "model-00002-of-00002.safetensors"),
@@ -244,6 +294,14 @@ CORPUS = [
     Hostile("unsupported_bits", _config(lambda c: c["quantization_config"].update(bits=8)), "config.json"),
     Hostile("empty_directory", empty_directory, "config.json"),
     Hostile("unreadable_file", unreadable, "model-00002-of-00002.safetensors"),
+    Hostile("config_nested_deeply", config_nested_deeply, "config.json"),
+    Hostile("config_with_nan", config_with_nan, "config.json"),
+    Hostile("index_nested_deeply", index_nested_deeply, "model.safetensors.index.json"),
+    Hostile("header_nested_deeply", _raw_header("model-00001-of-00002.safetensors", _deep_entry), "model-00001-of-00002.safetensors"),
+    Hostile("tensor_name_not_utf8", _raw_header("model-00001-of-00002.safetensors", _surrogate_name), "model-00001-of-00002.safetensors"),
+    Hostile("dimension_of_2_64", _edit_header("model-00002-of-00002.safetensors", _huge_dimension), "model-00002-of-00002.safetensors", "huge"),
+    Hostile("fifo_as_shard", _fifo_shard, "model-00002-of-00002.safetensors"),
+    Hostile("expert_count_10_12", _config(lambda c: c.update(num_local_experts=10**12)), "", "model.layers.0.mlp.experts.8"),
     Hostile("converted_metadata_disagrees", _metadata_disagrees, "model-0000", "model.layers.1.mlp.experts.w2_weight", base="converted"),
     Hostile("converted_unknown_shuffle_kind", _shuffle_kind_unknown, "model-0000", "model.layers.0.mlp.experts.w13_weight_scale", base="converted"),
     Hostile("converted_stored_shape_disagrees", _stored_shape_disagrees, "model-0000", "model.layers.0.mlp.experts.w2_weight_zero_point", base="converted"),

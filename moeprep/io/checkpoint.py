@@ -10,7 +10,6 @@ is working on.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import BadInputError
+from . import strict_json
 from .safetensors_header import Header, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -90,10 +90,10 @@ def check_outside(src: Path, out: Path) -> None:
 
 def _load_json(path: Path) -> dict:
     try:
-        obj = json.loads(path.read_text())
+        obj = strict_json.loads(path.read_bytes())
     except OSError as e:
         raise BadInputError(f"cannot read: {e.strerror or e}", path=str(path)) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError included
         raise BadInputError(f"invalid JSON: {e}", path=str(path)) from None
     if not isinstance(obj, dict):
         raise BadInputError("invalid JSON: expected an object", path=str(path))
@@ -147,11 +147,11 @@ class Checkpoint:
             for f in files:
                 if Path(f).name != f:
                     raise BadInputError(f"invalid index: shard name {f!r} is not a plain file name", path=str(index_path))
-                if not (self.root / f).is_file():
+                if not (self.root / f).exists():  # read_header refuses what is not a regular file
                     first = next(name for name, shard in weight_map.items() if shard == f)
                     raise BadInputError(f"shard listed in the index is missing: {f}", path=str(index_path), tensor=first)
             return files
-        if (self.root / SINGLE_NAME).is_file():
+        if (self.root / SINGLE_NAME).exists():
             return [SINGLE_NAME]
         found = sorted(p.name for p in self.root.glob("*.safetensors"))
         if len(found) == 1:
@@ -200,8 +200,8 @@ class Checkpoint:
         if text is None:
             return None
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
+            value = strict_json.loads(text)
+        except ValueError as e:
             raise BadInputError(f"metadata of the tensor is not valid JSON: {e}", path=str(self.root / fname), tensor=name) from None
         if not isinstance(value, dict):
             raise BadInputError("metadata of the tensor is not a JSON object", path=str(self.root / fname), tensor=name)

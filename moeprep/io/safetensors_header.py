@@ -6,12 +6,12 @@ stay header-only and lets every command refuse a bad file up front with a precis
 """
 from __future__ import annotations
 
-import json
-import math
 import os
+import stat
 from dataclasses import dataclass
 
 from ..errors import BadInputError
+from . import strict_json
 
 # safetensors dtype name -> (torch dtype name, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -68,6 +68,8 @@ def read_header(path: str | os.PathLike) -> Header:
     """Parse and validate the header of one safetensors file without touching tensor data."""
     path = os.fspath(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
+            raise BadInputError("not a regular file", path=path)
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
@@ -83,8 +85,8 @@ def read_header(path: str | os.PathLike) -> Header:
     except OSError as e:
         raise BadInputError(f"cannot read: {e.strerror or e}", path=path) from None
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        obj = strict_json.loads(raw)
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError included
         raise BadInputError(f"invalid safetensors header JSON: {e}", path=path) from None
     if not isinstance(obj, dict):
         raise BadInputError("invalid safetensors header: not a JSON object", path=path)
@@ -139,7 +141,11 @@ def _tensor_info(path: str, name: str, entry: object, data_start: int) -> Tensor
         or offsets[0] > offsets[1]
     ):
         raise bad(f"data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
-    expected = math.prod(shape) * DTYPES[dtype][1]
+    expected = DTYPES[dtype][1]
+    for d in shape:  # as safetensors counts: in 64-bit words that must not overflow
+        expected *= d
+        if d >= 1 << 64 or expected >= 1 << 64:
+            raise bad(f"shape {shape} holds more than 2^64 bytes")
     if offsets[1] - offsets[0] != expected:
         raise bad(
             f"dtype {dtype} and shape {shape} need {expected} bytes but data_offsets span {offsets[1] - offsets[0]}"

@@ -4,6 +4,7 @@ router; the transformers path against transformers' own model with the same weig
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -239,3 +240,37 @@ def test_generate_produces_text(converted, fixtures_dir):
     proc = run_cli("generate", str(out), "--prompt", "Return the", "--max-new-tokens", "8")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Return the") and len(proc.stdout.strip()) > len("Return the")
+
+
+def _copy_with(out: Path, dest: Path, config=None, router_shape=None) -> Path:
+    from hostile import _edit_header
+
+    shutil.copytree(out, dest)
+    if config:
+        cfg = json.loads((dest / "config.json").read_text())
+        cfg.update(config)
+        (dest / "config.json").write_text(json.dumps(cfg))
+    if router_shape:
+        shard = next(p.name for p in dest.glob("*.safetensors")
+                     if "model.layers.1.mlp.gate.weight" in safe_open(str(p), "pt").keys())
+        _edit_header(shard, lambda h: h["model.layers.1.mlp.gate.weight"].update(shape=router_shape))(dest)
+    return dest
+
+
+def test_load_moe_layer_refuses_what_it_cannot_compute(converted, tmp_path):
+    import moeprep
+    from moeprep.errors import BadInputError
+
+    _, out = converted("awq_gemm_g32_qwen3moe", "w4a16_preshuffle_zp")
+    with pytest.raises(BadInputError, match="layer index is an int"):
+        moeprep.load_moe_layer(str(out), True)
+    too_many = _copy_with(out, tmp_path / "topk", config={"num_experts_per_tok": 9})
+    with pytest.raises(BadInputError, match="routes each token to 9 experts, the layer has 8") as e:
+        moeprep.load_moe_layer(str(too_many), 1)
+    assert "config.json" in str(e.value)
+    experts, hidden = 8, 256
+    for shape in ([experts // 2, hidden * 2], [experts * 2, hidden // 2]):  # the same bytes, other rows
+        bad = _copy_with(out, tmp_path / f"router{shape[0]}", router_shape=shape)
+        with pytest.raises(BadInputError, match=re.escape(f"router is {shape}")) as e:
+            moeprep.load_moe_layer(str(bad), 1)
+        assert "model.layers.1.mlp.gate.weight" in str(e.value)

@@ -67,6 +67,8 @@ class LoadedCheckpoint:
         return [layer.index for layer in self.model.moe_layers]
 
     def experts(self, layer_idx: int) -> ExpertWeights:
+        if not isinstance(layer_idx, int) or isinstance(layer_idx, bool):
+            raise BadInputError(f"a layer index is an int, got {layer_idx!r}", path=str(self.root))
         layer = next((l for l in self.model.moe_layers if l.index == layer_idx), None)
         if layer is None:
             raise BadInputError(f"no MoE layer {layer_idx} (MoE layers: {self.moe_layer_indices()})", path=str(self.root))

@@ -81,12 +81,23 @@ def build_moe_block(loaded: LoadedCheckpoint, layer_idx: int, dtype: torch.dtype
     router = f"{experts.prefix}.{arch.router_names[0]}"
     if f"{router}.weight" not in loaded:
         raise BadInputError("missing router weight", path=str(loaded.root), tensor=f"{router}.weight")
+    weight = loaded[f"{router}.weight"]
     bias = loaded[f"{router}.bias"] if f"{router}.bias" in loaded else None
+    where = dict(path=str(loaded.model.ckpt.file_of(f"{router}.weight")), tensor=f"{router}.weight")
+    if tuple(weight.shape) != (experts.num_experts, experts.hidden_size):
+        raise BadInputError(f"router is {list(weight.shape)}, the layer has {experts.num_experts} experts of hidden size "
+                            f"{experts.hidden_size}", **where)
+    if bias is not None and tuple(bias.shape) != (experts.num_experts,):
+        raise BadInputError(f"router bias is {list(bias.shape)}, the layer has {experts.num_experts} experts", **where)
+    routing = Routing.for_arch(arch, loaded.config)
+    if routing.top_k > experts.num_experts:
+        raise BadInputError(f"config.json routes each token to {routing.top_k} experts, the layer has {experts.num_experts}",
+                            path=str(loaded.root / "config.json"))
     return MoEBlock(
         experts,
-        loaded[f"{router}.weight"],
+        weight,
         bias,
-        Routing.for_arch(arch, loaded.config),
+        routing,
         Activation.for_arch(arch.activation, loaded.config),
         dtype,
         backend,

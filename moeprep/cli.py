@@ -96,10 +96,12 @@ def inspect(ckpt: str, as_json: bool, all_tensors: bool, hub) -> None:
 @click.argument("ckpt")
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and moeprep dequant wrote it.")
+@click.option("--force", is_flag=True, help="Replace OUT even if moeprep did not write it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
 @_hub_options
 @_clean_errors
-def dequant(ckpt: str, out: str, dtype: str, quiet: bool, hub) -> None:
+def dequant(ckpt: str, out: str, dtype: str, overwrite: bool, force: bool, quiet: bool, hub) -> None:
     """Write every quantized linear of CKPT, dequantized, as <module>.weight [out, in] into OUT."""
     from .dequant import DTYPES, dequantize_checkpoint
     from .io.checkpoint import Checkpoint
@@ -110,7 +112,7 @@ def dequant(ckpt: str, out: str, dtype: str, quiet: bool, hub) -> None:
     linears = model.linears()
     total = sum(r.out_features * r.in_features for r in linears) * DTYPES[dtype].itemsize
     with Progress("dequant", total, len(linears), quiet) as bar:
-        n = dequantize_checkpoint(model, out, DTYPES[dtype], bar.advance)
+        n = dequantize_checkpoint(model, out, DTYPES[dtype], bar.advance, overwrite=overwrite, force=force)
     if not quiet:
         click.echo(f"wrote {n} tensors to {out}")
 
@@ -145,15 +147,16 @@ class _ConvertCommand(click.Command):
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--target", "target", default=None, help="Target layout (shuffle_kind); default: the best for the source format.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and moeprep wrote it.")
+@click.option("--force", is_flag=True, help="Replace OUT even if moeprep did not write it.")
 @click.option("--dry-run", is_flag=True, help="Print what would be written, write nothing.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="MoE layers converted in parallel.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (no progress bar).")
 @_hub_options
 @_clean_errors
-def convert(src: str, out: str, target: str | None, max_shard_size: str, overwrite: bool, dry_run: bool, workers: int,
-            quiet: bool, as_json: bool, hub) -> None:
+def convert(src: str, out: str, target: str | None, max_shard_size: str, overwrite: bool, force: bool, dry_run: bool,
+            workers: int, quiet: bool, as_json: bool, hub) -> None:
     """Convert the quantized MoE checkpoint SRC (directory or hub repo id) into OUT."""
     import time
     from pathlib import Path
@@ -167,7 +170,7 @@ def convert(src: str, out: str, target: str | None, max_shard_size: str, overwri
     model = build_model_map(Checkpoint(src, hub))
     chosen = choose_target(model, target)
     out_path = Path(out)
-    check_paths(model.ckpt.root, out_path, overwrite)
+    check_paths(model.ckpt.root, out_path, overwrite, force)
     plan = plan_conversion(model, chosen, limit)
     result = {"source": str(model.ckpt.root), "source_format": model.fmt.name, "out": str(out_path),
               "target": chosen.name, "moe_layers": len(plan.layers), "shards": len(plan.shards),
@@ -178,7 +181,7 @@ def convert(src: str, out: str, target: str | None, max_shard_size: str, overwri
     quiet = quiet or as_json
     start = time.perf_counter()
     with Progress("convert", plan.total_bytes, sum(len(shard.tensors) for shard in plan.shards), quiet) as bar:
-        execute(plan, out_path, overwrite, workers, bar.advance)
+        execute(plan, out_path, workers, bar.advance)
     secs = time.perf_counter() - start
     if as_json:
         click.echo(json.dumps({**result, "seconds": round(secs, 3)}))

@@ -7,7 +7,6 @@ most); every other tensor is copied byte for byte straight from the source file.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import math
@@ -15,7 +14,6 @@ import os
 import queue
 import re
 import shutil
-import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,9 @@ import torch
 
 from .errors import BadInputError, MoeprepError, OutputError, TargetError, UnsupportedError
 from .formats.base import torch_dtype
+from .io import strict_json
 from .io.checkpoint import INDEX_NAME, Checkpoint, check_outside
+from .io.outputs import check_replaceable, published, sigterm_as_interrupt
 from .io.safetensors_writer import SafetensorsWriter, TensorSpec
 from .io.names import layer_of, natural_key
 from .model import ModelMap, build_model_map
@@ -36,7 +36,6 @@ DEFAULT_MAX_SHARD = 5 * 1000**3
 # Files that are other copies of the weights, never carried into the output.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".msgpack", ".h5")
 _SKIP_FILES = {INDEX_NAME, "quantize_config.json"}
-TMP_MARK = ".moeprep-tmp-"
 
 
 @dataclass
@@ -199,73 +198,26 @@ def describe_plan(plan: ConversionPlan) -> str:
 # --- execution -----------------------------------------------------------------------------------
 
 
-def check_paths(src: Path, out: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an output that would touch the source or replace something."""
+def check_paths(src: Path, out: Path, overwrite: bool, force: bool = False) -> None:
+    """Refuse, before any work, an output that would touch the source or replace something that
+    may not be replaced."""
     check_outside(src, out)
     if out.resolve() in src.resolve().parents:
         raise BadInputError(f"the output would contain the source checkpoint {src}", path=str(out))
-    if out.exists() and not overwrite:
-        raise BadInputError("already exists (use --overwrite to replace it)", path=str(out))
-    if out.exists() and not out.is_dir():
-        raise BadInputError("exists and is not a directory", path=str(out))
+    check_replaceable(out, overwrite, force, is_converted_output, "dir")
 
 
-def _remove_stale_temps(out: Path) -> None:
-    """Temp dirs left by runs that were killed (their pid is gone)."""
-    for p in out.parent.glob(f".{out.name}{TMP_MARK}*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
+def is_converted_output(path: Path) -> bool:
+    """Whether a directory holds what ``moeprep convert`` writes: its config and its index."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        config = strict_json.loads((path / "config.json").read_bytes())
+        index = strict_json.loads((path / INDEX_NAME).read_bytes())
+    except (OSError, ValueError):
         return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside ``out``, moved onto it only when the block completes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out)
-    tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists() and overwrite:
-            old = out.parent / f".{out.name}.moeprep-old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so the temporary output is removed."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    meta = index.get("metadata") if isinstance(index, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == "moeprep" and isinstance(meta, dict) \
+        and meta.get("format") == "moeprep"
 
 
 class _LayerStream:
@@ -374,12 +326,12 @@ def _reported(pieces: Iterator[torch.Tensor], progress: Optional[Callable[[int, 
 def execute(
     plan: ConversionPlan,
     out: Path,
-    overwrite: bool = False,
     workers: int = 1,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> None:
-    """Write the planned checkpoint into ``out`` atomically. ``progress(bytes, tensors)`` as pieces
-    and tensors are written.
+    """Write the planned checkpoint into ``out`` atomically (replacing an old OUT in one step: see
+    io/outputs.py; ``check_paths`` decides beforehand whether it may). ``progress(bytes, tensors)``
+    as pieces and tensors are written.
 
     Up to ``workers`` MoE layers are produced in background threads ahead of the writer.
     """
@@ -400,7 +352,7 @@ def execute(
         return streams[i]
 
     try:
-        with sigterm_as_interrupt(), atomic_dir(out, overwrite) as tmp:
+        with sigterm_as_interrupt(), published(out, "dir") as tmp:
             weight_map: dict[str, str] = {}
             for shard in plan.shards:
                 layers_here = sorted({t.layer for t in shard.tensors if t.layer is not None})
@@ -452,6 +404,7 @@ def convert(
     *,
     max_shard_size: int = DEFAULT_MAX_SHARD,
     overwrite: bool = False,
+    force: bool = False,
     workers: int = 1,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> ConversionPlan:
@@ -459,7 +412,7 @@ def convert(
     model = build_model_map(Checkpoint(src))
     chosen = choose_target(model, target)
     out = Path(out)
-    check_paths(model.ckpt.root, out, overwrite)
+    check_paths(model.ckpt.root, out, overwrite, force)
     plan = plan_conversion(model, chosen, max_shard_size)
-    execute(plan, out, overwrite, workers, progress)
+    execute(plan, out, workers, progress)
     return plan

@@ -10,11 +10,22 @@ import torch
 from .canonical import dequantize
 from .errors import BadInputError
 from .io.checkpoint import check_outside
-from .io.safetensors_writer import SafetensorsWriter, TensorSpec, atomic_path, write_error
 from .io.names import layer_of
+from .io.outputs import check_replaceable, published, sigterm_as_interrupt
+from .io.safetensors_header import read_header
+from .io.safetensors_writer import SafetensorsWriter, TensorSpec, write_error
 from .model import ModelMap
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MARK = "moeprep"  # the header metadata key that says moeprep dequant wrote a file
+
+
+def is_dequant_output(path: Path) -> bool:
+    """Whether a file is a safetensors file that ``moeprep dequant`` wrote."""
+    try:
+        return MARK in read_header(path).metadata
+    except BadInputError:
+        return False
 
 
 def dequantize_checkpoint(
@@ -22,6 +33,9 @@ def dequantize_checkpoint(
     out: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     progress: Optional[Callable[[int, int], None]] = None,
+    *,
+    overwrite: bool = False,
+    force: bool = False,
 ) -> int:
     """Write ``<module>.weight`` for every quantized linear into one safetensors file.
 
@@ -30,13 +44,14 @@ def dequantize_checkpoint(
     """
     out = Path(out)
     check_outside(model.ckpt.root, out)
-    if out.is_dir():
+    if out.is_dir() and not out.is_symlink():
         raise BadInputError("is a directory; give a .safetensors file path", path=str(out))
+    check_replaceable(out, overwrite, force, is_dequant_output, "file")
     linears = model.linears()
     specs = [TensorSpec(f"{r.module}.weight", dtype, (r.out_features, r.in_features)) for r in linears]
-    meta = {"format": "pt", "moeprep": f"dequant of {model.fmt.name} checkpoint {model.ckpt.root.name}"}
+    meta = {"format": "pt", MARK: f"dequant of {model.fmt.name} checkpoint {model.ckpt.root.name}"}
     try:
-        with atomic_path(out) as tmp:
+        with sigterm_as_interrupt(), published(out, "file") as tmp:
             writer = SafetensorsWriter(tmp, specs, meta)
             try:
                 layer = None

@@ -165,9 +165,12 @@ def test_existing_output_refused_unless_overwrite(fixtures_dir, tmp_path):
     out.mkdir()
     (out / "keep").write_text("mine")
     assert_clean_error(run_cli("convert", str(src), str(out)), "already exists", "--overwrite")
+    assert_clean_error(run_cli("convert", str(src), str(out), "--overwrite"), "not written by moeprep", "--force")
     assert (out / "keep").read_text() == "mine"
-    assert run_cli("convert", str(src), str(out), "--overwrite").returncode == 0
+    assert run_cli("convert", str(src), str(out), "--force").returncode == 0
     assert not (out / "keep").exists() and run_cli("verify", str(src), str(out)).returncode == 0
+    assert run_cli("convert", str(src), str(out), "--overwrite", "--target", "canonical").returncode == 0  # ours now
+    assert run_cli("verify", str(src), str(out)).returncode == 0
 
 
 def test_dry_run_writes_nothing(fixtures_dir, tmp_path):

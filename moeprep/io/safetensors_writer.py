@@ -6,14 +6,13 @@ first from a plan, then each tensor's bytes as they are produced, in plan order.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -128,20 +127,6 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         self._f.close()
-
-
-@contextlib.contextmanager
-def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside ``final``, renamed onto it only if the block completes."""
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.moeprep-tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def write_error(path: Path, exc: OSError) -> OutputError:

@@ -208,11 +208,13 @@ def verify(src: str, out: str, quiet: bool, as_json: bool, hub) -> None:
     with Progress("verify", total, len(ckpt.names()), quiet or as_json) as bar:
         report = check_pair(source, converted, bar.advance)
     if as_json:
-        click.echo(json.dumps({"ok": report.ok, "checked": report.checked, "failures": report.failures}))
+        click.echo(json.dumps({"ok": report.ok, "checked": report.checked, "files": report.files,
+                               "failures": report.failures}))
         sys.exit(0 if report.ok else 1)
     if report.ok:
         if not quiet:
-            click.echo(f"verified: {report.checked} tensors exact, index and metadata consistent")
+            click.echo(f"verified: {report.checked} tensors exact, {report.files} copied files identical, "
+                       "index and metadata consistent")
         return
     for line in report.failures[:MAX_REPORTED]:
         click.echo(f"moeprep: verify: {line}", err=True)

@@ -387,11 +387,16 @@ def execute(
             s.close()
 
 
+def copied_files(ckpt: Checkpoint) -> list[Path]:
+    """The files of a source that a conversion copies as they are (tokenizer, generation config,
+    chat template, ...): all but the weights, the index and the configs it rewrites."""
+    return [f for f in ckpt.iter_files()
+            if f.name not in _SKIP_FILES and not f.name.endswith(_SKIP_SUFFIXES) and f.name != "config.json"]
+
+
 def _write_small_files(plan: ConversionPlan, tmp: Path, weight_map: dict[str, str]) -> None:
-    for f in plan.model.ckpt.iter_files():
-        if f.name in _SKIP_FILES or f.name.endswith(_SKIP_SUFFIXES) or f.name == "config.json":
-            continue
-        shutil.copy2(f, tmp / f.name)
+    for f in copied_files(plan.model.ckpt):
+        shutil.copyfile(f, tmp / f.name)
     (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
     index = {"metadata": {"total_size": plan.total_bytes, "format": "moeprep", "target": plan.target.name}, "weight_map": weight_map}
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

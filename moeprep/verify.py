@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .canonical import QuantLinear, explicit_zeros
-from .errors import UnsupportedError
+from .convert import copied_files
+from .errors import MoeprepError, UnsupportedError
 from .converted import Converted
 from .io.checkpoint import INDEX_NAME, Checkpoint, HubOptions
 from .model import ModelMap, build_model_map
@@ -30,7 +31,8 @@ MAX_REPORTED = 10
 
 @dataclass
 class Report:
-    checked: int = 0
+    checked: int = 0  # tensors
+    files: int = 0  # copied files found byte-identical
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -126,7 +128,32 @@ def check_pair(source: ModelMap, converted: ModelMap, progress: Optional[Callabl
     _check_config(source, converted, report)
     _check_experts(source, converted, report, progress)
     _check_copied(source, converted, report, progress)
+    _check_files(source, converted, report)
     return report
+
+
+def _check_files(source: ModelMap, converted: ModelMap, report: Report) -> None:
+    """Every file a conversion copies is in OUT byte for byte, and OUT holds no other file."""
+    copied = {f.name: f for f in copied_files(source.ckpt)}
+    written = {"config.json", INDEX_NAME} | set(converted.ckpt.shard_files)
+    for p in sorted(converted.ckpt.root.iterdir()):
+        if p.name in written:
+            continue
+        if p.name not in copied:
+            report.fail(f"{p.name}: in OUT but not a file that convert copies from SRC")
+            continue
+        mine = copied.pop(p.name)
+        try:
+            same = converted.ckpt.inside(p).read_bytes() == mine.read_bytes()
+        except MoeprepError as e:
+            report.fail(f"{p.name}: {e.message}")
+            continue
+        if same:
+            report.files += 1
+        else:
+            report.fail(f"{p.name}: differs from SRC")
+    for name in copied:
+        report.fail(f"{name}: in SRC but missing from OUT")
 
 
 def _check_config(source: ModelMap, converted: ModelMap, report: Report) -> None:

@@ -63,8 +63,9 @@ def test_convert_and_verify_report_json(tmp_path):
     assert done["target"] == dry["target"] == "w4a16_preshuffle" and done["bytes"] == dry["bytes"] > 0
     assert done["moe_layers"] == 2 and done["seconds"] >= 0 and out.is_dir()
     good = run_cli("verify", DEMO, str(out), "--json")
-    assert good.returncode == 0 and json.loads(good.stdout) == {"ok": True, "checked": json.loads(good.stdout)["checked"],
-                                                                  "failures": []}
+    result = json.loads(good.stdout)
+    assert good.returncode == 0 and result["ok"] is True and result["failures"] == []
+    assert result["checked"] > 0 and result["files"] > 0  # the tokenizer and generation config
     shard = next(out.glob("*.safetensors"))
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF  # the last byte of the last tensor

@@ -113,3 +113,59 @@ def test_dequant_stops_cleanly_on_sigterm(tmp_path):
         return
     assert proc.returncode == 130 and "interrupted" in err and len(err.strip().splitlines()) == 1, err
     assert leftovers(out.parent) == []
+
+
+def _demo_copy(dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(DEMO, dest)
+    return dest
+
+
+def test_a_link_out_of_the_source_is_never_followed(tmp_path):
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not part of any checkpoint")
+    src = _demo_copy(tmp_path / "src")
+    (src / "added_tokens.json").symlink_to(outside)
+    assert_clean_error(run_cli("convert", str(src), str(tmp_path / "out")), "outside the checkpoint", "added_tokens.json")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    out = tmp_path / "converted"  # an OUT whose copied file became a link out of it does not verify
+    assert run_cli("convert", DEMO, str(out), "-q").returncode == 0
+    (out / "tokenizer.json").unlink()
+    (out / "tokenizer.json").symlink_to(Path(DEMO) / "tokenizer.json")
+    proc = run_cli("verify", DEMO, str(out))
+    assert proc.returncode == 1 and "tokenizer.json" in proc.stderr and "outside the checkpoint" in proc.stderr
+    (src / "added_tokens.json").unlink()
+    (src / "config.json").rename(src / "real-config")
+    (src / "config.json").symlink_to(outside)
+    assert_clean_error(run_cli("inspect", str(src)), "outside the checkpoint", "config.json")
+
+
+def test_links_inside_the_source_and_its_hub_cache_are_followed(tmp_path):
+    cache = tmp_path / "hub" / "models--acme--linked"
+    blobs, snap = cache / "blobs", cache / "snapshots" / ("3" * 40)
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in Path(DEMO).iterdir():  # as the hub lays out a snapshot: links into the repo's blobs
+        (blobs / f"blob-{f.name}").write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / f"blob-{f.name}")
+    out = tmp_path / "out"
+    assert run_cli("convert", str(snap), str(out), "-q").returncode == 0
+    assert run_cli("verify", str(snap), str(out)).returncode == 0
+    assert not any(p.is_symlink() for p in out.iterdir())
+
+
+@pytest.mark.parametrize("tamper", ["changed", "removed", "added"])
+def test_verify_covers_every_copied_file(tmp_path, tamper):
+    out = tmp_path / "out"
+    assert run_cli("convert", DEMO, str(out), "-q").returncode == 0
+    if tamper == "changed":
+        (out / "tokenizer_config.json").write_text((out / "tokenizer_config.json").read_text().replace("}", ', "x": 1}', 1))
+    elif tamper == "removed":
+        (out / "generation_config.json").unlink()
+    else:
+        (out / "chat_template.jinja").write_text("{{ messages }}")
+    proc = run_cli("verify", DEMO, str(out))
+    assert proc.returncode == 1
+    name = {"changed": "tokenizer_config.json", "removed": "generation_config.json", "added": "chat_template.jinja"}[tamper]
+    assert name in proc.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -81,6 +82,15 @@ def _hub_failure(exc: Exception) -> str:
     return f"the hub repo could not be fetched ({type(exc).__name__})"
 
 
+def _homes(root: Path) -> list[Path]:
+    """Where a checkpoint's files may live: its folder, and the hub cache repo of a snapshot."""
+    real = root.resolve()
+    homes = [real]
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith(("models--", "datasets--")):
+        homes.append(root.parent.parent.resolve())
+    return homes
+
+
 def check_outside(src: Path, out: Path) -> None:
     """Outputs never go inside a source checkpoint: moeprep does not modify its inputs."""
     src_r, out_r = Path(src).resolve(), Path(out).resolve()
@@ -105,14 +115,15 @@ class Checkpoint:
 
     def __init__(self, source: str | os.PathLike, hub: HubOptions = HubOptions()):
         self.root = resolve(source, hub)
+        self._homes = _homes(self.root)
         config_path = self.root / "config.json"
-        if not config_path.is_file():
+        if not config_path.exists():
             raise BadInputError("not a checkpoint: no config.json", path=str(self.root))
-        self.config = _load_json(config_path)
+        self.config = _load_json(self.inside(config_path))
         qc_path = self.root / "quantize_config.json"
-        self.quantize_config = _load_json(qc_path) if qc_path.is_file() else None
+        self.quantize_config = _load_json(self.inside(qc_path)) if qc_path.exists() else None
         self.shard_files = self._find_shards()
-        self.headers: dict[str, Header] = {f: read_header(self.root / f) for f in self.shard_files}
+        self.headers: dict[str, Header] = {f: read_header(self.inside(self.root / f)) for f in self.shard_files}
         self.tensors: dict[str, tuple[str, TensorInfo]] = {}
         for fname, header in self.headers.items():
             for name, info in header.tensors.items():
@@ -136,8 +147,8 @@ class Checkpoint:
     def _find_shards(self) -> list[str]:
         index_path = self.root / INDEX_NAME
         self.index = None
-        if index_path.is_file():
-            self.index = _load_json(index_path)
+        if index_path.exists():
+            self.index = _load_json(self.inside(index_path))
             weight_map = self.index.get("weight_map")
             if not isinstance(weight_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -256,12 +267,31 @@ class Checkpoint:
         self._handles.clear()
         self._maps.clear()
 
+    def inside(self, path: Path) -> Path:
+        """``path`` if it is a regular file of this checkpoint: a symlink may point only within the
+        checkpoint's folder, or within the hub cache repo it lives in (whose snapshots link to
+        its blobs). Nothing else is read, so nothing else can reach an output."""
+        real = path.resolve()
+        if not any(real == home or home in real.parents for home in self._homes):
+            raise BadInputError(f"a link to {real}, outside the checkpoint; moeprep reads only the checkpoint's own files",
+                                path=str(path))
+        try:
+            regular = stat.S_ISREG(real.stat().st_mode)
+        except OSError as e:
+            raise BadInputError(f"cannot read: {e.strerror or e}", path=str(path)) from None
+        if not regular:
+            raise BadInputError("not a regular file", path=str(path))
+        return path
+
     def iter_files(self) -> Iterator[Path]:
-        """Every non-weight file of the checkpoint (config, tokenizer, ...), for copying."""
+        """Every non-weight file of the checkpoint (config, tokenizer, ...), for copying; a link
+        that leaves the checkpoint is refused, and what is not a file is not one of them."""
         weights = set(self.shard_files) | {INDEX_NAME}
         for p in sorted(self.root.iterdir()):
-            if p.is_file() and p.name not in weights and not p.name.endswith(".safetensors"):
-                yield p
+            if p.name in weights or p.name.endswith(".safetensors") or p.is_dir():
+                continue
+            if p.is_symlink() or p.is_file():
+                yield self.inside(p)
 
     def __enter__(self) -> "Checkpoint":
         return self

@@ -61,8 +61,8 @@ MoeGemmArgs args_of(const at::Tensor& words, const at::Tensor& scale, const std:
     check_cuda(*bias, at::kBFloat16, "bias");
     TORCH_CHECK(bias->numel() == experts * n, "moeprep: bias must be [E, N]");
   }
-  TORCH_CHECK(sorted_ids.numel() >= expert_ids.numel() * kDecodeBlockM, "moeprep: sorted_ids shorter than the blocks of ",
-              kDecodeBlockM);
+  static_assert(kDecodeBlockM == 8, "the message below names the block");
+  TORCH_CHECK(sorted_ids.numel() >= expert_ids.numel() * kDecodeBlockM, "moeprep: sorted_ids shorter than the blocks of 8");
   for (const void* p : {words.const_data_ptr(), scale.const_data_ptr(), sorted_ids.const_data_ptr(),
                         zero ? zero->const_data_ptr() : nullptr}) {
     TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, "moeprep: tensors must be 16-byte aligned");
@@ -166,10 +166,11 @@ void moe_decode_w2(const at::Tensor& h, const at::Tensor& words, const at::Tenso
 // 16-byte aligned.
 void check_prefill(const MoeGemmArgs& a, const at::Tensor& sorted_ids, const at::Tensor& rows) {
   TORCH_CHECK(a.e2m1 == 0, "moeprep: the prefill GEMMs take int4 codes");
-  TORCH_CHECK(a.n % kPrefillTileN == 0 && a.k % kPrefillTileN == 0, "moeprep: the prefill GEMMs need N and K multiples of ",
-              kPrefillTileN);
+  static_assert(kPrefillTileN == 128 && kPrefillBlockM == 256, "the messages below name the tile and the block");
+  TORCH_CHECK(a.n % kPrefillTileN == 0 && a.k % kPrefillTileN == 0,
+              "moeprep: the prefill GEMMs need N and K multiples of 128");
   TORCH_CHECK(sorted_ids.numel() >= static_cast<int64_t>(a.num_m_blocks) * kPrefillBlockM,
-              "moeprep: sorted_ids shorter than the blocks of ", kPrefillBlockM);
+              "moeprep: sorted_ids shorter than the blocks of 256");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(rows.const_data_ptr()) % 16 == 0,
               "moeprep: the prefill GEMMs' xs and h must be 16-byte aligned");
 }

@@ -88,6 +88,19 @@ def e8m0_to_float(scales: torch.Tensor) -> torch.Tensor:
     return torch.where(e == 0xFF, torch.full_like(out, float("nan")), out)
 
 
+def invalid_scales(kind: Kind, scales: torch.Tensor) -> tuple[int, float]:
+    """(how many, the first) of the scales that no quantizer writes: NaN, infinite, zero or
+    negative int4 scales; E8M0 0xFF (NaN)."""
+    if kind == "mxfp4":
+        bad = scales.view(torch.uint8) == 0xFF
+        values = scales.view(torch.uint8)
+    else:
+        values = scales.float()
+        bad = ~torch.isfinite(values) | (values <= 0)
+    count = int(bad.sum())
+    return count, (float(values[bad][0]) if count else 0.0)
+
+
 def dequantize(ql: QuantLinear, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The exact float32 weight ``[N, K]`` (then cast to ``dtype``)."""
     q = unpack_codes(ql.codes)

@@ -99,9 +99,12 @@ def inspect(ckpt: str, as_json: bool, all_tensors: bool, hub) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and moeprep dequant wrote it.")
 @click.option("--force", is_flag=True, help="Replace OUT even if moeprep did not write it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
+@click.option("--allow-invalid-scales", is_flag=True,
+              help="Carry NaN, infinite, zero or negative scales (and E8M0 0xFF) through instead of refusing them.")
 @_hub_options
 @_clean_errors
-def dequant(ckpt: str, out: str, dtype: str, overwrite: bool, force: bool, quiet: bool, hub) -> None:
+def dequant(ckpt: str, out: str, dtype: str, overwrite: bool, force: bool, quiet: bool, allow_invalid_scales: bool,
+            hub) -> None:
     """Write every quantized linear of CKPT, dequantized, as <module>.weight [out, in] into OUT."""
     from .dequant import DTYPES, dequantize_checkpoint
     from .io.checkpoint import Checkpoint
@@ -109,6 +112,7 @@ def dequant(ckpt: str, out: str, dtype: str, overwrite: bool, force: bool, quiet
     from .progress import Progress
 
     model = build_model_map(Checkpoint(ckpt, hub))
+    model.allow_invalid_scales = allow_invalid_scales
     linears = model.linears()
     total = sum(r.out_features * r.in_features for r in linears) * DTYPES[dtype].itemsize
     with Progress("dequant", total, len(linears), quiet) as bar:
@@ -153,10 +157,12 @@ class _ConvertCommand(click.Command):
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="MoE layers converted in parallel.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (no progress bar).")
+@click.option("--allow-invalid-scales", is_flag=True,
+              help="Carry NaN, infinite, zero or negative scales (and E8M0 0xFF) through instead of refusing them.")
 @_hub_options
 @_clean_errors
 def convert(src: str, out: str, target: str | None, max_shard_size: str, overwrite: bool, force: bool, dry_run: bool,
-            workers: int, quiet: bool, as_json: bool, hub) -> None:
+            workers: int, quiet: bool, as_json: bool, allow_invalid_scales: bool, hub) -> None:
     """Convert the quantized MoE checkpoint SRC (directory or hub repo id) into OUT."""
     import time
     from pathlib import Path
@@ -168,6 +174,7 @@ def convert(src: str, out: str, target: str | None, max_shard_size: str, overwri
 
     limit = parse_size(max_shard_size)
     model = build_model_map(Checkpoint(src, hub))
+    model.allow_invalid_scales = allow_invalid_scales
     chosen = choose_target(model, target)
     out_path = Path(out)
     check_paths(model.ckpt.root, out_path, overwrite, force)
@@ -195,14 +202,17 @@ def convert(src: str, out: str, target: str | None, max_shard_size: str, overwri
 @click.argument("out")
 @click.option("--quiet", "-q", is_flag=True, help="Print only failures.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (every failure listed).")
+@click.option("--allow-invalid-scales", is_flag=True,
+              help="Carry NaN, infinite, zero or negative scales (and E8M0 0xFF) through instead of refusing them.")
 @_hub_options
 @_clean_errors
-def verify(src: str, out: str, quiet: bool, as_json: bool, hub) -> None:
+def verify(src: str, out: str, quiet: bool, as_json: bool, allow_invalid_scales: bool, hub) -> None:
     """Prove that OUT is an exact conversion of SRC; exit 0 only if every check holds."""
     from .progress import Progress
     from .verify import MAX_REPORTED, check_pair, open_pair
 
     source, converted = open_pair(src, out, hub)
+    source.allow_invalid_scales = converted.allow_invalid_scales = allow_invalid_scales
     ckpt = converted.ckpt
     total = sum(ckpt.info(name).nbytes for name in ckpt.names())
     with Progress("verify", total, len(ckpt.names()), quiet or as_json) as bar:

@@ -336,6 +336,7 @@ def execute(
     Up to ``workers`` MoE layers are produced in background threads ahead of the writer.
     """
     model, target = plan.model, plan.target
+    model.check_other_scales()
     streams: dict[int, _LayerStream] = {}
     last_of_layer = {}
     for shard in plan.shards:

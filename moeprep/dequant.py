@@ -28,6 +28,18 @@ def is_dequant_output(path: Path) -> bool:
         return False
 
 
+def _cast(w: torch.Tensor, dtype: torch.dtype, model: ModelMap, ref) -> torch.Tensor:
+    """The exact fp32 weight in ``dtype``, refused where a finite value would not fit it."""
+    if dtype == torch.float32:
+        return w
+    over = int((torch.isfinite(w) & (w.abs() > torch.finfo(dtype).max)).sum())
+    if over:
+        name = next(iter(ref.parts.values()))
+        raise BadInputError(f"{over} weight(s) of {ref.module} exceed {str(dtype).removeprefix('torch.')}'s range; "
+                            "dequantize to float32", path=str(model.ckpt.file_of(name)), tensor=ref.module)
+    return w.to(dtype)
+
+
 def dequantize_checkpoint(
     model: ModelMap,
     out: str | os.PathLike,
@@ -59,7 +71,7 @@ def dequantize_checkpoint(
                     if layer_of(ref.module) != layer:
                         model.ckpt.release()  # keep resident memory to the layer at hand
                         layer = layer_of(ref.module)
-                    writer.write(spec.name, dequantize(model.read(ref), dtype))
+                    writer.write(spec.name, _cast(dequantize(model.read(ref)), dtype, model, ref))
                     if progress:
                         progress(spec.nbytes, 1)
                 writer.close()

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from . import converted  # noqa: F401  (importing registers the reader of converted checkpoints)
-from .canonical import QuantLinear
+from .canonical import QuantLinear, invalid_scales
 from .arch import EXPERT_MODULE, PROJ_ROLE, ROLES, Architecture, detect_architecture
 from .errors import BadInputError, MoeprepError
 from .formats import LinearFacts, LinearRef, RawLinear, SourceFormat, detect
@@ -51,16 +51,41 @@ class ModelMap:
     moe_layers: list[MoELayer]
     other_linears: list[LinearRef]
     plain: list[str] = field(default_factory=list)
+    allow_invalid_scales: bool = False  # carry NaN, infinite, zero or negative scales through as they are
 
     @property
     def num_experts(self) -> int:
         return self.arch.num_experts(self.ckpt.config)
 
     def read(self, ref: LinearRef) -> QuantLinear:
-        return self.fmt.read(self.ckpt, ref)
+        ql = self.fmt.read(self.ckpt, ref)
+        self._check_scales(ref, ql.scales)
+        return ql
 
     def read_raw_batch(self, refs: list[LinearRef]) -> list[RawLinear]:
-        return self.fmt.read_raw_batch(self.ckpt, refs)
+        raws = self.fmt.read_raw_batch(self.ckpt, refs)
+        for ref, raw in zip(refs, raws):
+            self._check_scales(ref, raw.scales)
+        return raws
+
+    def check_other_scales(self) -> None:
+        """The scales of the quantized linears that a conversion copies without reading them."""
+        if not self.allow_invalid_scales:
+            for ref in self.other_linears:
+                self.read_raw_batch([ref])
+
+    def _check_scales(self, ref: LinearRef, scales) -> None:
+        """Scales are checked where they are read: what no quantizer writes is refused, unless
+        asked to carry it through."""
+        if self.allow_invalid_scales:
+            return
+        count, first = invalid_scales(self.fmt.kind, scales)
+        if count:
+            name = ref.parts.get(self.fmt.scale_role, ref.module)
+            what = "E8M0 0xFF (NaN)" if self.fmt.kind == "mxfp4" else f"NaN, infinite, zero or negative (first {first:g})"
+            raise BadInputError(f"{count} scale(s) of {ref.module} are {what}; --allow-invalid-scales carries them through",
+                                path=str(self.ckpt.file_of(name)) if name in self.ckpt else str(self.ckpt.root),
+                                tensor=name)
 
     def facts(self, ref: LinearRef) -> LinearFacts:
         return self.fmt.facts(self.ckpt, ref)

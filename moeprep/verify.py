@@ -123,6 +123,7 @@ def verify(src: str, out: str, progress: Optional[Callable[[int, int], None]] = 
 
 
 def check_pair(source: ModelMap, converted: ModelMap, progress: Optional[Callable[[int, int], None]] = None) -> Report:
+    source.check_other_scales()
     report = Report()
     check_index(converted.ckpt, report)
     _check_config(source, converted, report)

@@ -264,6 +264,15 @@ def _huge_dimension(header: dict) -> None:
     header["huge"] = {"dtype": "U8", "shape": [2**64, 0], "data_offsets": [end, end]}
 
 
+def _one_scale(value: float):
+    def edit(t):
+        t = t.clone()
+        t.view(-1)[3] = value
+        return t
+
+    return edit
+
+
 def _fifo_shard(root: Path) -> None:
     shard = root / "model-00002-of-00002.safetensors"
     shard.unlink()
@@ -302,6 +311,10 @@ CORPUS = [
     Hostile("dimension_of_2_64", _edit_header("model-00002-of-00002.safetensors", _huge_dimension), "model-00002-of-00002.safetensors", "huge"),
     Hostile("fifo_as_shard", _fifo_shard, "model-00002-of-00002.safetensors"),
     Hostile("expert_count_10_12", _config(lambda c: c.update(num_local_experts=10**12)), "", "model.layers.0.mlp.experts.8"),
+    Hostile("scale_nan", _replace_tensor(f"{SRC_LAYER0}.2.up_proj.scales", _one_scale(float("nan"))), "model-0000", f"{SRC_LAYER0}.2.up_proj.scales", data_level=True),
+    Hostile("scale_infinite", _replace_tensor(f"{SRC_LAYER0}.2.down_proj.scales", _one_scale(float("inf"))), "model-0000", f"{SRC_LAYER0}.2.down_proj.scales", data_level=True),
+    Hostile("scale_zero", _replace_tensor(f"{SRC_LAYER0}.5.gate_proj.scales", _one_scale(0.0)), "model-0000", f"{SRC_LAYER0}.5.gate_proj.scales", data_level=True),
+    Hostile("scale_negative", _replace_tensor("model.layers.1.self_attn.q_proj.scales", _one_scale(-0.5)), "model-0000", "model.layers.1.self_attn.q_proj.scales", data_level=True),
     Hostile("converted_metadata_disagrees", _metadata_disagrees, "model-0000", "model.layers.1.mlp.experts.w2_weight", base="converted"),
     Hostile("converted_unknown_shuffle_kind", _shuffle_kind_unknown, "model-0000", "model.layers.0.mlp.experts.w13_weight_scale", base="converted"),
     Hostile("converted_stored_shape_disagrees", _stored_shape_disagrees, "model-0000", "model.layers.0.mlp.experts.w2_weight_zero_point", base="converted"),

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_clean_error, run_cli, run_cli_subprocess
+from conftest import REAL_FIXTURES, assert_clean_error, run_cli, run_cli_subprocess
 
 SRC = "gptq_g32_descact0_qwen3moe"
 
@@ -79,3 +79,39 @@ def test_unquantized_checkpoint_is_refused(fixtures_dir):
 def test_real_entry_point_exit_code_and_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_clean_error(run_cli_subprocess("inspect", str(tmp_path / "empty")), "no config.json")
+
+
+def _leaves(obj, path=()):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, path + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, path + (i,))
+    else:
+        yield path
+
+
+@pytest.mark.parametrize("fixture", sorted(REAL_FIXTURES))
+def test_a_list_or_object_where_the_config_holds_a_value_is_refused_cleanly(fixtures_dir, tmp_path, fixture):
+    """Every single value of quantization_config, in turn, wrapped in a list and in an object."""
+    import copy
+    import shutil
+
+    src = fixtures_dir / fixture
+    work = tmp_path / "w"
+    shutil.copytree(src, work)
+    (work / "quantize_config.json").unlink(missing_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    for path in _leaves(cfg["quantization_config"]):
+        for wrap in (lambda v: [v], lambda v: {"value": v}):
+            bad = copy.deepcopy(cfg)
+            parent = bad["quantization_config"]
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = wrap(parent[path[-1]])
+            (work / "config.json").write_text(json.dumps(bad))
+            proc = run_cli("inspect", str(work))
+            assert proc.returncode in (0, 2), (path, proc.stderr)
+            if proc.returncode == 2:
+                assert_clean_error(proc, "config.json")

@@ -5,6 +5,8 @@ weights all follow one scheme, which is what llm-compressor's presets write.
 """
 from __future__ import annotations
 
+import json
+
 from ..errors import UnsupportedError
 
 WEIGHT_KEYS = ("num_bits", "type", "strategy", "group_size", "symmetric", "actorder")
@@ -28,6 +30,10 @@ def weights_scheme(qcfg: dict) -> tuple[str, dict]:
         if not isinstance(weights, dict):
             continue
         fmt = group.get("format") or qcfg.get("format")
+        for key, value in [("format", fmt)] + [(f"weights.{k}", weights.get(k)) for k in WEIGHT_KEYS]:
+            if not isinstance(value, (str, int, float, bool, type(None))):
+                raise UnsupportedError(f"compressed-tensors {key} must be a single value, got {type(value).__name__} "
+                                       f"{json.dumps(value)[:40]}", path="config.json")
         schemes.add((fmt, tuple(weights.get(k) for k in WEIGHT_KEYS)))
         args = weights
     if not schemes:

@@ -61,6 +61,8 @@ MoeGemmArgs args_of(const at::Tensor& words, const at::Tensor& scale, const std:
     check_cuda(*bias, at::kBFloat16, "bias");
     TORCH_CHECK(bias->numel() == experts * n, "moeprep: bias must be [E, N]");
   }
+  // Messages stay string literals: a TORCH_CHECK that formats an int into its message crashed
+  // (SIGSEGV while raising) in this extension built by the H100 image's toolchain.
   static_assert(kDecodeBlockM == 8, "the message below names the block");
   TORCH_CHECK(sorted_ids.numel() >= expert_ids.numel() * kDecodeBlockM, "moeprep: sorted_ids shorter than the blocks of 8");
   for (const void* p : {words.const_data_ptr(), scale.const_data_ptr(), sorted_ids.const_data_ptr(),

@@ -1,6 +1,6 @@
 // Layout facts shared by the CPU kernels and the GPU kernels (no torch here, so
 // nvcc, hipcc and the host compiler can all include it). See docs in
-// /work/shared/LAYOUTS.md and moeprep/ops/reference.py for the formulas.
+// docs/layouts.md and moeprep/ops/reference.py for the formulas.
 #pragma once
 
 #include <stdint.h>

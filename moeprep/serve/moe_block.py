@@ -22,7 +22,9 @@ class MoEBlock(nn.Module):
 
     The stored expert tensors are parameters (tagged ``is_shuffled``/``shuffle_kind``). The
     ``reference`` backend brings them back to the exact canonical form once and dequantizes per
-    expert on each call; ``triton`` runs the fused kernels on the stored layout directly.
+    expert on each call; ``triton`` (the name is kept for compatibility) runs the fused kernels on
+    the stored layout directly: whichever GPU backend each call's configuration names, the Triton
+    GEMMs or the CUDA ones (moeprep.kernels.backend).
     """
 
     def __init__(

@@ -142,3 +142,48 @@ def test_the_launchers_take_their_constants_from_the_compiled_module():
     assert (wgmma_prefill.BLOCK_M, wgmma_prefill.TILE_N) == (shared["prefill_block_m"], shared["prefill_tile_n"])
     assert BACKENDS["cuda_mma_decode"].block_m(None) == shared["decode_block_m"]
     assert BACKENDS["cuda_wgmma_prefill"].block_m(None) == shared["prefill_block_m"]
+
+
+def test_the_tuner_writes_its_winners_into_the_gpus_table(tmp_path, monkeypatch):
+    """scripts/bench_moe.py --tune --write: winners merged by batch size, the CUDA decode GEMMs named
+    where their pair was faster, an entry naming the CUDA prefill GEMMs kept on that backend."""
+    import importlib.util
+    import sys
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_moe_under_test", REPO / "scripts" / "bench_moe.py")
+    bm = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bm)  # its dataclasses look their module up
+    spec.loader.exec_module(bm)
+    monkeypatch.setattr(configs, "TUNED_DIR", tmp_path)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    configs.tuned_table.cache_clear()
+    m = bm.MODELS["mixtral-8x7b"]
+    problem = configs.Problem("int4", m.experts, m.hidden, m.inter, m.routing.top_k, m.group)
+    old = configs.TunedTable("Test GPU", {problem: [(1, configs.MoEConfig(16, G, G)),
+                                                    (2048, configs.MoEConfig(128, G, G, "cuda_wgmma_prefill"))]})
+    configs.table_path("Test GPU").write_text(json.dumps(configs.table_to_json(old)))
+    configs.tuned_table.cache_clear()
+    g = dataclasses.asdict(dataclasses.replace(G, block_n=32))
+    mma = {"warps": 4, "k_warps": 4, "stages": 3, "split": 1}
+    rows = [
+        dict(model="mixtral-8x7b", T=1, block_m=16, w13=g, w2=g, pair_us=50.0,
+             mma=dict(w13=mma, w13_us=20.0, w2=mma, w2_us=10.0)),  # the CUDA pair is faster
+        dict(model="mixtral-8x7b", T=16, block_m=16, w13=g, w2=g, pair_us=50.0,
+             mma=dict(w13=mma, w13_us=40.0, w2=mma, w2_us=20.0)),  # it is not
+        dict(model="mixtral-8x7b", T=2048, block_m=128, w13=g, w2=g, pair_us=900.0),
+        dict(model="mixtral-8x7b", T=8192, error="no candidate compiled"),
+    ]
+    try:
+        bm.write_tuned(rows, write=True)
+        configs.tuned_table.cache_clear()
+        table = configs.tuned_table("Test GPU")
+        got = {t: c for t, c in table.entries[problem]}
+        assert sorted(got) == [1, 16, 2048]
+        assert got[1].backend == "cuda_mma_decode" and got[1].mma.w13.warps == 4 and got[1].w13.block_n == 32
+        assert got[16].backend == "triton" and got[16].mma is None
+        assert got[2048].backend == "cuda_wgmma_prefill" and got[2048].w13.block_n == 32
+        assert table.models[problem] == "mixtral-8x7b"
+    finally:
+        configs.tuned_table.cache_clear()

@@ -111,7 +111,7 @@ def dequant(ckpt: str, out: str, dtype: str, overwrite: bool, force: bool, quiet
     from .model import build_model_map
     from .progress import Progress
 
-    model = build_model_map(Checkpoint(ckpt, hub))
+    model = build_model_map(Checkpoint(ckpt, hub), any_architecture=True)  # the format is all dequant needs
     model.allow_invalid_scales = allow_invalid_scales
     linears = model.linears()
     total = sum(r.out_features * r.in_features for r in linears) * DTYPES[dtype].itemsize

@@ -7,13 +7,14 @@ from .model import ModelMap
 
 def describe(model: ModelMap) -> dict:
     """A JSON-ready summary. Reads no tensor data."""
-    cfg = model.ckpt.config
+    cfg = model.arch.settings(model.ckpt.config)
     layers = model.moe_layers
     info = {
         **model.fmt.describe(),
         "kind": model.fmt.kind,
         "quant_method": (model.ckpt.quantization_config or {}).get("quant_method"),
         "architecture": model.arch.name,
+        "routing": model.arch.routing,
         "model_type": cfg.get("model_type"),
         "num_hidden_layers": cfg.get("num_hidden_layers"),
         "moe_layers": len(layers),

@@ -10,8 +10,8 @@ import torch
 
 from . import converted  # noqa: F401  (importing registers the reader of converted checkpoints)
 from .canonical import QuantLinear, invalid_scales
-from .arch import EXPERT_MODULE, PROJ_ROLE, ROLES, Architecture, detect_architecture
-from .errors import BadInputError, MoeprepError
+from .arch import EXPERT_MODULE, PROJ_ROLE, ROLES, Architecture, detect_architecture, unknown_architecture
+from .errors import BadInputError, MoeprepError, UnsupportedError
 from .formats import LinearFacts, LinearRef, RawLinear, SourceFormat, detect
 from .formats.base import g_idx_of
 from .io.checkpoint import Checkpoint
@@ -55,6 +55,8 @@ class ModelMap:
 
     @property
     def num_experts(self) -> int:
+        if not self.arch.known:  # only dequant maps such a family: its experts are what the tensors hold
+            return self.moe_layers[0].num_experts if self.moe_layers else 0
         return self.arch.num_experts(self.ckpt.config)
 
     def read(self, ref: LinearRef) -> QuantLinear:
@@ -147,16 +149,22 @@ class ModelLayer:
         return g_idx_of(self.model.ckpt, refs, fmt.g_idx_role, refs[0].in_features, fmt.params.group_size)
 
 
-def build_model_map(ckpt: Checkpoint, fmt: SourceFormat | None = None) -> ModelMap:
+def build_model_map(ckpt: Checkpoint, fmt: SourceFormat | None = None, any_architecture: bool = False) -> ModelMap:
+    """The map of a checkpoint. ``any_architecture``: a family moeprep does not know is mapped too
+    (for ``dequant``, which needs the format alone), its experts counted from the tensors."""
     try:
-        arch = detect_architecture(ckpt.config)
         fmt = fmt or detect(ckpt.quantization_config)
-        arch.num_experts(ckpt.config)
+        try:
+            arch = detect_architecture(ckpt.config)
+        except UnsupportedError:
+            if not any_architecture:
+                raise
+            arch = None
+        n_experts = arch.num_experts(ckpt.config) if arch is not None else None
     except MoeprepError as e:
         if e.path != "config.json":
             raise
         raise e.at(str(ckpt.root / "config.json")) from None
-    n_experts = arch.num_experts(ckpt.config)
     layers: dict[int, tuple[str, dict[int, dict[str, LinearRef]]]] = {}
     others: list[LinearRef] = []
     for ref in fmt.linears(ckpt):
@@ -173,10 +181,11 @@ def build_model_map(ckpt: Checkpoint, fmt: SourceFormat | None = None) -> ModelM
         if role in slot:
             raise BadInputError(f"expert {expert} of layer {layer} has two {role} projections ({slot[role].module})", path=str(ckpt.root), tensor=ref.module)
         slot[role] = ref
-    moe_layers = [_check_layer(ckpt, i, *layers[i], n_experts) for i in sorted(layers)]
+    moe_layers = [_check_layer(ckpt, i, *layers[i], n_experts or max(layers[i][1]) + 1) for i in sorted(layers)]
     consumed = {t for layer in moe_layers for r in layer.refs() for t in r.parts.values()}
     consumed |= {t for r in others for t in r.parts.values()}
     plain = sorted((n for n in ckpt.names() if n not in consumed), key=natural_key)
+    arch = arch or unknown_architecture(ckpt.config)
     return ModelMap(ckpt, arch, fmt, moe_layers, sorted(others, key=lambda r: natural_key(r.module)), plain)
 
 

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from .arch import Architecture
+from .errors import UnsupportedError
 from .targets import LayerPlan, Target
 
 
@@ -24,11 +25,14 @@ class Routing:
     @classmethod
     def for_arch(cls, arch: Architecture, config: dict) -> "Routing":
         top_k = arch.top_k(config)
-        if arch.name == "gpt_oss":
+        if arch.routing == "topk_softmax":
             return cls("topk_softmax", top_k, False)
-        if arch.name == "mixtral":
-            return cls("softmax_topk", top_k, True)
-        return cls("softmax_topk", top_k, bool(config.get("norm_topk_prob", False)), True)
+        if arch.routing == "softmax_topk_renorm":
+            return cls("softmax_topk", top_k, True, arch.weights_in_logits_dtype)
+        if arch.routing == "softmax_topk":
+            renormalize = bool(arch.settings(config).get("norm_topk_prob", False))
+            return cls("softmax_topk", top_k, renormalize, arch.weights_in_logits_dtype)
+        raise UnsupportedError(f"{arch.name}: moeprep does not compute {arch.routing} routing yet", path="config.json")
 
 
 def route(logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:

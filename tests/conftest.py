@@ -13,6 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"  # FORMATS.md says who wrote each fixture, and how
 FIXTURE_TAR = DATA / "qwen3moe-quantized.tar.xz"
+ARCH_FIXTURE_TAR = DATA / "moe-architectures.tar.xz"  # ARCHITECTURES.md describes them
 REAL_FIXTURES = {
     "awq_gemm_g32_qwen3moe": "awq",
     "ct_w4a16_g32_sym_qwen3moe": "compressed-tensors-int4",
@@ -25,6 +26,14 @@ REAL_FIXTURES = {
 def fixtures_dir(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("fixtures")
     with tarfile.open(FIXTURE_TAR, "r:xz") as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def arch_fixtures_dir(tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("arch_fixtures")
+    with tarfile.open(ARCH_FIXTURE_TAR, "r:xz") as tar:
         tar.extractall(dest, filter="data")
     return dest
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
-from ..errors import BadInputError, MoeprepError
+from ..errors import BadInputError, MoeprepError, UnsupportedError
 from ..moe import Activation, ExpertWeights, Routing
 from .loader import LoadedCheckpoint, load
 from .torch_moe import moe_reference
@@ -78,8 +78,11 @@ class MoEBlock(nn.Module):
 
 
 def build_moe_block(loaded: LoadedCheckpoint, layer_idx: int, dtype: torch.dtype, backend: str) -> MoEBlock:
-    experts = loaded.experts(layer_idx)
     arch = loaded.model.arch
+    if arch.servable:
+        raise UnsupportedError(f"serving {arch.name} needs {arch.servable}, which moeprep does not compute yet "
+                               "(dequant, convert and verify work)", path=str(loaded.root / "config.json"))
+    experts = loaded.experts(layer_idx)
     router = f"{experts.prefix}.{arch.router_names[0]}"
     if f"{router}.weight" not in loaded:
         raise BadInputError("missing router weight", path=str(loaded.root), tensor=f"{router}.weight")

@@ -1,0 +1,77 @@
+"""The MoE families beyond Qwen3-MoE, Mixtral and gpt-oss (tests/data/ARCHITECTURES.md), on the
+checkpoints their quantizers wrote: read exactly, converted and verified, inspected; their MoE
+blocks refused for serving until moeprep computes their routing and shared experts; a family
+moeprep does not know is still dequantized, and refused by convert in one line."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import assert_clean_error, run_cli
+from test_commands_convert import accepting_targets
+from test_formats_fixtures import assert_bit_equal
+
+FAMILIES = {  # fixture: (architecture, MoE layers, routed experts)
+    "gptq_g32_descact0_qwen35moe_text": ("qwen3_5_moe", [0, 1], 8),
+    "ct_w4a16_g32_sym_kimik2_deepseekv3": ("deepseek_v3", [1], 8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_dequant_matches_the_quantizers_reference(arch_fixtures_dir, tmp_path, name):
+    src = arch_fixtures_dir / name
+    out = tmp_path / "deq.safetensors"
+    assert run_cli("dequant", str(src), str(out), "-q").returncode == 0
+    assert_bit_equal(load_file(out), load_file(src / "ref_dequant.safetensors"))
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_inspect_reports_the_family(arch_fixtures_dir, name):
+    info = json.loads(run_cli("inspect", str(arch_fixtures_dir / name), "--json").stdout)
+    arch, layers, experts = FAMILIES[name]
+    assert (info["architecture"], info["moe_layer_indices"], info["num_experts"]) == (arch, layers, experts)
+    assert info["moe_layers"] == len(layers) and info["top_k"] == 2
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_convert_verify_and_dequant_the_conversion(arch_fixtures_dir, tmp_path, name):
+    src = arch_fixtures_dir / name
+    ref = load_file(src / "ref_dequant.safetensors")
+    targets = accepting_targets(src)
+    assert "canonical" in targets and len(targets) >= 2  # the int4 preshuffles too
+    for target in targets:
+        out = tmp_path / target
+        assert run_cli("convert", str(src), str(out), "--target", target, "-q").returncode == 0
+        assert run_cli("verify", str(src), str(out)).returncode == 0, target
+        assert run_cli("dequant", str(out), str(tmp_path / f"{target}.safetensors"), "-q").returncode == 0
+        assert_bit_equal(load_file(tmp_path / f"{target}.safetensors"), ref)
+        if name.startswith("ct_"):  # the router's correction bias is carried byte for byte (verify checks it)
+            index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+            assert "model.layers.1.mlp.gate.e_score_correction_bias" in index
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_serving_is_refused_until_the_routing_is_computed(arch_fixtures_dir, tmp_path, name):
+    import moeprep
+    from moeprep.errors import UnsupportedError
+
+    out = tmp_path / "out"
+    assert run_cli("convert", str(arch_fixtures_dir / name), str(out), "-q").returncode == 0
+    layer = FAMILIES[name][1][-1]
+    with pytest.raises(UnsupportedError, match="shared experts"):
+        moeprep.load_moe_layer(str(out), layer)
+
+
+def test_an_unknown_family_is_dequantized_and_refused_by_convert(fixtures_dir, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(fixtures_dir / "awq_gemm_g32_qwen3moe", src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "brand_new_moe"
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert run_cli("dequant", str(src), str(tmp_path / "w.safetensors"), "-q").returncode == 0
+    assert_bit_equal(load_file(tmp_path / "w.safetensors"),
+                     load_file(fixtures_dir / "awq_gemm_g32_qwen3moe" / "ref_dequant.safetensors"))
+    assert_clean_error(run_cli("convert", str(src), str(tmp_path / "out")), "brand_new_moe", "moeprep/arch.py")

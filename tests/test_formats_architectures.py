@@ -75,3 +75,37 @@ def test_an_unknown_family_is_dequantized_and_refused_by_convert(fixtures_dir, t
     assert_bit_equal(load_file(tmp_path / "w.safetensors"),
                      load_file(fixtures_dir / "awq_gemm_g32_qwen3moe" / "ref_dequant.safetensors"))
     assert_clean_error(run_cli("convert", str(src), str(tmp_path / "out")), "brand_new_moe", "moeprep/arch.py")
+
+
+def test_the_multimodal_qwen35_layout(arch_fixtures_dir, tmp_path):
+    """The published Qwen3.5 checkpoints are the multimodal class (ARCHITECTURES.md): the numbers
+    under text_config, the text layers under model.language_model. Made from the text fixture by
+    that description alone."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    text = arch_fixtures_dir / "gptq_g32_descact0_qwen35moe_text"
+    src = tmp_path / "multimodal"
+    shutil.copytree(text, src)
+
+    def moved(name: str) -> str:
+        return name.replace("model.layers.", "model.language_model.layers.", 1)
+
+    for f in ("model.safetensors", "ref_dequant.safetensors"):
+        with safe_open(str(text / f), "pt") as h:
+            meta = h.metadata()
+        save_file({moved(k): v for k, v in load_file(text / f).items()}, src / f, metadata=meta)
+    cfg = json.loads((text / "config.json").read_text())
+    qc = cfg.pop("quantization_config")
+    outer = {"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
+             "text_config": cfg, "quantization_config": qc}
+    (src / "config.json").write_text(json.dumps(outer))
+    info = json.loads(run_cli("inspect", str(src), "--json").stdout)
+    assert (info["architecture"], info["moe_layer_indices"], info["num_experts"], info["top_k"]) == ("qwen3_5_moe", [0, 1], 8, 2)
+    assert run_cli("dequant", str(src), str(tmp_path / "w.safetensors"), "-q").returncode == 0
+    assert_bit_equal(load_file(tmp_path / "w.safetensors"), load_file(src / "ref_dequant.safetensors"))
+    out = tmp_path / "out"
+    assert run_cli("convert", str(src), str(out), "-q").returncode == 0
+    assert run_cli("verify", str(src), str(out)).returncode == 0
+    assert any(n.startswith("model.language_model.layers.1.mlp.experts.w13")
+               for n in json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])

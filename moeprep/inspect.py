@@ -15,6 +15,7 @@ def describe(model: ModelMap) -> dict:
         "quant_method": (model.ckpt.quantization_config or {}).get("quant_method"),
         "architecture": model.arch.name,
         "routing": model.arch.routing,
+        "shared_expert_layers": _shared_expert_layers(model),
         "model_type": cfg.get("model_type"),
         "num_hidden_layers": cfg.get("num_hidden_layers"),
         "moe_layers": len(layers),
@@ -33,6 +34,15 @@ def describe(model: ModelMap) -> dict:
     }
     info.update(model.fmt.describe_extra(model))
     return info
+
+
+def _shared_expert_layers(model: ModelMap) -> list[int]:
+    """The MoE layers that also hold the family's shared experts (by tensor name)."""
+    name = model.arch.shared_experts
+    if not name:
+        return []
+    names = model.ckpt.names()
+    return [layer.index for layer in model.moe_layers if any(n.startswith(f"{layer.prefix}.{name}.") for n in names)]
 
 
 def _expert_shapes(model: ModelMap) -> dict:

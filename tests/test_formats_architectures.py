@@ -34,6 +34,8 @@ def test_inspect_reports_the_family(arch_fixtures_dir, name):
     arch, layers, experts = FAMILIES[name]
     assert (info["architecture"], info["moe_layer_indices"], info["num_experts"]) == (arch, layers, experts)
     assert info["moe_layers"] == len(layers) and info["top_k"] == 2
+    assert info["shared_expert_layers"] == layers  # every MoE layer of both families has them
+    assert info["routing"] == {"qwen3_5_moe": "softmax_topk_renorm", "deepseek_v3": "noaux_tc"}[arch]
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

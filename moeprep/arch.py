@@ -56,18 +56,6 @@ class Architecture:
     def known(self) -> bool:
         return self.name in ARCHITECTURES
 
-    @property
-    def servable(self) -> str:
-        """Empty when moeprep computes this family's MoE block exactly; else what it lacks."""
-        missing = []
-        if not self.known:
-            return "an entry in moeprep/arch.py (config keys, expert, router and shared-expert names, routing)"
-        if self.routing not in ("softmax_topk", "softmax_topk_renorm", "topk_softmax"):
-            missing.append(f"{self.routing} routing")
-        if self.shared_experts:
-            missing.append("shared experts")
-        return " and ".join(missing)
-
 
 def _positive(config: dict, keys: tuple[str, ...], arch: str) -> int:
     """The first of ``keys`` holding a positive integer (producers differ in which they write)."""

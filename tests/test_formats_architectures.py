@@ -1,13 +1,14 @@
 """The MoE families beyond Qwen3-MoE, Mixtral and gpt-oss (tests/data/ARCHITECTURES.md), on the
-checkpoints their quantizers wrote: read exactly, converted and verified, inspected; their MoE
-blocks refused for serving until moeprep computes their routing and shared experts; a family
-moeprep does not know is still dequantized, and refused by convert in one line."""
+checkpoints their quantizers wrote: read exactly, converted and verified, inspected, and every
+decoder layer's MLP served as a reference written here from ARCHITECTURES.md's math computes it; a
+family moeprep does not know is still dequantized, and refused by convert in one line."""
 from __future__ import annotations
 
 import json
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import assert_clean_error, run_cli
@@ -55,16 +56,86 @@ def test_convert_verify_and_dequant_the_conversion(arch_fixtures_dir, tmp_path, 
             assert "model.layers.1.mlp.gate.e_score_correction_bias" in index
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_serving_is_refused_until_the_routing_is_computed(arch_fixtures_dir, tmp_path, name):
-    import moeprep
-    from moeprep.errors import UnsupportedError
+def _weights(src):
+    """Every weight of a fixture as fp32 [out, in]: the quantizer's own dequantization of what it
+    quantized, the stored tensors of the rest."""
+    from safetensors import safe_open
 
-    out = tmp_path / "out"
-    assert run_cli("convert", str(arch_fixtures_dir / name), str(out), "-q").returncode == 0
-    layer = FAMILIES[name][1][-1]
-    with pytest.raises(UnsupportedError, match="shared experts"):
-        moeprep.load_moe_layer(str(out), layer)
+    plain = {}
+    for f in src.glob("model*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            plain.update({k: h.get_tensor(k).float() for k in h.keys()})
+    return {**plain, **load_file(src / "ref_dequant.safetensors")}
+
+
+def _mlp(w, module, x):
+    """ARCHITECTURES.md: every expert, shared expert and dense MLP is down(silu(gate x) * up x)."""
+    def lin(name, v):
+        return v @ w[f"{module}.{name}.weight"].T
+
+    return lin("down_proj", torch.nn.functional.silu(lin("gate_proj", x)) * lin("up_proj", x))
+
+
+def _reference_layer(w, cfg, layer, x):
+    """The MLP of one decoder layer, from ARCHITECTURES.md's math alone, in fp32."""
+    p = f"model.layers.{layer}.mlp"
+    if f"{p}.gate.weight" not in w:  # a dense layer
+        return _mlp(w, p, x)
+    logits = x @ w[f"{p}.gate.weight"].T
+    k = cfg["num_experts_per_tok"]
+    if cfg["model_type"].startswith("qwen3_5"):
+        probs = torch.softmax(logits, dim=-1)
+        weights, ids = torch.topk(probs, k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)  # always
+        shared = torch.sigmoid(x @ w[f"{p}.shared_expert_gate.weight"].T) * _mlp(w, f"{p}.shared_expert", x)
+    else:  # noaux_tc
+        scores = torch.sigmoid(logits)
+        choice = scores + w[f"{p}.gate.e_score_correction_bias"]
+        assert cfg["n_group"] == 1  # the group step does nothing (Kimi-K2, GLM-4.5)
+        ids = torch.topk(choice, k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if cfg["norm_topk_prob"]:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * cfg["routed_scaling_factor"]
+        shared = _mlp(w, f"{p}.shared_experts", x)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(k):
+            out[t] += weights[t, j] * _mlp(w, f"{p}.experts.{int(ids[t, j])}", x[t : t + 1])[0]
+    return out + shared
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_layer_matches_a_dense_reference(arch_fixtures_dir, tmp_path, name):
+    import moeprep
+
+    src = arch_fixtures_dir / name
+    w, cfg = _weights(src), json.loads((src / "config.json").read_text())
+    x = torch.randn(9, cfg["hidden_size"], generator=torch.Generator().manual_seed(0))
+    for target in accepting_targets(src):
+        out = tmp_path / target
+        assert run_cli("convert", str(src), str(out), "--target", target, "-q").returncode == 0
+        loaded = moeprep.load(str(out))
+        for layer in range(cfg["num_hidden_layers"]):
+            got = moeprep.load_moe_layer(loaded, layer)(x)
+            want = _reference_layer(w, cfg, layer, x)
+            err = float((got - want).norm() / want.norm())
+            assert err <= 1e-5, (target, layer, err)
+
+
+def test_noaux_tc_group_limit():
+    """With several groups, only the topk_group groups whose two best biased scores sum highest
+    may be chosen; the weights are the unbiased scores, renormalised, scaled."""
+    from moeprep.moe import Routing, route
+
+    routing = Routing("noaux_tc", 2, True, n_group=4, topk_group=2, scaling=2.5)
+    logits = torch.tensor([[0.0, 0.1, 5.0, 0.2, 1.0, 1.1, -3.0, 0.3]])  # groups of 2: g1 best, then g2
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 9.0, 0.0])  # lifts expert 6 (group 3) into the top groups
+    weights, ids = route(logits, routing, bias)
+    assert sorted(ids[0].tolist()) == [2, 6]
+    s = torch.sigmoid(logits[0])
+    want = torch.stack([s[i] for i in ids[0].tolist()])
+    torch.testing.assert_close(weights[0], want / want.sum() * 2.5)
 
 
 def test_an_unknown_family_is_dequantized_and_refused_by_convert(fixtures_dir, tmp_path):

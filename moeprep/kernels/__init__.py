@@ -20,7 +20,7 @@ import torch
 
 from ..errors import MoeprepError
 
-__all__ = ["available", "supports", "fused_moe"]
+__all__ = ["available", "routes", "supports", "fused_moe"]
 
 
 def _have_triton() -> bool:
@@ -30,6 +30,15 @@ def _have_triton() -> bool:
 def available() -> bool:
     """Triton is importable and there is a GPU (CUDA or HIP) to run on."""
     return _have_triton() and torch.cuda.is_available()
+
+
+def routes(routing) -> bool:
+    """Whether the routing kernel computes this routing."""
+    if not _have_triton():
+        return False
+    from .routing import SCORINGS
+
+    return routing.scoring in SCORINGS
 
 
 def supports(experts) -> bool:

@@ -8,10 +8,11 @@ shapes) and refuses anything that is not a moeprep checkpoint it can serve.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
+from ..canonical import dequantize
 from ..converted import Converted
 from ..errors import BadInputError, UnsupportedError
 from ..io.checkpoint import Checkpoint, HubOptions
@@ -38,6 +39,7 @@ class LoadedCheckpoint:
         self.target = self.fmt.target
         self.shuffle_kind = self.target.name
         self._expert_tensor_names = set(model.expert_tensors())
+        self._others = {ref.module: ref for ref in model.other_linears}
         self._cache: dict[str, torch.Tensor] = {}
 
     @property
@@ -75,6 +77,16 @@ class LoadedCheckpoint:
         info = self.fmt.layer(self.model.ckpt, layer.prefix)
         tensors = {role: self[name] for role, name in info.tensors.items()}
         return ExpertWeights(layer.prefix, info.plan, self.target, tensors, info.row_perm)
+
+    def dense_weight(self, module: str) -> Optional[torch.Tensor]:
+        """The fp32 weight ``[out, in]`` of a linear outside the routed experts (a shared expert, a
+        dense MLP projection): dequantized exactly where the checkpoint quantized it, as stored
+        where it did not; None where there is no such module."""
+        ref = self._others.get(module)
+        if ref is not None:
+            return dequantize(self.model.read(ref)).to(self.device)
+        name = f"{module}.weight"
+        return self[name].as_subclass(torch.Tensor).float() if name in self else None
 
     def release(self) -> None:
         self._cache.clear()

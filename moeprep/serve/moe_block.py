@@ -1,4 +1,6 @@
-"""The model's sparse MoE block, computed from preshuffled weights."""
+"""The model's MoE block, computed from preshuffled weights: the routed experts with the family's
+routing, plus its shared experts (and their gate) where it has them; a dense layer's MLP where a
+family has dense layers."""
 from __future__ import annotations
 
 import os
@@ -9,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
-from ..errors import BadInputError, MoeprepError, UnsupportedError
+from ..errors import BadInputError, MoeprepError
 from ..moe import Activation, ExpertWeights, Routing
 from .loader import LoadedCheckpoint, load
 from .torch_moe import moe_reference
@@ -36,6 +38,9 @@ class MoEBlock(nn.Module):
         activation: Activation,
         dtype: torch.dtype = torch.float32,
         backend: str = "auto",
+        correction_bias: Optional[torch.Tensor] = None,
+        shared: Optional["DenseMLP"] = None,
+        shared_gate: Optional[torch.Tensor] = None,
     ):
         super().__init__()
         if backend not in BACKENDS:
@@ -43,6 +48,10 @@ class MoEBlock(nn.Module):
         self.routing, self.activation, self.dtype = routing, activation, dtype
         self.router_weight = nn.Parameter(router_weight.to(dtype), requires_grad=False)
         self.router_bias = None if router_bias is None else nn.Parameter(router_bias.to(dtype), requires_grad=False)
+        # noaux_tc's bias takes part in the choice only, in fp32
+        self.correction_bias = None if correction_bias is None else nn.Parameter(correction_bias.float(), requires_grad=False)
+        self.shared = shared
+        self.shared_gate = None if shared_gate is None else nn.Parameter(shared_gate.to(dtype), requires_grad=False)
         self.expert_weights = experts
         for role, t in experts.tensors.items():
             self.register_parameter(role, nn.Parameter(t, requires_grad=False))
@@ -50,9 +59,12 @@ class MoEBlock(nn.Module):
         self._canonical = None
 
     def _pick_backend(self, backend: str) -> str:
+        fused_routing = kernels.routes(self.routing)
+        if backend == "triton" and not fused_routing:
+            raise MoeprepError(f"the fused kernels do not route {self.routing.scoring}; use backend='reference'")
         if backend != "auto":
             return backend
-        if self.router_weight.is_cuda:
+        if self.router_weight.is_cuda and fused_routing:
             if kernels.available() and kernels.supports(self.expert_weights):
                 return "triton"
         return "reference"
@@ -73,15 +85,50 @@ class MoEBlock(nn.Module):
         x = hidden_states.to(self.dtype)
         logits = F.linear(x, self.router_weight, self.router_bias)
         if self.backend == "triton":
-            return kernels.fused_moe(x, logits, self.routing, self.stored(), self.activation)
-        return moe_reference(x, logits, self.routing, self.canonical(), self.activation)
+            out = kernels.fused_moe(x, logits, self.routing, self.stored(), self.activation)
+        else:
+            out = moe_reference(x, logits, self.routing, self.canonical(), self.activation, self.correction_bias)
+        if self.shared is not None:
+            s = self.shared(x)
+            if self.shared_gate is not None:
+                s = torch.sigmoid(F.linear(x, self.shared_gate)) * s
+            out = out + s.to(out.dtype)
+        return out
 
 
-def build_moe_block(loaded: LoadedCheckpoint, layer_idx: int, dtype: torch.dtype, backend: str) -> MoEBlock:
+class DenseMLP(nn.Module):
+    """``down(silu(gate x) * up x)`` on dense weights ``[out, in]``: a shared expert, or the MLP of a
+    family's dense layer (dequantized exactly where the checkpoint quantized it)."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.dtype = dtype
+        for name, w in (("gate", gate), ("up", up), ("down", down)):
+            self.register_parameter(name, nn.Parameter(w.to(dtype), requires_grad=False))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.to(self.dtype)
+        return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+
+
+def _dense_mlp(loaded: LoadedCheckpoint, module: str, dtype: torch.dtype) -> Optional[DenseMLP]:
+    """The gate/up/down projections under ``module``, or None where the checkpoint has none."""
+    weights = [loaded.dense_weight(f"{module}.{proj}") for proj in ("gate_proj", "up_proj", "down_proj")]
+    if all(w is None for w in weights):
+        return None
+    if any(w is None for w in weights):
+        raise BadInputError("has some but not all of gate_proj, up_proj and down_proj", path=str(loaded.root), tensor=module)
+    return DenseMLP(*weights, dtype=dtype)
+
+
+def build_moe_block(loaded: LoadedCheckpoint, layer_idx: int, dtype: torch.dtype, backend: str) -> nn.Module:
     arch = loaded.model.arch
-    if arch.servable:
-        raise UnsupportedError(f"serving {arch.name} needs {arch.servable}, which moeprep does not compute yet "
-                               "(dequant, convert and verify work)", path=str(loaded.root / "config.json"))
+    if not isinstance(layer_idx, int) or isinstance(layer_idx, bool):
+        raise BadInputError(f"a layer index is an int, got {layer_idx!r}", path=str(loaded.root))
+    if layer_idx not in loaded.moe_layer_indices():
+        dense = _dense_mlp(loaded, f"{_layers_prefix(loaded)}{layer_idx}.mlp", dtype)
+        if dense is not None:
+            return dense
     experts = loaded.experts(layer_idx)
     router = f"{experts.prefix}.{arch.router_names[0]}"
     if f"{router}.weight" not in loaded:
@@ -98,6 +145,9 @@ def build_moe_block(loaded: LoadedCheckpoint, layer_idx: int, dtype: torch.dtype
     if routing.top_k > experts.num_experts:
         raise BadInputError(f"config.json routes each token to {routing.top_k} experts, the layer has {experts.num_experts}",
                             path=str(loaded.root / "config.json"))
+    correction = f"{router}.e_score_correction_bias"
+    shared = _dense_mlp(loaded, f"{experts.prefix}.{arch.shared_experts}", dtype) if arch.shared_experts else None
+    gate = f"{experts.prefix}.{arch.shared_expert_gate}.weight" if arch.shared_expert_gate else None
     return MoEBlock(
         experts,
         weight,
@@ -106,7 +156,17 @@ def build_moe_block(loaded: LoadedCheckpoint, layer_idx: int, dtype: torch.dtype
         Activation.for_arch(arch.activation, loaded.config),
         dtype,
         backend,
+        correction_bias=loaded[correction] if routing.scoring == "noaux_tc" and correction in loaded else None,
+        shared=shared,
+        shared_gate=loaded[gate] if shared is not None and gate and gate in loaded else None,
     )
+
+
+def _layers_prefix(loaded: LoadedCheckpoint) -> str:
+    """``model.layers.`` or, in multimodal checkpoints, ``model.language_model.layers.``."""
+    for layer in loaded.model.moe_layers:
+        return layer.prefix[: layer.prefix.rindex("layers.") + len("layers.")]
+    return "model.layers."
 
 
 def load_moe_layer(
@@ -116,6 +176,8 @@ def load_moe_layer(
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
 ) -> MoEBlock:
-    """The sparse MoE block of decoder layer ``layer_idx`` of a converted checkpoint."""
+    """The MLP of decoder layer ``layer_idx`` of a converted checkpoint as the family defines it: the
+    MoE block (routed experts, the family's routing, shared experts and their gate), or the dense
+    MLP of a dense layer."""
     loaded = path if isinstance(path, LoadedCheckpoint) else load(path, device)
     return build_moe_block(loaded, layer_idx, dtype, backend)

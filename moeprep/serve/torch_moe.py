@@ -6,6 +6,8 @@ what the fused kernels are tested against.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -59,6 +61,7 @@ def moe_reference(
     routing: Routing,
     experts: list[dict[str, QuantLinear]],
     act: Activation,
+    correction_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    weights, ids = route(router_logits, routing)
+    weights, ids = route(router_logits, routing, correction_bias)
     return experts_reference(hidden, weights, ids, experts, act)

@@ -92,6 +92,7 @@ def check(arch: str, tokens: list[int]) -> list[dict]:
     wave, cus = ARCHS[arch]
     triton_driver.set_active(CompileOnly(arch, wave))
     configs._programs_wanted = lambda device: 4 * cus  # split-K sized for this GPU, as on it
+    configs.vendor = lambda device: "amd"  # and fitted by AMD's rules
     rows, seen = [], set()
     for name, (target, E, H, I, routing, act, bias, group) in MODELS.items():
         layer, _ = random_layer(target, E, H, I, group_size=group, bias=bias, seed=0)

@@ -9,6 +9,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's interpreter: set before any test module
+    # imports them (triton.jit reads it when it wraps a kernel)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"  # FORMATS.md says who wrote each fixture, and how
@@ -95,8 +101,6 @@ def source_dir(fixtures_dir: Path, packed, name: str) -> Path:
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` need a CUDA device; without one they are skipped, with the reason."""
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

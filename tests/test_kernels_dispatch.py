@@ -187,3 +187,13 @@ def test_the_tuner_writes_its_winners_into_the_gpus_table(tmp_path, monkeypatch)
         assert table.models[problem] == "mixtral-8x7b"
     finally:
         configs.tuned_table.cache_clear()
+
+
+def test_amd_gpus_split_k_in_powers_of_two(monkeypatch):
+    """Triton's AMD backend miscompiles some 3-way splits (scripts/check_amd.py); NVIDIA keeps them."""
+    cfg = configs.MoEConfig(16, G, dataclasses.replace(G, split_k=4))
+    shape = (1, 4, 8, 256, 2880, CPU, (32, 32))  # 45 K tiles of 64 in the down projection
+    assert configs.fit(cfg, *shape).w2.split_k == 3
+    monkeypatch.setattr(configs, "vendor", lambda device: "amd")
+    assert configs.fit(cfg, *shape).w2.split_k == 1
+    assert configs.fit(cfg, 1, 4, 8, 256, 2048, CPU, (32, 32)).w2.split_k == 4  # 32 tiles

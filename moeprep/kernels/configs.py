@@ -222,8 +222,11 @@ MAX_ADDS = 16  # partial sums added into each output element by the down project
 
 def fit(cfg: MoEConfig, tokens: int, top_k: int, experts: int, hidden: int, inter: int, device: torch.device,
         group_sizes: tuple[int, int], split_k: Optional[int] = None) -> MoEConfig:
+    # Triton's AMD backend fails to compile some down-projection tiles split 3 ways (gfx950,
+    # scripts/check_amd.py): AMD GPUs split in powers of two only
+    pow2 = vendor(device) == "amd"
     w13 = _fit_gemm(cfg.w13, inter, hidden, group_sizes[0])
-    w13 = replace(w13, split_k=_split(w13.split_k, hidden // w13.block_k))
+    w13 = replace(w13, split_k=_split(w13.split_k, hidden // w13.block_k, pow2))
     w2 = _fit_gemm(cfg.w2, hidden, inter, group_sizes[1])
     wanted = split_k or cfg.w2.split_k
     if not wanted:
@@ -234,12 +237,15 @@ def fit(cfg: MoEConfig, tokens: int, top_k: int, experts: int, hidden: int, inte
     # every split adds each token's top-k partial sums into the output once more, rounded to its
     # dtype each time: keep it to MAX_ADDS roundings (32 measured 8e-3 of bf16 error, near the 1e-2 bound)
     wanted = min(wanted, max(1, MAX_ADDS // top_k))
-    return replace(cfg, w13=w13, w2=replace(w2, split_k=_split(wanted, inter // w2.block_k)))
+    return replace(cfg, w13=w13, w2=replace(w2, split_k=_split(wanted, inter // w2.block_k, pow2)))
 
 
-def _split(wanted: int, k_tiles: int) -> int:
-    """The largest split <= wanted that divides the K tiles evenly, leaving each at least two."""
-    return max([s for s in range(1, max(wanted, 1) + 1) if k_tiles % s == 0 and k_tiles // s >= 2] or [1])
+def _split(wanted: int, k_tiles: int, pow2: bool = False) -> int:
+    """The largest split <= wanted that divides the K tiles evenly, leaving each at least two
+    (and, with ``pow2``, a power of two)."""
+    able = [s for s in range(1, max(wanted, 1) + 1)
+            if k_tiles % s == 0 and k_tiles // s >= 2 and not (pow2 and s & (s - 1))]
+    return max(able or [1])
 
 
 def _fit_gemm(g: GemmConfig, rows: int, cols: int, group_size: int) -> GemmConfig:

@@ -28,20 +28,21 @@ REAL_FIXTURES = {
 }
 
 
-@pytest.fixture(scope="session")
-def fixtures_dir(tmp_path_factory) -> Path:
-    dest = tmp_path_factory.mktemp("fixtures")
-    with tarfile.open(FIXTURE_TAR, "r:xz") as tar:
+def _unpacked(tmp_path_factory, tar_path: Path, name: str) -> Path:
+    dest = tmp_path_factory.mktemp(name)
+    with tarfile.open(tar_path, "r:xz") as tar:
         tar.extractall(dest, filter="data")
     return dest
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir(tmp_path_factory) -> Path:
+    return _unpacked(tmp_path_factory, FIXTURE_TAR, "fixtures")
 
 
 @pytest.fixture(scope="session")
 def arch_fixtures_dir(tmp_path_factory) -> Path:
-    dest = tmp_path_factory.mktemp("arch_fixtures")
-    with tarfile.open(ARCH_FIXTURE_TAR, "r:xz") as tar:
-        tar.extractall(dest, filter="data")
-    return dest
+    return _unpacked(tmp_path_factory, ARCH_FIXTURE_TAR, "arch_fixtures")
 
 
 def run_cli_subprocess(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -32,6 +32,11 @@ def _hub_options(fn):
     return wrapper
 
 
+_allow_invalid_scales = click.option(
+    "--allow-invalid-scales", is_flag=True,
+    help="Carry NaN, infinite, zero or negative scales (and E8M0 0xFF) through instead of refusing them.")
+
+
 def _clean_errors(fn):
     """Turn every failure into one line on stderr and an exit code, never a traceback."""
 
@@ -99,8 +104,7 @@ def inspect(ckpt: str, as_json: bool, all_tensors: bool, hub) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and moeprep dequant wrote it.")
 @click.option("--force", is_flag=True, help="Replace OUT even if moeprep did not write it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
-@click.option("--allow-invalid-scales", is_flag=True,
-              help="Carry NaN, infinite, zero or negative scales (and E8M0 0xFF) through instead of refusing them.")
+@_allow_invalid_scales
 @_hub_options
 @_clean_errors
 def dequant(ckpt: str, out: str, dtype: str, overwrite: bool, force: bool, quiet: bool, allow_invalid_scales: bool,
@@ -157,8 +161,7 @@ class _ConvertCommand(click.Command):
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="MoE layers converted in parallel.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (no progress bar).")
-@click.option("--allow-invalid-scales", is_flag=True,
-              help="Carry NaN, infinite, zero or negative scales (and E8M0 0xFF) through instead of refusing them.")
+@_allow_invalid_scales
 @_hub_options
 @_clean_errors
 def convert(src: str, out: str, target: str | None, max_shard_size: str, overwrite: bool, force: bool, dry_run: bool,
@@ -202,8 +205,7 @@ def convert(src: str, out: str, target: str | None, max_shard_size: str, overwri
 @click.argument("out")
 @click.option("--quiet", "-q", is_flag=True, help="Print only failures.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (every failure listed).")
-@click.option("--allow-invalid-scales", is_flag=True,
-              help="Carry NaN, infinite, zero or negative scales (and E8M0 0xFF) through instead of refusing them.")
+@_allow_invalid_scales
 @_hub_options
 @_clean_errors
 def verify(src: str, out: str, quiet: bool, as_json: bool, allow_invalid_scales: bool, hub) -> None:

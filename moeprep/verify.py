@@ -145,11 +145,12 @@ def _check_files(source: ModelMap, converted: ModelMap, report: Report) -> None:
             continue
         mine = copied.pop(p.name)
         try:
-            same = converted.ckpt.inside(p).read_bytes() == mine.read_bytes()
+            theirs = converted.ckpt.inside(p)
         except MoeprepError as e:
             report.fail(f"{p.name}: {e.message}")
             continue
-        if same:
+        size = mine.stat().st_size
+        if theirs.stat().st_size == size and _bytes_equal(theirs, 0, mine, 0, size):
             report.files += 1
         else:
             report.fail(f"{p.name}: differs from SRC")

@@ -136,6 +136,7 @@ class Checkpoint:
             self._check_index()
         self._handles: dict[str, object] = {}
         self._maps: dict[str, torch.UntypedStorage] = {}
+        self._supplied: dict[str, torch.Tensor] = {}
 
     @property
     def quantization_config(self) -> dict | None:
@@ -243,9 +244,22 @@ class Checkpoint:
             self._handles[fname] = h
         return h
 
+    def supply(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Tensors an engine's own loader has already read from this checkpoint's files: they answer
+        ``get_tensor`` from now on, so nothing is read twice. Each must be what its header says."""
+        for name, t in tensors.items():
+            info = self.info(name)
+            if tuple(t.shape) != tuple(info.shape) or t.dtype != getattr(torch, info.torch_dtype_name):
+                raise BadInputError(f"loaded as {t.dtype} {list(t.shape)}, stored as {info.dtype} {list(info.shape)}",
+                                    path=str(self.file_of(name)), tensor=name)
+        self._supplied.update(tensors)
+
     def get_tensor(self, name: str) -> torch.Tensor:
         """One tensor, read lazily: a zero-copy view of the shard's memory map (safetensors'
         ``safe_open`` for a tensor whose offset does not suit its dtype's alignment)."""
+        supplied = self._supplied.get(name)
+        if supplied is not None:
+            return supplied
         fname, info = self.tensors.get(name, (None, None))
         if fname is None:
             raise BadInputError("missing tensor", path=str(self.root), tensor=name)
@@ -266,6 +280,7 @@ class Checkpoint:
         """Drop the memory maps of all shards (tensors already returned keep theirs alive)."""
         self._handles.clear()
         self._maps.clear()
+        self._supplied.clear()
 
     def inside(self, path: Path) -> Path:
         """``path`` if it is a regular file of this checkpoint: a symlink may point only within the

@@ -43,8 +43,6 @@ class MoEBlock(nn.Module):
         shared_gate: Optional[torch.Tensor] = None,
     ):
         super().__init__()
-        if backend not in BACKENDS:
-            raise MoeprepError(f"unknown MoE backend {backend!r} (choose from {', '.join(BACKENDS)})")
         self.routing, self.activation, self.dtype = routing, activation, dtype
         self.router_weight = nn.Parameter(router_weight.to(dtype), requires_grad=False)
         self.router_bias = None if router_bias is None else nn.Parameter(router_bias.to(dtype), requires_grad=False)
@@ -55,19 +53,21 @@ class MoEBlock(nn.Module):
         self.expert_weights = experts
         for role, t in experts.tensors.items():
             self.register_parameter(role, nn.Parameter(t, requires_grad=False))
-        self.backend = self._pick_backend(backend)
         self._canonical = None
+        self.use_backend(backend)
 
-    def _pick_backend(self, backend: str) -> str:
+    def use_backend(self, backend: str) -> None:
+        """Compute with ``backend``; ``auto`` takes the fused kernels where the weights' device and
+        the routing allow, the reference elsewhere."""
+        if backend not in BACKENDS:
+            raise MoeprepError(f"unknown MoE backend {backend!r} (choose from {', '.join(BACKENDS)})")
         fused_routing = kernels.routes(self.routing)
         if backend == "triton" and not fused_routing:
             raise MoeprepError(f"the fused kernels do not route {self.routing.scoring}; use backend='reference'")
-        if backend != "auto":
-            return backend
-        if self.router_weight.is_cuda and fused_routing:
-            if kernels.available() and kernels.supports(self.expert_weights):
-                return "triton"
-        return "reference"
+        if backend == "auto":
+            fused = self.router_weight.is_cuda and fused_routing and kernels.available() and kernels.supports(self.expert_weights)
+            backend = "triton" if fused else "reference"
+        self.backend = backend
 
     def stored(self) -> ExpertWeights:
         """The expert weights as this module holds them now (after any ``.to(device)``)."""

@@ -13,10 +13,10 @@ LAYERS = [
     {"formats"},
     {"ops"},
     {"targets"},
-    {"moe", "converted"},
+    {"moe", "converted", "partition"},
     {"model", "kernels"},
     {"convert", "verify", "dequant", "inspect", "progress", "serve"},
-    {"hf"},
+    {"hf", "vllm_plugin"},
     {"cli", "__main__", "__init__"},
 ]
 

@@ -1,0 +1,279 @@
+"""vLLM plugin: serve converted checkpoints as they are (entry point group ``vllm.general_plugins``).
+
+``quant_method: "moeprep"`` in a converted checkpoint's config selects :class:`MoeprepConfig`.
+Layers outside the MoE blocks go to the source checkpoint's own quantization method (its config is
+kept as ``source_quantization_config``) on a GPU; on a CPU, where vLLM's kernels for those formats
+need fp16/bf16 and AVX-512 BF16, moeprep dequantizes them exactly once at load. Each MoE layer's experts get :class:`MoeprepMoEMethod`:
+parameters of the stored names, shapes and dtypes (``w13_weight``, ``w13_weight_scale``, ...),
+filled with the stored bytes as they are by :class:`MoeprepRoutedExperts` (vLLM's own expert
+loader knows only per-expert and stacked HF names and would drop ours), tagged ``is_shuffled`` /
+``shuffle_kind``. vLLM routes; moeprep computes the experts on the preshuffled bytes.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
+from vllm.platforms import current_platform
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.layers.quantization import get_quantization_config, register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+from .canonical import dequantize
+from .errors import BadInputError, MoeprepError, UnsupportedError
+from .io.checkpoint import HubOptions
+from .moe import Activation, ExpertWeights
+from .partition import Partition, local_plan, slice_stored
+from .serve.loader import LoadedCheckpoint, load
+from .serve.tags import tag
+from .serve.torch_moe import experts_reference
+
+QUANT_METHOD = "moeprep"
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class MoeprepConfig(QuantizationConfig):
+    """The ``quantization_config`` of a converted checkpoint."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.config = config
+        source = config.get("source_quantization_config")
+        self.source: Optional[QuantizationConfig] = None
+        if isinstance(source, dict) and source.get("quant_method"):
+            self.source = get_quantization_config(source["quant_method"]).from_config(source)
+        self.shuffle_kind: str = config.get("shuffle_kind", "")
+        self.path: Optional[str] = None
+        self.revision: Optional[str] = None
+        # per MoE layer index: the checkpoint's block prefix and its stored expert tensors
+        self.layers: dict[int, tuple[str, dict[str, tuple[tuple[int, ...], str]]]] = {}
+        self._loaded: Optional[LoadedCheckpoint] = None
+
+    def __getstate__(self):  # the open checkpoint stays in the process that opened it
+        return {**self.__dict__, "_loaded": None}
+
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 0
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "MoeprepConfig":
+        return cls(config)
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision: Optional[str] = None):
+        """Read the converted checkpoint's headers: each MoE layer's stored expert tensors."""
+        self.path, self.revision = model_name, revision
+        loaded = self.checkpoint()
+        ckpt = loaded.model.ckpt
+        for layer in loaded.model.moe_layers:
+            info = loaded.fmt.layer(ckpt, layer.prefix)
+            stored = {name.rsplit(".", 1)[1]: (tuple(ckpt.info(name).shape), ckpt.info(name).torch_dtype_name)
+                      for name in info.tensors.values()}
+            self.layers[layer.index] = (layer.prefix, stored)
+        if self.source is not None:
+            self.source.maybe_update_config(model_name, hf_config=hf_config, revision=revision)
+
+    def checkpoint(self) -> LoadedCheckpoint:
+        if self._loaded is None:
+            if self.path is None:
+                raise MoeprepError("moeprep's vLLM config was not given the checkpoint's path")
+            self._loaded = load(self.path, hub=HubOptions(revision=self.revision))
+        return self._loaded
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        if self.source is not None:
+            self.source.apply_vllm_mapper(hf_to_vllm_mapper)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, RoutedExperts):
+            return MoeprepMoEMethod(self, layer, prefix)
+        if isinstance(layer, LinearBase) and current_platform.is_cpu():
+            modules = self.packed_modules(prefix)
+            quantized = {ref.module for ref in self.checkpoint().model.other_linears}
+            if any(m in quantized for m in modules):
+                return MoeprepDequantLinearMethod(self, prefix, modules)
+            return UnquantizedLinearMethod()
+        return self.source.get_quant_method(layer, prefix) if self.source is not None else None
+
+    def packed_modules(self, prefix: str) -> list[str]:
+        """The checkpoint's modules that vLLM packs into its layer ``prefix`` (``qkv_proj`` holds
+        ``q_proj``, ``k_proj`` and ``v_proj``), in shard order."""
+        parent, _, name = prefix.rpartition(".")
+        return [f"{parent}.{m}" if parent else m for m in self.packed_modules_mapping.get(name, [name])]
+
+    def moe_layer(self, prefix: str) -> tuple[str, dict[str, tuple[tuple[int, ...], str]]]:
+        """The checkpoint's MoE layer behind vLLM's experts module ``prefix`` (by decoder layer index:
+        vLLM may name the modules above it differently)."""
+        m = LAYER_INDEX.search(prefix)
+        if m is None or int(m.group(1)) not in self.layers:
+            raise BadInputError(f"vLLM asks for MoE experts at {prefix}, which the checkpoint does not have "
+                                f"(its MoE layers: {sorted(self.layers)})", path=str(self.path))
+        return self.layers[int(m.group(1))]
+
+
+class MoeprepDequantLinearMethod(LinearMethodBase):
+    """A quantized linear outside the experts, dequantized exactly by moeprep's reader of the source
+    format from the tensors vLLM loads (each part of each packed module collected as it arrives)."""
+
+    SHARDS = {"q": 0, "k": 1, "v": 2}
+
+    def __init__(self, config: MoeprepConfig, prefix: str, modules: list[str]):
+        self.config, self.prefix, self.modules = config, prefix, modules
+        others = {ref.module: ref for ref in config.checkpoint().model.other_linears}
+        missing = [m for m in modules if m not in others]
+        if missing:
+            raise BadInputError(f"vLLM packs {', '.join(modules)} into {prefix}; the checkpoint has no quantized {missing[0]}",
+                                path=str(config.path), tensor=missing[0])
+        self.refs = [others[m] for m in modules]
+        self.collected: dict[str, torch.Tensor] = {}
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra: Any) -> None:
+        if input_size_per_partition != input_size or sum(output_partition_sizes) != output_size:
+            raise UnsupportedError("moeprep dequantizes the quantized linears of a CPU model at tensor-parallel size 1 only",
+                                   path=str(self.config.path), tensor=self.prefix)
+        self.dtype = params_dtype
+        suffixes = {name[len(ref.module) + 1:] for ref in self.refs for name in ref.parts.values()} - {"bias"}
+        for suffix in sorted(suffixes):
+            param = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+            param.weight_loader = self._collector(suffix)
+            layer.register_parameter(suffix, param)
+        self.suffixes = suffixes
+
+    def _collector(self, suffix: str):
+        def collect(param, loaded_weight: torch.Tensor, shard_id=None) -> None:
+            index = self.SHARDS.get(shard_id, shard_id) if shard_id is not None else 0
+            name = f"{self.modules[index]}.{suffix}"
+            if name not in self.config.checkpoint().model.ckpt:
+                raise BadInputError(f"vLLM loads it into {self.prefix}, the checkpoint has no such tensor", path=str(self.config.path), tensor=name)
+            self.collected[name] = loaded_weight
+        return collect
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        model = self.config.checkpoint().model
+        for ref in self.refs:
+            for name in ref.parts.values():
+                if name not in self.collected and not name.endswith(".bias"):
+                    raise BadInputError("stored tensor was not loaded", path=str(self.config.path), tensor=name)
+        model.ckpt.supply(self.collected)
+        weight = torch.cat([dequantize(model.read(ref), self.dtype) for ref in self.refs])
+        for suffix in self.suffixes:
+            delattr(layer, suffix)
+        layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.collected = {}
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+class MoeprepMoEMethod(FusedMoEMethodBase):
+    """Experts over the stored, preshuffled tensors of one MoE layer."""
+
+    def __init__(self, config: MoeprepConfig, layer: RoutedExperts, prefix: str):
+        super().__init__(layer.moe_config)
+        self.config = config
+        self.prefix = prefix
+        self.ckpt_prefix, self.stored = config.moe_layer(prefix)
+        parallel = layer.moe_config.moe_parallel_config
+        self.partition = Partition(tp_size=parallel.tp_size, tp_rank=parallel.tp_rank,
+                                   ep_size=parallel.ep_size, ep_rank=parallel.ep_rank, use_ep=parallel.use_ep)
+        self.expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.loaded: set[str] = set()
+        self.experts: Optional[ExpertWeights] = None
+        self._canonical = None
+
+    def create_weights(self, layer: RoutedExperts, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype, **extra: Any) -> None:
+        loaded = self.config.checkpoint()
+        info = loaded.fmt.layer(loaded.model.ckpt, self.ckpt_prefix)
+        self.full_plan = info.plan
+        self.plan = local_plan(info.plan, self.partition, self.ckpt_prefix)
+        for role, (shape, dtype_name) in self.stored.items():
+            dtype = getattr(torch, dtype_name)
+            local = slice_stored(torch.empty(shape, dtype=dtype, device="meta"), info.plan, self.partition, self.ckpt_prefix)
+            param = torch.nn.Parameter(torch.empty(local.shape, dtype=dtype), requires_grad=False)
+            param.is_shuffled = True
+            param.shuffle_kind = loaded.target.name
+            layer.register_parameter(role, param)
+            self.expected[role] = (tuple(local.shape), dtype)
+        self.row_perm = None if info.row_perm is None else slice_stored(info.row_perm, info.plan, self.partition, self.ckpt_prefix)
+
+    def load(self, layer: RoutedExperts, name: str, tensor: torch.Tensor) -> None:
+        """One stored tensor of this layer, as it is (this rank's slice of it)."""
+        where = dict(path=str(self.config.path), tensor=f"{self.ckpt_prefix}.experts.{name}")
+        if name not in self.expected:
+            raise BadInputError(f"not a stored expert tensor of this layer (expected {sorted(self.expected)})", **where)
+        local = slice_stored(tensor, self.full_plan, self.partition, where["tensor"])
+        shape, dtype = self.expected[name]
+        if tuple(local.shape) != shape or local.dtype != dtype:
+            raise BadInputError(f"is {local.dtype} {list(local.shape)}, expected {dtype} {list(shape)}", **where)
+        getattr(layer, name).data.copy_(local)
+        self.loaded.add(name)
+
+    def process_weights_after_loading(self, layer: RoutedExperts) -> None:
+        missing = sorted(set(self.expected) - self.loaded)
+        if missing:
+            raise BadInputError("stored expert tensor was not loaded", path=str(self.config.path),
+                                tensor=f"{self.ckpt_prefix}.experts.{missing[0]}")
+        target = self.config.checkpoint().target
+        tensors = {role: tag(getattr(layer, role).data, target.name) for role in self.expected}
+        self.experts = ExpertWeights(self.ckpt_prefix, self.plan, target, tensors, self.row_perm)
+
+    def get_fused_moe_quant_config(self, layer: RoutedExperts):
+        return None
+
+    def activation(self, layer: RoutedExperts) -> Activation:
+        kind = layer.activation.value
+        if kind == "silu":
+            return Activation("silu")
+        if kind == "swigluoai":
+            return Activation("swiglu_oai", float(layer.swiglu_alpha or 1.702), float(layer.swiglu_limit or 7.0))
+        raise UnsupportedError(f"moeprep's experts have no {kind!r} activation", path=str(self.config.path),
+                               tensor=f"{self.ckpt_prefix}.experts")
+
+    def apply(self, layer: RoutedExperts, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              shared_experts=None, shared_experts_input=None) -> torch.Tensor:
+        ids = topk_ids.long()
+        if layer.expert_map is not None:  # expert parallelism: global ids -> this rank's, -1 elsewhere
+            ids = layer.expert_map[ids].long()
+        weights = torch.where(ids >= 0, topk_weights, torch.zeros_like(topk_weights))
+        if self._canonical is None:
+            self._canonical = self.experts.canonical()
+        out = experts_reference(x, weights, ids.clamp(min=0), self._canonical, self.activation(layer))
+        return out.to(x.dtype)
+
+
+class MoeprepRoutedExperts(RoutedExperts):
+    """vLLM's experts module, loading a moeprep layer's stored tensors under their own names."""
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[str]:
+        method = self.quant_method
+        if not isinstance(method, MoeprepMoEMethod):
+            yield from super().load_weights(weights)
+            return
+        for name, tensor in weights:
+            method.load(self, name, tensor)
+            yield name
+
+
+def register() -> None:
+    """The plugin's entry point: vLLM calls it in every process it starts."""
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+    if QUANT_METHOD not in QUANTIZATION_METHODS:
+        register_quantization_config(QUANT_METHOD)(MoeprepConfig)
+        RoutedExperts.register_oot(MoeprepRoutedExperts)

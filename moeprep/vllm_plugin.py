@@ -27,10 +27,10 @@ from .canonical import dequantize
 from .errors import BadInputError, MoeprepError, UnsupportedError
 from .io.checkpoint import HubOptions
 from .moe import Activation, ExpertWeights
-from .partition import Partition, local_plan, slice_stored
+from .partition import Partition, local_choices, local_plan, slice_stored
 from .serve.loader import LoadedCheckpoint, load
 from .serve.tags import tag
-from .serve.torch_moe import experts_reference
+from .serve.moe_block import ChosenExperts
 
 QUANT_METHOD = "moeprep"
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -42,19 +42,18 @@ class MoeprepConfig(QuantizationConfig):
     def __init__(self, config: dict[str, Any]):
         super().__init__()
         self.config = config
-        source = config.get("source_quantization_config")
-        self.source: Optional[QuantizationConfig] = None
-        if isinstance(source, dict) and source.get("quant_method"):
-            self.source = get_quantization_config(source["quant_method"]).from_config(source)
+        self._source: Optional[QuantizationConfig] = None
+        self._mappers: list = []
         self.shuffle_kind: str = config.get("shuffle_kind", "")
         self.path: Optional[str] = None
         self.revision: Optional[str] = None
+        self.hf_config = None
         # per MoE layer index: the checkpoint's block prefix and its stored expert tensors
         self.layers: dict[int, tuple[str, dict[str, tuple[tuple[int, ...], str]]]] = {}
         self._loaded: Optional[LoadedCheckpoint] = None
 
-    def __getstate__(self):  # the open checkpoint stays in the process that opened it
-        return {**self.__dict__, "_loaded": None}
+    def __getstate__(self):  # the open checkpoint and vLLM's source config stay in the process that made them
+        return {**self.__dict__, "_loaded": None, "_source": None}
 
     def get_name(self) -> str:
         return QUANT_METHOD
@@ -84,8 +83,7 @@ class MoeprepConfig(QuantizationConfig):
             stored = {name.rsplit(".", 1)[1]: (tuple(ckpt.info(name).shape), ckpt.info(name).torch_dtype_name)
                       for name in info.tensors.values()}
             self.layers[layer.index] = (layer.prefix, stored)
-        if self.source is not None:
-            self.source.maybe_update_config(model_name, hf_config=hf_config, revision=revision)
+        self.hf_config = hf_config
 
     def checkpoint(self) -> LoadedCheckpoint:
         if self._loaded is None:
@@ -95,8 +93,31 @@ class MoeprepConfig(QuantizationConfig):
         return self._loaded
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
-        if self.source is not None:
-            self.source.apply_vllm_mapper(hf_to_vllm_mapper)
+        self._mappers.append(hf_to_vllm_mapper)
+
+    @staticmethod
+    def get_checkpoint_weight_mapper():
+        """Every stored tensor reaches its layer: a desc_act ``g_idx`` is part of the source format."""
+        from vllm.model_executor.models.utils import WeightsMapper
+
+        return WeightsMapper()
+
+    def source(self) -> Optional[QuantizationConfig]:
+        """vLLM's own config of the source format, for the layers outside the experts on a GPU (built
+        when first needed: on a CPU moeprep serves them itself, whatever vLLM's support for the format)."""
+        qc = self.config.get("source_quantization_config")
+        if self._source is None and isinstance(qc, dict) and qc.get("quant_method"):
+            try:
+                source = get_quantization_config(qc["quant_method"]).from_config(qc)
+                source.packed_modules_mapping = self.packed_modules_mapping
+                for mapper in self._mappers:
+                    source.apply_vllm_mapper(mapper)
+                source.maybe_update_config(self.path, hf_config=self.hf_config, revision=self.revision)
+            except (ValueError, NotImplementedError) as e:
+                raise UnsupportedError(f"vLLM cannot serve the source format of the layers outside the experts: {e}",
+                                       path=str(self.path)) from None
+            self._source = source
+        return self._source
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if isinstance(layer, RoutedExperts):
@@ -107,7 +128,10 @@ class MoeprepConfig(QuantizationConfig):
             if any(m in quantized for m in modules):
                 return MoeprepDequantLinearMethod(self, prefix, modules)
             return UnquantizedLinearMethod()
-        return self.source.get_quant_method(layer, prefix) if self.source is not None else None
+        if current_platform.is_cpu():
+            return None
+        source = self.source()
+        return source.get_quant_method(layer, prefix) if source is not None else None
 
     def packed_modules(self, prefix: str) -> list[str]:
         """The checkpoint's modules that vLLM packs into its layer ``prefix`` (``qkv_proj`` holds
@@ -193,8 +217,7 @@ class MoeprepMoEMethod(FusedMoEMethodBase):
                                    ep_size=parallel.ep_size, ep_rank=parallel.ep_rank, use_ep=parallel.use_ep)
         self.expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.loaded: set[str] = set()
-        self.experts: Optional[ExpertWeights] = None
-        self._canonical = None
+        self.compute: Optional[ChosenExperts] = None
 
     def create_weights(self, layer: RoutedExperts, num_experts: int, hidden_size: int,
                        intermediate_size_per_partition: int, params_dtype: torch.dtype, **extra: Any) -> None:
@@ -231,7 +254,8 @@ class MoeprepMoEMethod(FusedMoEMethodBase):
                                 tensor=f"{self.ckpt_prefix}.experts.{missing[0]}")
         target = self.config.checkpoint().target
         tensors = {role: tag(getattr(layer, role).data, target.name) for role in self.expected}
-        self.experts = ExpertWeights(self.ckpt_prefix, self.plan, target, tensors, self.row_perm)
+        experts = ExpertWeights(self.ckpt_prefix, self.plan, target, tensors, self.row_perm)
+        self.compute = ChosenExperts(experts, self.activation(layer))
 
     def get_fused_moe_quant_config(self, layer: RoutedExperts):
         return None
@@ -247,14 +271,11 @@ class MoeprepMoEMethod(FusedMoEMethodBase):
 
     def apply(self, layer: RoutedExperts, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               shared_experts=None, shared_experts_input=None) -> torch.Tensor:
-        ids = topk_ids.long()
-        if layer.expert_map is not None:  # expert parallelism: global ids -> this rank's, -1 elsewhere
-            ids = layer.expert_map[ids].long()
-        weights = torch.where(ids >= 0, topk_weights, torch.zeros_like(topk_weights))
-        if self._canonical is None:
-            self._canonical = self.experts.canonical()
-        out = experts_reference(x, weights, ids.clamp(min=0), self._canonical, self.activation(layer))
-        return out.to(x.dtype)
+        if layer.expert_map is None:
+            return self.compute(x, topk_weights, topk_ids)
+        # expert parallelism: global ids -> this rank's, -1 for another rank's
+        weights, ids = local_choices(topk_weights, layer.expert_map[topk_ids.long()], self.plan.shapes["w13"].experts)
+        return self.compute(x, weights, ids)
 
 
 class MoeprepRoutedExperts(RoutedExperts):

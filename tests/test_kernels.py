@@ -16,7 +16,7 @@ HAS_GPU = torch.cuda.is_available()  # without one, conftest.py has the kernels 
 pytest.importorskip("triton")
 
 from moeprep.errors import MoeprepError, UnsupportedError  # noqa: E402
-from moeprep.kernels import available, fused_moe, supports  # noqa: E402
+from moeprep.kernels import available, fused_experts, fused_moe, supports  # noqa: E402
 from moeprep.kernels import configs  # noqa: E402
 from moeprep.kernels.layer import prepare  # noqa: E402
 from align_reference import align_reference  # noqa: E402
@@ -142,6 +142,24 @@ def test_fused_moe_matches_reference(case):
     layer, source = random_layer(target, E, H, I, group_size=group, bias=bias, desc_act=desc_act)
     assert supports(layer)
     run_and_check(layer, source, routing, act, T, dtype)
+
+
+@pytest.mark.parametrize("target", ["w4a16_preshuffle_zp", "mxfp4_moe"])
+@pytest.mark.parametrize("T", [3, 70])
+def test_fused_experts_takes_an_engines_routing(target, T):
+    """Top-k weights and ids an engine's router chose (vLLM's), any expert order within a token:
+    the block alignment and both GEMMs as after moeprep's own routing."""
+    E, k = 8, 3
+    layer, source = random_layer(target, E, 128, 128, bias=target == "mxfp4_moe")
+    act = SWIGLU if target == "mxfp4_moe" else SILU
+    g = torch.Generator().manual_seed(T)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(DEVICE)
+    weights = torch.rand(T, k, generator=g).to(DEVICE)
+    x = torch.randn(T, 128, generator=g).to(DEVICE, torch.bfloat16)
+    with poisoned_allocations():
+        out = fused_experts(x, weights, ids, layer_to(layer, DEVICE), act)
+    ref = experts_reference(x.float(), weights, ids.long(), linears_to(source, DEVICE), act)
+    assert rel_err(out, ref) <= TOL
 
 
 @pytest.mark.parametrize("target", ["w4a16_preshuffle_zp", "mxfp4_moe"])

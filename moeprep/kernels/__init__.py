@@ -20,7 +20,7 @@ import torch
 
 from ..errors import MoeprepError
 
-__all__ = ["available", "routes", "supports", "fused_moe"]
+__all__ = ["available", "routes", "supports", "fused_moe", "fused_experts"]
 
 
 def _have_triton() -> bool:
@@ -50,12 +50,24 @@ def supports(experts) -> bool:
     return not problems(experts)
 
 
-def fused_moe(hidden, router_logits, routing, experts, activation, config=None) -> torch.Tensor:
-    """See :func:`moeprep.kernels.fused.fused_moe`."""
+def _check_device(hidden) -> None:
     if not _have_triton():
         raise MoeprepError("the fused MoE kernels need Triton (`pip install triton`)")
     if hidden.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise MoeprepError(f"the fused MoE kernels run on a GPU; hidden states are on {hidden.device}")
+
+
+def fused_moe(hidden, router_logits, routing, experts, activation, config=None) -> torch.Tensor:
+    """See :func:`moeprep.kernels.fused.fused_moe`."""
+    _check_device(hidden)
     from .fused import fused_moe as run
 
     return run(hidden, router_logits, routing, experts, activation, config)
+
+
+def fused_experts(hidden, topk_weights, topk_ids, experts, activation, config=None) -> torch.Tensor:
+    """See :func:`moeprep.kernels.fused.fused_experts`."""
+    _check_device(hidden)
+    from .fused import fused_experts as run
+
+    return run(hidden, topk_weights, topk_ids, experts, activation, config)

@@ -14,7 +14,7 @@ from ..moe import Activation, ExpertWeights, Routing
 from . import configs, mma_decode, triton_gemms, wgmma_prefill  # noqa: F401  (importing registers the backends)
 from .backend import BACKENDS
 from .layer import Layer, prepare
-from .routing import route_tokens
+from .routing import align_tokens, route_tokens
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -34,23 +34,49 @@ def fused_moe(
     falls back to Triton where it cannot run the call).
     """
     layer = prepare(experts)
+    T = _check(layer, hidden, activation)
+    if router_logits.shape != (T, layer.experts):
+        raise MoeprepError(f"expected router logits [{T}, {layer.experts}], got {list(router_logits.shape)}")
+    return _run(layer, hidden, routing.top_k, activation, config, lambda block_m: route_tokens(router_logits, routing, block_m))
+
+
+def fused_experts(
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    experts: ExpertWeights,
+    activation: Activation,
+    config: Optional[configs.MoEConfig] = None,
+) -> torch.Tensor:
+    """Like :func:`fused_moe`, for top-k choices an engine's own router made (``[T, k]`` weights and
+    ids, every id one of the layer's experts)."""
+    layer = prepare(experts)
+    T = _check(layer, hidden, activation)
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != T or topk_weights.shape != topk_ids.shape:
+        raise MoeprepError(f"expected top-k weights and ids [{T}, k], got {list(topk_weights.shape)} and {list(topk_ids.shape)}")
+    return _run(layer, hidden, topk_ids.shape[1], activation, config,
+                lambda block_m: align_tokens(topk_weights, topk_ids, layer.experts, block_m))
+
+
+def _check(layer: Layer, hidden: torch.Tensor, activation: Activation) -> int:
     if activation.kind not in triton_gemms.ACTIVATIONS:
         raise MoeprepError(f"activation {activation.kind!r} has no fused kernel (supported: {', '.join(triton_gemms.ACTIVATIONS)})")
     if hidden.dtype not in DTYPES:
         raise MoeprepError(f"hidden states must be bfloat16, float16 or float32, got {hidden.dtype}")
-    H, E = layer.hidden, layer.experts
-    if hidden.dim() != 2 or hidden.shape[1] != H:
-        raise MoeprepError(f"expected hidden states [T, {H}], got {list(hidden.shape)}")
-    T = hidden.shape[0]
-    if router_logits.shape != (T, E):
-        raise MoeprepError(f"expected router logits [{T}, {E}], got {list(router_logits.shape)}")
+    if hidden.dim() != 2 or hidden.shape[1] != layer.hidden:
+        raise MoeprepError(f"expected hidden states [T, {layer.hidden}], got {list(hidden.shape)}")
+    return hidden.shape[0]
+
+
+def _run(layer: Layer, hidden: torch.Tensor, top_k: int, activation: Activation, config, routed) -> torch.Tensor:
+    T, H = hidden.shape
     if T == 0:
         return hidden.new_zeros((0, H))
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
-    cfg = call_config(layer, hidden, routing.top_k, activation, config)
+    cfg = call_config(layer, hidden, top_k, activation, config)
     backend = BACKENDS[cfg.backend]
-    r = route_tokens(router_logits, routing, cfg.block_m)
+    r = routed(cfg.block_m)
     h = torch.empty((backend.h_rows(r), layer.inter), dtype=hidden.dtype, device=hidden.device)
     out = torch.empty((T, H), dtype=hidden.dtype, device=hidden.device)
     backend.launch(layer, hidden, r, h, out, activation, cfg)

@@ -154,6 +154,19 @@ def _topk_hist_kernel(logits_ptr, stride_t, T, E, weights_ptr, ids_ptr, hist_ptr
 
 
 @triton.jit
+def _hist_kernel(ids_ptr, hist_ptr, T, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Expert counts per chunk of tokens, from top-k ids an engine's router chose."""
+    pid = tl.program_id(0)
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, BLOCK_E)
+    chosen = tl.zeros((BLOCK_T, BLOCK_E), tl.int32)
+    for j in tl.static_range(TOP_K):
+        e = tl.load(ids_ptr + t * TOP_K + j, mask=t < T, other=-1)
+        chosen += (e[:, None] == offs_e[None, :]).to(tl.int32)
+    tl.store(hist_ptr + pid * BLOCK_E + offs_e, tl.sum(chosen, 0))
+
+
+@triton.jit
 def _align_kernel(hist_ptr, chunks, base_ptr, sorted_ptr, expert_ids_ptr, num_padded_ptr, T,
                   TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
                   CHUNK_B: tl.constexpr):
@@ -259,12 +272,36 @@ def route_tokens(logits: torch.Tensor, routing: Routing, block_m: int, fused_max
         return out
     chunks = triton.cdiv(T, _SPLIT_BLOCK_T)
     hist = torch.empty((chunks, meta["BLOCK_E"]), dtype=torch.int32, device=dev)
-    base = torch.empty_like(hist)
     _topk_hist_kernel[(chunks,)](logits, logits.stride(0), T, E, out.topk_weights, out.topk_ids, hist,
                                  BLOCK_T=_SPLIT_BLOCK_T, num_warps=_warps(_SPLIT_BLOCK_T * meta["BLOCK_E"]), **meta)
-    _align_kernel[(1,)](hist, chunks, base, out.sorted_ids, out.expert_ids, out.num_padded, T, TOP_K=k, BLOCK_M=block_m,
-                        BLOCK_E=meta["BLOCK_E"], BLOCK_P=min(_pow2(chunks), max(4096 // meta["BLOCK_E"], 1)),
-                        CHUNK_B=min(_pow2(triton.cdiv(T, block_m)), 64), num_warps=8)
+    _align(out, hist, T, k, meta["BLOCK_E"])
+    return out
+
+
+def _align(out: RoutedTokens, hist: torch.Tensor, T: int, k: int, block_e: int) -> None:
+    """Prefix sums of the per-chunk expert counts, then each pair scattered to its row."""
+    chunks = hist.shape[0]
+    base = torch.empty_like(hist)
+    _align_kernel[(1,)](hist, chunks, base, out.sorted_ids, out.expert_ids, out.num_padded, T, TOP_K=k,
+                        BLOCK_M=out.block_m, BLOCK_E=block_e, BLOCK_P=min(_pow2(chunks), max(4096 // block_e, 1)),
+                        CHUNK_B=min(_pow2(triton.cdiv(T, out.block_m)), 64), num_warps=8)
     _scatter_kernel[(chunks,)](out.topk_ids, base, out.sorted_ids, T, TOP_K=k, BLOCK_T=_SPLIT_BLOCK_T,
-                               BLOCK_E=meta["BLOCK_E"], BLOCK_K=meta["BLOCK_K"], num_warps=8)
+                               BLOCK_E=block_e, BLOCK_K=_pow2(k), num_warps=8)
+
+
+def align_tokens(topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, block_m: int) -> RoutedTokens:
+    """The block alignment of top-k choices an engine's own router made (``[T, k]`` weights and ids,
+    every id in ``[0, num_experts)``)."""
+    T, k = topk_ids.shape
+    dev = topk_ids.device
+    em = max_padded(T * k, num_experts, block_m)
+    out = RoutedTokens(topk_weights.float().contiguous(), topk_ids.to(torch.int32).contiguous(),
+                       torch.empty((em,), dtype=torch.int32, device=dev),
+                       torch.empty((em // block_m,), dtype=torch.int32, device=dev),
+                       torch.empty((1,), dtype=torch.int32, device=dev), block_m)
+    block_e = _pow2(num_experts)
+    chunks = triton.cdiv(T, _SPLIT_BLOCK_T)
+    hist = torch.empty((chunks, block_e), dtype=torch.int32, device=dev)
+    _hist_kernel[(chunks,)](out.topk_ids, hist, T, TOP_K=k, BLOCK_T=_SPLIT_BLOCK_T, BLOCK_E=block_e, num_warps=8)
+    _align(out, hist, T, k, block_e)
     return out

@@ -14,7 +14,7 @@ from .. import kernels
 from ..errors import BadInputError, MoeprepError
 from ..moe import Activation, ExpertWeights, Routing
 from .loader import LoadedCheckpoint, load
-from .torch_moe import moe_reference
+from .torch_moe import experts_reference as moe_experts, moe_reference
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -94,6 +94,22 @@ class MoEBlock(nn.Module):
                 s = torch.sigmoid(F.linear(x, self.shared_gate)) * s
             out = out + s.to(out.dtype)
         return out
+
+
+class ChosenExperts:
+    """One layer's routed experts, on top-k choices made elsewhere (a serving engine's own router):
+    the fused kernels on a GPU where they take the layer, the exact reference everywhere else."""
+
+    def __init__(self, experts: ExpertWeights, activation: Activation):
+        self.experts, self.activation = experts, activation
+        self._canonical = None
+
+    def __call__(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        if hidden.is_cuda and kernels.available() and kernels.supports(self.experts):
+            return kernels.fused_experts(hidden, topk_weights, topk_ids, self.experts, self.activation)
+        if self._canonical is None:
+            self._canonical = self.experts.canonical()
+        return moe_experts(hidden, topk_weights, topk_ids, self._canonical, self.activation).to(hidden.dtype)
 
 
 class DenseMLP(nn.Module):

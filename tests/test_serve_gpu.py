@@ -33,3 +33,33 @@ def test_load_moe_layer_on_gpu_defaults_to_the_kernels(tmp_path, fmt, arch, targ
     want = slow(x)
     got = fast(x.to("cuda", torch.bfloat16)).float().cpu()
     assert float((got - want).norm() / want.norm()) <= 1e-2
+
+
+@pytest.mark.parametrize(
+    "fmt, arch, target, options",
+    [("ct_int4", "qwen3_moe", "w4a16_preshuffle", {"sym": True}), ("gptq", "mixtral", "w4a16_preshuffle_zp", {"desc_act": True}),
+     ("gptoss_mxfp4", "gpt_oss", "mxfp4_moe", {}), ("quark_mxfp4", "qwen3_moe", "mxfp4_preshuffle", {})],
+)
+def test_the_vllm_plugins_expert_computation_on_gpu_matches_the_cpu_path(tmp_path, fmt, arch, target, options):
+    """What the vLLM plugin's MoE method computes on vLLM's routing (ChosenExperts): on the GPU the
+    fused kernels on the stored bytes, against the CPU path (the exact reference) on the same
+    inputs and the same top-k choices."""
+    import moeprep
+    from moeprep.moe import Activation
+    from moeprep.serve.moe_block import ChosenExperts
+    from packers import build_checkpoint
+
+    src = build_checkpoint(tmp_path / "src", fmt, arch, **options)
+    out = tmp_path / "out"
+    assert run_cli("convert", str(src), str(out), "--target", target).returncode == 0
+    act = Activation("swiglu_oai") if arch == "gpt_oss" else Activation("silu")
+    cpu = moeprep.load(str(out)).experts(1)
+    gpu = moeprep.load(str(out), device="cuda").experts(1)
+    T, E, k = 37, cpu.num_experts, 2
+    g = torch.Generator().manual_seed(1)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    weights = torch.rand(T, k, generator=g)
+    x = torch.randn(T, cpu.hidden_size, generator=g)
+    want = ChosenExperts(cpu, act)(x, weights, ids)
+    got = ChosenExperts(gpu, act)(x.to("cuda", torch.bfloat16), weights.cuda(), ids.cuda()).float().cpu()
+    assert float((got - want).norm() / want.norm()) <= 1e-2

@@ -5,14 +5,15 @@ Layers outside the MoE blocks go to the source checkpoint's own quantization met
 kept as ``source_quantization_config``) on a GPU; on a CPU, where vLLM's kernels for those formats
 need fp16/bf16 and AVX-512 BF16, moeprep dequantizes them exactly once at load. Each MoE layer's experts get :class:`MoeprepMoEMethod`:
 parameters of the stored names, shapes and dtypes (``w13_weight``, ``w13_weight_scale``, ...),
-filled with the stored bytes as they are by :class:`MoeprepRoutedExperts` (vLLM's own expert
-loader knows only per-expert and stacked HF names and would drop ours), tagged ``is_shuffled`` /
-``shuffle_kind``. vLLM routes; moeprep computes the experts on the preshuffled bytes.
+tagged ``is_shuffled`` / ``shuffle_kind``, filled with the stored bytes as they are: the plugin
+takes them out of vLLM's weight stream and places them itself (each model's own loader knows
+only its HF expert names, per expert or stacked, and would drop ours or copy them into parameters
+of another shape). vLLM routes; moeprep computes the experts on the preshuffled bytes.
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -278,23 +279,42 @@ class MoeprepMoEMethod(FusedMoEMethodBase):
         return self.compute(x, weights, ids)
 
 
-class MoeprepRoutedExperts(RoutedExperts):
-    """vLLM's experts module, loading a moeprep layer's stored tensors under their own names."""
+def _expert_tensors(model: torch.nn.Module) -> dict[str, tuple["MoeprepMoEMethod", RoutedExperts, str]]:
+    """The stored expert tensors a model's moeprep MoE layers hold, by checkpoint name."""
+    found = {}
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(module, RoutedExperts) and isinstance(method, MoeprepMoEMethod):
+            for role in method.expected:
+                found[f"{method.ckpt_prefix}.experts.{role}"] = (method, module, role)
+    return found
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[str]:
-        method = self.quant_method
-        if not isinstance(method, MoeprepMoEMethod):
-            yield from super().load_weights(weights)
-            return
-        for name, tensor in weights:
-            method.load(self, name, tensor)
-            yield name
+
+def _loading_expert_tensors(get_all_weights):
+    """vLLM's loader with the moeprep expert tensors taken out of the stream and placed by the MoE
+    method itself: each model's own load_weights knows only its HF expert names (per expert or
+    stacked) and would drop ours, or copy them into parameters of another shape."""
+
+    def wrapped(self, model_config, model):
+        experts = _expert_tensors(model)
+        for name, tensor in get_all_weights(self, model_config, model):
+            target = experts.get(name)
+            if target is None:
+                yield name, tensor
+            else:
+                method, layer, role = target
+                method.load(layer, role, tensor)
+
+    wrapped.moeprep = True
+    return wrapped
 
 
 def register() -> None:
     """The plugin's entry point: vLLM calls it in every process it starts."""
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
     if QUANT_METHOD not in QUANTIZATION_METHODS:
         register_quantization_config(QUANT_METHOD)(MoeprepConfig)
-        RoutedExperts.register_oot(MoeprepRoutedExperts)
+    if not getattr(DefaultModelLoader.get_all_weights, "moeprep", False):
+        DefaultModelLoader.get_all_weights = _loading_expert_tensors(DefaultModelLoader.get_all_weights)

@@ -1,7 +1,10 @@
 """Serving converted checkpoints with vLLM (``make test-vllm``: its own venv with the CPU build of
 vLLM and moeprep's plugin, found through the ``vllm.general_plugins`` entry point; skipped where
 vLLM is not installed). vLLM runs in this process (one engine at a time, in fp32), and its greedy
-tokens must equal moeprep's transformers path on the same checkpoint."""
+tokens must equal moeprep's transformers path on the same checkpoint.
+
+Not here: DeepSeek-V3/Kimi-K2 (vLLM's CPU MLA attention takes bf16 weights only, through AMX) and
+Qwen3.5-MoE (vLLM's model imports torchvision, whose PyPI build breaks beside the CPU torch)."""
 from __future__ import annotations
 
 import json
@@ -29,6 +32,7 @@ NEW_TOKENS = 8
 INT4_SOURCES = ["awq_gemm_g32_qwen3moe", "ct_w4a16_g32_sym_qwen3moe", "gptq_g32_descact0_qwen3moe",
                 "ct_int4_sym_mixtral_llmc", "gptq_v1_asym_descact_mixtral_sharded"]
 CASES = [(source, target) for source in INT4_SOURCES for target in ("w4a16_preshuffle", "w4a16_preshuffle_zp", "canonical")]
+CASES += [("quark_mxfp4_qwen3moe", "mxfp4_moe"), ("quark_mxfp4_qwen3moe", "mxfp4_preshuffle"), ("gptoss_mxfp4", "mxfp4_moe")]
 
 
 def _prompts(vocab: int) -> list[list[int]]:

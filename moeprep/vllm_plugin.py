@@ -28,7 +28,7 @@ from .canonical import dequantize
 from .errors import BadInputError, MoeprepError, UnsupportedError
 from .io.checkpoint import HubOptions
 from .moe import Activation, ExpertWeights
-from .partition import Partition, local_choices, local_plan, slice_stored
+from .partition import Partition, check_partition, local_choices, local_plan, slice_stored
 from .serve.loader import LoadedCheckpoint, load
 from .serve.tags import tag
 from .serve.moe_block import ChosenExperts
@@ -224,24 +224,30 @@ class MoeprepMoEMethod(FusedMoEMethodBase):
                        intermediate_size_per_partition: int, params_dtype: torch.dtype, **extra: Any) -> None:
         loaded = self.config.checkpoint()
         info = loaded.fmt.layer(loaded.model.ckpt, self.ckpt_prefix)
-        self.full_plan = info.plan
-        self.plan = local_plan(info.plan, self.partition, self.ckpt_prefix)
+        self.target, self.full_plan, where = loaded.target.name, info.plan, f"{self.ckpt_prefix}.experts"
+        check_partition(self.partition, self.target, info.plan, self.stored, info.row_perm is not None, where)
+        self.plan = local_plan(info.plan, self.partition)
         for role, (shape, dtype_name) in self.stored.items():
             dtype = getattr(torch, dtype_name)
-            local = slice_stored(torch.empty(shape, dtype=dtype, device="meta"), info.plan, self.partition, self.ckpt_prefix)
+            local = self.share(torch.empty(shape, dtype=dtype, device="meta"), role)
             param = torch.nn.Parameter(torch.empty(local.shape, dtype=dtype), requires_grad=False)
             param.is_shuffled = True
             param.shuffle_kind = loaded.target.name
             layer.register_parameter(role, param)
             self.expected[role] = (tuple(local.shape), dtype)
-        self.row_perm = None if info.row_perm is None else slice_stored(info.row_perm, info.plan, self.partition, self.ckpt_prefix)
+        mine = self.partition.experts(info.plan.shapes["w13"].experts)
+        self.row_perm = None if info.row_perm is None else info.row_perm[mine.start:mine.stop]
+
+    def share(self, tensor: torch.Tensor, role: str) -> torch.Tensor:
+        """This rank's share of a stored tensor of the layer."""
+        return slice_stored(tensor, role, self.target, self.full_plan, self.partition, f"{self.ckpt_prefix}.experts.{role}")
 
     def load(self, layer: RoutedExperts, name: str, tensor: torch.Tensor) -> None:
-        """One stored tensor of this layer, as it is (this rank's slice of it)."""
+        """One stored tensor of this layer, as it is (this rank's share of it)."""
         where = dict(path=str(self.config.path), tensor=f"{self.ckpt_prefix}.experts.{name}")
         if name not in self.expected:
             raise BadInputError(f"not a stored expert tensor of this layer (expected {sorted(self.expected)})", **where)
-        local = slice_stored(tensor, self.full_plan, self.partition, where["tensor"])
+        local = self.share(tensor, name)
         shape, dtype = self.expected[name]
         if tuple(local.shape) != shape or local.dtype != dtype:
             raise BadInputError(f"is {local.dtype} {list(local.shape)}, expected {dtype} {list(shape)}", **where)

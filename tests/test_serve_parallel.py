@@ -1,7 +1,9 @@
-"""Expert parallelism, tested directly (the CPU build of vLLM runs one rank): each rank holds a
-slice of whole experts of the stored tensors, bytes untouched, and computes its share of the
-router's choices; the ranks' outputs add up to the whole layer's. Tensor parallelism over the
-experts is refused with the sizes that work."""
+"""Expert and tensor parallelism, tested directly (the CPU build of vLLM runs one rank). Expert
+parallelism: each rank holds whole experts of the stored tensors, bytes untouched, and computes
+its share of the router's choices. Tensor parallelism: each rank's share is cut from the stored
+bytes along tiles and groups, and must decode to exactly the source's rows of gate and up and
+columns of down; the ranks' partial outputs add up to the whole layer's. What cannot be split is
+refused with the sizes that work."""
 from __future__ import annotations
 
 import os
@@ -12,7 +14,7 @@ import torch
 from kernel_layers import layer_to, linears_to, random_layer
 from moeprep.errors import UnsupportedError
 from moeprep.moe import Activation, ExpertWeights
-from moeprep.partition import Partition, local_choices, local_plan, slice_stored
+from moeprep.partition import Partition, check_partition, local_choices, local_plan, slice_stored, tp_sizes
 from moeprep.serve.moe_block import ChosenExperts
 from moeprep.serve.torch_moe import experts_reference
 
@@ -28,12 +30,13 @@ def _routing(T: int, E: int, k: int, seed: int = 0):
 def _rank(layer: ExpertWeights, partition: Partition) -> tuple[ExpertWeights, torch.Tensor]:
     """The rank's experts, and vLLM's expert map (global id -> the rank's, -1 for another rank's)."""
     where = "model.layers.0.mlp.experts"
-    tensors = {role: slice_stored(t, layer.plan, partition, where) for role, t in layer.tensors.items()}
-    row_perm = None if layer.row_perm is None else slice_stored(layer.row_perm, layer.plan, partition, where)
+    check_partition(partition, layer.target.name, layer.plan, layer.tensors, layer.row_perm is not None, where)
+    tensors = {role: slice_stored(t, role, layer.target.name, layer.plan, partition, where) for role, t in layer.tensors.items()}
     mine = partition.experts(layer.num_experts)
+    row_perm = None if layer.row_perm is None else layer.row_perm[mine.start:mine.stop]
     expert_map = torch.full((layer.num_experts,), -1, dtype=torch.int64)
     expert_map[mine.start:mine.stop] = torch.arange(len(mine))
-    return ExpertWeights(layer.prefix, local_plan(layer.plan, partition, where), layer.target, tensors, row_perm), expert_map
+    return ExpertWeights(layer.prefix, local_plan(layer.plan, partition), layer.target, tensors, row_perm), expert_map
 
 
 @pytest.mark.parametrize("target", ["w4a16_preshuffle", "w4a16_preshuffle_zp", "mxfp4_moe", "canonical"])
@@ -97,8 +100,46 @@ def test_a_layout_over_all_experts_is_refused_by_name():
     assert all(whole.tensors[r] is layer.tensors[r] for r in layer.tensors)
 
 
+TP_TARGETS = ["canonical", "w4a16_preshuffle", "w4a16_preshuffle_zp"]
+
+
+@pytest.mark.parametrize("target", TP_TARGETS)
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_shares_are_the_sources_rows_and_columns(target, tp):
+    """Each rank's share of the stored bytes decodes (by the target's own exact decoder) to the
+    source's gate and up rows and down columns of that rank, and the partial outputs add up."""
+    E, H, I, k, T = 4, 128, 256, 2, 6
+    layer, source = random_layer(target, E, H, I, seed=7)
+    weights, ids = _routing(T, E, k, seed=8)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(9))
+    want = experts_reference(x, weights, ids, source, SILU)
+    total = torch.zeros_like(want)
+    share = I // tp
+    for rank in range(tp):
+        part, _ = _rank(layer, Partition(tp_size=tp, tp_rank=rank))
+        rows, cols = slice(rank * share, (rank + 1) * share), slice(rank * share // 32, (rank + 1) * share // 32)
+        for expert, (got, src) in enumerate(zip(part.canonical(), source)):
+            for role in ("gate", "up"):
+                assert torch.equal(got[role].codes, src[role].codes[rows]), (rank, expert, role)
+                assert torch.equal(got[role].scales, src[role].scales[rows])
+            assert torch.equal(got["down"].codes, src["down"].codes[:, rank * share // 2:(rank + 1) * share // 2])
+            assert torch.equal(got["down"].scales, src["down"].scales[:, cols])
+        total += ChosenExperts(part, SILU)(x, weights, ids)
+    torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_parallel_sizes_follow_tiles_and_groups():
+    layer, _ = random_layer("w4a16_preshuffle_zp", 2, 128, 256, group_size=64, seed=0)
+    assert tp_sizes("w4a16_preshuffle_zp", layer.plan, layer.tensors, False) == [1, 2]  # I/t a multiple of 2 groups of 64
+    layer, _ = random_layer("canonical", 2, 128, 256, group_size=32, seed=0)
+    assert tp_sizes("canonical", layer.plan, layer.tensors, False) == [1, 2, 4, 8]
+
+
 def test_tensor_parallel_experts_are_refused_with_the_sizes_that_work():
     layer, _ = random_layer("w4a16_preshuffle", 8, 128, 128, seed=0)
-    with pytest.raises(UnsupportedError, match="tensor-parallel size 1, or with expert parallelism") as e:
-        local_plan(layer.plan, Partition(tp_size=2, tp_rank=0), "model.layers.0.mlp.experts")
+    with pytest.raises(UnsupportedError, match="tensor-parallel size 8 cannot split I = 128 .* sizes that work: 1, 2 ") as e:
+        _rank(layer, Partition(tp_size=8, tp_rank=0))
     assert "model.layers.0.mlp.experts" in str(e.value)
+    layer, _ = random_layer("mxfp4_moe", 8, 128, 128, seed=0)
+    with pytest.raises(UnsupportedError, match="sizes that work: 1 "):
+        _rank(layer, Partition(tp_size=2, tp_rank=0))

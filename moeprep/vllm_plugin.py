@@ -3,8 +3,8 @@
 ``quant_method: "moeprep"`` in a converted checkpoint's config selects :class:`MoeprepConfig`.
 Layers outside the MoE blocks go to the source checkpoint's own quantization method (its config is
 kept as ``source_quantization_config``) on a GPU; on a CPU, where vLLM's kernels for those formats
-need fp16/bf16 and AVX-512 BF16, moeprep dequantizes them exactly once at load. Each MoE layer's experts get :class:`MoeprepMoEMethod`:
-parameters of the stored names, shapes and dtypes (``w13_weight``, ``w13_weight_scale``, ...),
+need fp16/bf16 and AVX-512 BF16, moeprep dequantizes them exactly once at load. Each MoE layer's
+experts get :class:`MoeprepMoEMethod`: parameters of the stored names, shapes and dtypes (``w13_weight``, ``w13_weight_scale``, ...),
 tagged ``is_shuffled`` / ``shuffle_kind``, filled with the stored bytes as they are: the plugin
 takes them out of vLLM's weight stream and places them itself (each model's own loader knows
 only its HF expert names, per expert or stacked, and would drop ours or copy them into parameters
@@ -17,12 +17,12 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
-from vllm.platforms import current_platform
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import get_quantization_config, register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.platforms import current_platform
 
 from .canonical import dequantize
 from .errors import BadInputError, MoeprepError, UnsupportedError
@@ -30,8 +30,8 @@ from .io.checkpoint import HubOptions
 from .moe import Activation, ExpertWeights
 from .partition import Partition, check_partition, local_choices, local_plan, slice_stored
 from .serve.loader import LoadedCheckpoint, load
-from .serve.tags import tag
 from .serve.moe_block import ChosenExperts
+from .serve.tags import tag
 
 QUANT_METHOD = "moeprep"
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -45,7 +45,6 @@ class MoeprepConfig(QuantizationConfig):
         self.config = config
         self._source: Optional[QuantizationConfig] = None
         self._mappers: list = []
-        self.shuffle_kind: str = config.get("shuffle_kind", "")
         self.path: Optional[str] = None
         self.revision: Optional[str] = None
         self.hf_config = None

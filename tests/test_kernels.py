@@ -312,6 +312,19 @@ def test_moe_block_triton_backend_matches_reference_backend():
     assert rel_err(fast(x.to(DEVICE)).cpu(), slow(x)) <= TOL
 
 
+def test_moe_block_triton_backend_takes_torchs_routing_where_the_kernel_has_none():
+    """noaux_tc (DeepSeek, GLM): torch routes with the correction bias and group limit, the fused
+    GEMMs compute the experts."""
+    layer, _ = random_layer("w4a16_preshuffle_zp", 8, 128, 64)
+    routing = Routing("noaux_tc", 2, True, n_group=4, topk_group=2, scaling=2.5)
+    router, bias = torch.randn(8, 128) * 0.1, torch.randn(8) * 0.1
+    x = torch.randn(11, 128).to(torch.bfloat16)
+    fast = MoEBlock(layer_to(layer, DEVICE), router.to(DEVICE), None, routing, SILU, torch.bfloat16, backend="triton",
+                    correction_bias=bias.to(DEVICE))
+    slow = MoEBlock(layer, router, None, routing, SILU, torch.bfloat16, backend="reference", correction_bias=bias)
+    assert rel_err(fast(x.to(DEVICE)).cpu(), slow(x)) <= TOL
+
+
 # ---- the test data and the API ---------------------------------------------------------------
 @pytest.mark.parametrize("target", ["w4a16_preshuffle", "w4a16_preshuffle_zp", "mxfp4_preshuffle", "mxfp4_moe"])
 def test_random_layer_is_what_the_target_reads_back(target):

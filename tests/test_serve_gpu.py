@@ -63,3 +63,25 @@ def test_the_vllm_plugins_expert_computation_on_gpu_matches_the_cpu_path(tmp_pat
     want = ChosenExperts(cpu, act)(x, weights, ids)
     got = ChosenExperts(gpu, act)(x.to("cuda", torch.bfloat16), weights.cuda(), ids.cuda()).float().cpu()
     assert float((got - want).norm() / want.norm()) <= 1e-2
+
+
+@pytest.mark.parametrize("name, target", [("gptq_g32_descact0_qwen35moe_text", "w4a16_preshuffle_zp"),
+                                          ("ct_w4a16_g32_sym_kimik2_deepseekv3", "w4a16_preshuffle")])
+def test_the_new_families_run_the_kernels_on_gpu(arch_fixtures_dir, tmp_path, name, target):
+    """Qwen3.5-MoE (softmax top-k, gated shared expert) and DeepSeek-V3 in Kimi-K2's layout
+    (noaux_tc: torch routes, the kernels compute the experts; shared experts; a dense first layer):
+    every layer's MLP on the GPU in bf16 against the CPU reference in fp32."""
+    import json
+
+    import moeprep
+
+    src, out = arch_fixtures_dir / name, tmp_path / "out"
+    assert run_cli("convert", str(src), str(out), "--target", target, "-q").returncode == 0
+    cfg = json.loads((src / "config.json").read_text())
+    x = torch.randn(23, cfg["hidden_size"], generator=torch.Generator().manual_seed(0))
+    for layer in range(cfg["num_hidden_layers"]):
+        fast = moeprep.load_moe_layer(str(out), layer, device="cuda", dtype=torch.bfloat16)
+        slow = moeprep.load_moe_layer(str(out), layer, device="cpu", dtype=torch.float32, backend="reference")
+        want = slow(x)
+        got = fast(x.to("cuda", torch.bfloat16)).float().cpu()
+        assert float((got - want).norm() / want.norm()) <= 1e-2, (layer, getattr(fast, "backend", "dense"))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..errors import BadInputError, MoeprepError
-from ..moe import Activation, ExpertWeights, Routing
+from ..moe import Activation, ExpertWeights, Routing, route
 from .loader import LoadedCheckpoint, load
 from .torch_moe import experts_reference as moe_experts, moe_reference
 
@@ -26,7 +26,8 @@ class MoEBlock(nn.Module):
     ``reference`` backend brings them back to the exact canonical form once and dequantizes per
     expert on each call; ``triton`` (the name is kept for compatibility) runs the fused kernels on
     the stored layout directly: whichever GPU backend each call's configuration names, the Triton
-    GEMMs or the CUDA ones (moeprep.kernels.backend).
+    GEMMs or the CUDA ones (moeprep.kernels.backend), after the routing kernel, or after torch's
+    routing for what the routing kernel does not compute (``noaux_tc``).
     """
 
     def __init__(
@@ -57,15 +58,12 @@ class MoEBlock(nn.Module):
         self.use_backend(backend)
 
     def use_backend(self, backend: str) -> None:
-        """Compute with ``backend``; ``auto`` takes the fused kernels where the weights' device and
-        the routing allow, the reference elsewhere."""
+        """Compute with ``backend``; ``auto`` takes the fused kernels where the weights' device
+        allows, the reference elsewhere."""
         if backend not in BACKENDS:
             raise MoeprepError(f"unknown MoE backend {backend!r} (choose from {', '.join(BACKENDS)})")
-        fused_routing = kernels.routes(self.routing)
-        if backend == "triton" and not fused_routing:
-            raise MoeprepError(f"the fused kernels do not route {self.routing.scoring}; use backend='reference'")
         if backend == "auto":
-            fused = self.router_weight.is_cuda and fused_routing and kernels.available() and kernels.supports(self.expert_weights)
+            fused = self.router_weight.is_cuda and kernels.available() and kernels.supports(self.expert_weights)
             backend = "triton" if fused else "reference"
         self.backend = backend
 
@@ -84,8 +82,11 @@ class MoEBlock(nn.Module):
             raise MoeprepError(f"expected hidden_states [T, {self.expert_weights.hidden_size}], got {list(hidden_states.shape)}")
         x = hidden_states.to(self.dtype)
         logits = F.linear(x, self.router_weight, self.router_bias)
-        if self.backend == "triton":
+        if self.backend == "triton" and kernels.routes(self.routing):
             out = kernels.fused_moe(x, logits, self.routing, self.stored(), self.activation)
+        elif self.backend == "triton":  # a routing the routing kernel does not compute: torch routes
+            weights, ids = route(logits, self.routing, self.correction_bias)
+            out = kernels.fused_experts(x, weights, ids, self.stored(), self.activation)
         else:
             out = moe_reference(x, logits, self.routing, self.canonical(), self.activation, self.correction_bias)
         if self.shared is not None:

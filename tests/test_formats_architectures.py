@@ -18,30 +18,58 @@ from test_formats_fixtures import assert_bit_equal
 FAMILIES = {  # fixture: (architecture, MoE layers, routed experts)
     "gptq_g32_descact0_qwen35moe_text": ("qwen3_5_moe", [0, 1], 8),
     "ct_w4a16_g32_sym_kimik2_deepseekv3": ("deepseek_v3", [1], 8),
+    "packed_ct_int4_asym_glm45": ("glm4_moe", [1], 8),
+    "packed_quark_mxfp4_deepseekr1": ("deepseek_v3", [1, 2], 8),
+}
+# The layouts without a real fixture, written by tests/packers from ARCHITECTURES.md: GLM-4.5 in
+# llm-compressor's asymmetric int4 (attention biases, quantized dense layer and shared experts),
+# DeepSeek-R1 in AMD Quark's MXFP4 (MLA, dense layer and shared experts quantized too) with
+# group-limited routing.
+PACKED = {
+    "packed_ct_int4_asym_glm45": ("ct_int4", "glm4_moe", {"sym": False}),
+    "packed_quark_mxfp4_deepseekr1": ("quark_mxfp4", "deepseek_v3", {"num_layers": 3, "n_group": 4, "topk_group": 2}),
 }
 
 
+@pytest.fixture(scope="module")
+def family(arch_fixtures_dir, tmp_path_factory):
+    """``family(name)``: the real fixture of that name, or the packed checkpoint (built once)."""
+    from packers import build_checkpoint
+
+    root, built = tmp_path_factory.mktemp("families"), {}
+
+    def get(name: str):
+        if name not in PACKED:
+            return arch_fixtures_dir / name
+        if name not in built:
+            fmt, arch, options = PACKED[name]
+            built[name] = build_checkpoint(root / name, fmt, arch, **options)
+        return built[name]
+
+    return get
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_dequant_matches_the_quantizers_reference(arch_fixtures_dir, tmp_path, name):
-    src = arch_fixtures_dir / name
+def test_dequant_matches_the_quantizers_reference(family, tmp_path, name):
+    src = family(name)
     out = tmp_path / "deq.safetensors"
     assert run_cli("dequant", str(src), str(out), "-q").returncode == 0
     assert_bit_equal(load_file(out), load_file(src / "ref_dequant.safetensors"))
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_inspect_reports_the_family(arch_fixtures_dir, name):
-    info = json.loads(run_cli("inspect", str(arch_fixtures_dir / name), "--json").stdout)
+def test_inspect_reports_the_family(family, name):
+    info = json.loads(run_cli("inspect", str(family(name)), "--json").stdout)
     arch, layers, experts = FAMILIES[name]
     assert (info["architecture"], info["moe_layer_indices"], info["num_experts"]) == (arch, layers, experts)
     assert info["moe_layers"] == len(layers) and info["top_k"] == 2
     assert info["shared_expert_layers"] == layers  # every MoE layer of both families has them
-    assert info["routing"] == {"qwen3_5_moe": "softmax_topk_renorm", "deepseek_v3": "noaux_tc"}[arch]
+    assert info["routing"] == {"qwen3_5_moe": "softmax_topk_renorm", "deepseek_v3": "noaux_tc", "glm4_moe": "noaux_tc"}[arch]
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_convert_verify_and_dequant_the_conversion(arch_fixtures_dir, tmp_path, name):
-    src = arch_fixtures_dir / name
+def test_convert_verify_and_dequant_the_conversion(family, tmp_path, name):
+    src = family(name)
     ref = load_file(src / "ref_dequant.safetensors")
     targets = accepting_targets(src)
     assert "canonical" in targets and len(targets) >= 2  # the int4 preshuffles too
@@ -51,7 +79,7 @@ def test_convert_verify_and_dequant_the_conversion(arch_fixtures_dir, tmp_path, 
         assert run_cli("verify", str(src), str(out)).returncode == 0, target
         assert run_cli("dequant", str(out), str(tmp_path / f"{target}.safetensors"), "-q").returncode == 0
         assert_bit_equal(load_file(tmp_path / f"{target}.safetensors"), ref)
-        if name.startswith("ct_"):  # the router's correction bias is carried byte for byte (verify checks it)
+        if FAMILIES[name][0] != "qwen3_5_moe":  # the router's correction bias is carried byte for byte (verify checks it)
             index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
             assert "model.layers.1.mlp.gate.e_score_correction_bias" in index
 
@@ -91,7 +119,11 @@ def _reference_layer(w, cfg, layer, x):
     else:  # noaux_tc
         scores = torch.sigmoid(logits)
         choice = scores + w[f"{p}.gate.e_score_correction_bias"]
-        assert cfg["n_group"] == 1  # the group step does nothing (Kimi-K2, GLM-4.5)
+        groups = choice.view(x.shape[0], cfg["n_group"], -1)  # contiguous groups of E / n_group experts
+        group_score = groups.topk(2, dim=-1).values.sum(-1)
+        kept = torch.zeros_like(group_score, dtype=torch.bool)
+        kept.scatter_(1, group_score.topk(cfg["topk_group"], dim=-1).indices, True)
+        choice = groups.masked_fill(~kept[..., None], float("-inf")).view_as(choice)
         ids = torch.topk(choice, k, dim=-1).indices
         weights = scores.gather(1, ids)
         if cfg["norm_topk_prob"]:
@@ -106,10 +138,10 @@ def _reference_layer(w, cfg, layer, x):
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_every_layer_matches_a_dense_reference(arch_fixtures_dir, tmp_path, name):
+def test_every_layer_matches_a_dense_reference(family, tmp_path, name):
     import moeprep
 
-    src = arch_fixtures_dir / name
+    src = family(name)
     w, cfg = _weights(src), json.loads((src / "config.json").read_text())
     x = torch.randn(9, cfg["hidden_size"], generator=torch.Generator().manual_seed(0))
     for target in accepting_targets(src):

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
+from test_formats_architectures import family  # noqa: F401  (a fixture)
 from test_serve import converted, read_plain, rel_err  # noqa: F401  (converted: a fixture)
 
 transformers = pytest.importorskip("transformers")
@@ -81,9 +82,11 @@ def test_logits_match_transformers(converted, source, target):
 
 
 @pytest.mark.parametrize("name, target", [("gptq_g32_descact0_qwen35moe_text", "w4a16_preshuffle_zp"),
-                                          ("ct_w4a16_g32_sym_kimik2_deepseekv3", "w4a16_preshuffle")])
-def test_logits_match_transformers_for_the_new_families(arch_fixtures_dir, tmp_path, name, target):
-    src, out = arch_fixtures_dir / name, tmp_path / "out"
+                                          ("ct_w4a16_g32_sym_kimik2_deepseekv3", "w4a16_preshuffle"),
+                                          ("packed_ct_int4_asym_glm45", "w4a16_preshuffle_zp"),
+                                          ("packed_quark_mxfp4_deepseekr1", "mxfp4_moe")])
+def test_logits_match_transformers_for_the_new_families(family, tmp_path, name, target):
+    src, out = family(name), tmp_path / "out"
     assert run_cli("convert", str(src), str(out), "--target", target, "-q").returncode == 0
     assert_logits_match(src, out)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import run_cli
+from test_formats_architectures import family  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.gpu
 
@@ -66,16 +67,18 @@ def test_the_vllm_plugins_expert_computation_on_gpu_matches_the_cpu_path(tmp_pat
 
 
 @pytest.mark.parametrize("name, target", [("gptq_g32_descact0_qwen35moe_text", "w4a16_preshuffle_zp"),
-                                          ("ct_w4a16_g32_sym_kimik2_deepseekv3", "w4a16_preshuffle")])
-def test_the_new_families_run_the_kernels_on_gpu(arch_fixtures_dir, tmp_path, name, target):
-    """Qwen3.5-MoE (softmax top-k, gated shared expert) and DeepSeek-V3 in Kimi-K2's layout
-    (noaux_tc: torch routes, the kernels compute the experts; shared experts; a dense first layer):
-    every layer's MLP on the GPU in bf16 against the CPU reference in fp32."""
+                                          ("ct_w4a16_g32_sym_kimik2_deepseekv3", "w4a16_preshuffle"),
+                                          ("packed_ct_int4_asym_glm45", "w4a16_preshuffle_zp"),
+                                          ("packed_quark_mxfp4_deepseekr1", "mxfp4_moe")])
+def test_the_new_families_run_the_kernels_on_gpu(family, tmp_path, name, target):
+    """Qwen3.5-MoE (softmax top-k, gated shared expert), DeepSeek-V3 in Kimi-K2's layout, GLM-4.5
+    and DeepSeek-R1 MXFP4 (noaux_tc: torch routes, the kernels compute the experts; shared experts;
+    dense first layers): every layer's MLP on the GPU in bf16 against the CPU reference in fp32."""
     import json
 
     import moeprep
 
-    src, out = arch_fixtures_dir / name, tmp_path / "out"
+    src, out = family(name), tmp_path / "out"
     assert run_cli("convert", str(src), str(out), "--target", target, "-q").returncode == 0
     cfg = json.loads((src / "config.json").read_text())
     x = torch.randn(23, cfg["hidden_size"], generator=torch.Generator().manual_seed(0))

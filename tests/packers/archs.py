@@ -12,7 +12,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-ARCHS = ("qwen3_moe", "mixtral", "gpt_oss")
+ARCHS = ("qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3", "glm4_moe")
+# DeepSeek-V3 and GLM-4.5 (ARCHITECTURES.md): dense layers first, then MoE layers with shared
+# experts and a sigmoid router with a correction bias (noaux_tc)
+NOAUX_ARCHS = ("deepseek_v3", "glm4_moe")
+# DeepSeek-V3's multi-head latent attention, at the Kimi-K2 fixture's sizes
+MLA = {"q_lora_rank": 64, "kv_lora_rank": 32, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 32}
 MIXTRAL_NAMINGS = ("original", "llmcompressor", "gptqmodel")
 PROJS = ("gate", "up", "down")
 ATTN_PROJS = ("q", "k", "v", "o")
@@ -66,8 +71,21 @@ class Naming:
         return name
 
 
+def attention_projs(arch: str) -> tuple[str, ...]:
+    """The attention projections of one layer (module leaf names without `_proj` where it has one)."""
+    if arch == "deepseek_v3":
+        return ("q_a", "q_b", "kv_a_proj_with_mqa", "kv_b", "o")
+    return ATTN_PROJS
+
+
 def attention_module(layer: int, proj: str) -> str:
-    return f"model.layers.{layer}.self_attn.{proj}_proj"
+    leaf = proj if proj.endswith("_mqa") else f"{proj}_proj"
+    return f"model.layers.{layer}.self_attn.{leaf}"
+
+
+def moe_layers(arch: str, o: Any) -> list[int]:
+    first = o.first_k_dense if arch in NOAUX_ARCHS else 0
+    return list(range(first, o.num_layers))
 
 
 def _common(o: Any, dtype: str) -> dict[str, Any]:
@@ -126,6 +144,33 @@ def model_config(arch: str, o: Any, dtype: str) -> dict[str, Any]:
             "router_jitter_noise": 0.0,
             "sliding_window": None,
         })
+    elif arch in NOAUX_ARCHS:
+        del cfg["num_local_experts"], cfg["router_aux_loss_coef"]
+        cfg.update({
+            "first_k_dense_replace": o.first_k_dense,
+            "intermediate_size": o.dense_intermediate,
+            "max_position_embeddings": 512,
+            "moe_intermediate_size": o.intermediate,
+            "n_group": o.n_group,
+            "n_routed_experts": o.num_experts,
+            "n_shared_experts": o.shared_experts,
+            "norm_topk_prob": True,
+            "num_nextn_predict_layers": 0,
+            "rms_norm_eps": 1e-06 if arch == "deepseek_v3" else 1e-05,
+            "routed_scaling_factor": o.routed_scaling_factor,
+            "topk_group": o.topk_group,
+        })
+        if arch == "deepseek_v3":  # the real checkpoints also say how they route
+            cfg.update({"architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "model_type": "deepseek_v3",
+                        "qk_head_dim": MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"], "rope_interleave": True,
+                        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "scoring_func": "sigmoid",
+                        "topk_method": "noaux_tc", **MLA})
+            cfg["head_dim"] = MLA["qk_rope_head_dim"]
+            cfg["num_key_value_heads"] = o.heads  # latent attention: every head has its own keys and values
+        else:
+            cfg.update({"architectures": ["Glm4MoeForCausalLM"], "attention_bias": True, "model_type": "glm4_moe",
+                        "rope_parameters": {"partial_rotary_factor": 0.5, "rope_theta": 10000.0, "rope_type": "default"},
+                        "use_qk_norm": False})
     elif arch == "gpt_oss":
         cfg.update({
             "architectures": ["GptOssForCausalLM"],

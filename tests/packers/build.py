@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import qconfigs, st_io
-from .archs import ATTN_PROJS, PROJS, Naming, attention_module, generation_config, model_config
+from .archs import PROJS, Naming, attention_module, attention_projs, generation_config, model_config, moe_layers
 from .floats import to_stored
 from .formats import (interleave, pack_awq, pack_ct_int4, pack_ct_mxfp4, pack_gptoss_experts,
                       pack_gptq, pack_quark_mxfp4)
@@ -85,7 +85,10 @@ def _pack_per_module(fmt: str, o: Options, floats: dict[str, np.ndarray], naming
     dtype = model_dtype(fmt, o)
     out = Packed()
     for name, w in floats.items():
-        quantize = fmt != "bf16" and is_linear_weight(name) and (o.quantize_attention or ".experts." in name)
+        quantize = fmt != "bf16" and is_linear_weight(name) and (o.quantize_attention or ".self_attn." not in name)
+        if name.endswith(".e_score_correction_bias"):  # float32 in every DeepSeek/GLM checkpoint
+            out.tensors[naming.rename(name)] = w.astype(np.float32)
+            continue
         if not quantize:
             out.tensors[naming.rename(name)] = to_stored(w, dtype)
             continue
@@ -140,11 +143,12 @@ def _pack_gptoss(fmt: str, o: Options, floats: dict[str, np.ndarray], naming: Na
 def _ignored_modules(fmt: str, arch: str, o: Options, naming: Naming) -> list[str]:
     """Resolved names of what stays unquantized, in model order (Surprise 9)."""
     names: list[str] = []
+    sparse = moe_layers(arch, o)
     for layer in range(o.num_layers):
         if not o.quantize_attention:
-            names += [attention_module(layer, p) for p in ATTN_PROJS]
+            names += [attention_module(layer, p) for p in attention_projs(arch)]
         # Quark only lists the Mixtral router when it is an nn.Linear, which it is not there.
-        if not (fmt == "quark_mxfp4" and arch == "mixtral"):
+        if layer in sparse and not (fmt == "quark_mxfp4" and arch == "mixtral"):
             names.append(naming.router(layer))
     return names + ["lm_head"]
 
@@ -202,7 +206,7 @@ def _write_json(path: Path, data: Any, sort_keys: bool) -> None:
 
 def _moe_blocks(fmt: str, arch: str, o: Options, naming: Naming) -> list[dict[str, Any]]:
     blocks = []
-    for layer in range(o.num_layers):
+    for layer in moe_layers(arch, o):
         block: dict[str, Any] = {
             "layer": layer,
             "prefix": naming.moe_prefix(layer),
@@ -258,8 +262,8 @@ def build_checkpoint(out_dir: str | Path, fmt: str, arch: str = "qwen3_moe", **o
         "model_dtype": dtype,
         "quantized_modules": packed.quantized,
         "reference_modules": [k[: -len(".weight")] for k in reference],
-        "attention_modules": [attention_module(layer, p) for layer in range(o.num_layers) for p in ATTN_PROJS],
-        "routers": [naming.router(layer) for layer in range(o.num_layers)],
+        "attention_modules": [attention_module(layer, p) for layer in range(o.num_layers) for p in attention_projs(arch)],
+        "routers": [naming.router(layer) for layer in moe_layers(arch, o)],
         "moe_blocks": _moe_blocks(fmt, arch, o, naming),
         "zero_points_forced_to_zero": packed.zero_points_forced,
         "files": sorted(files + ["packer_info.json"]),

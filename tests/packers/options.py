@@ -52,6 +52,13 @@ class Options:
     zero_point_zero_frac: float = 0.0  # asym int4: share of zero points forced to 0
     quark_scheme: str = "mxfp4"  # or "mxfp4_weight_only"
     mxfp4_signed_zero: bool = True  # MXFP4: write -0 (code 8) for small negatives
+    # DeepSeek-V3 / GLM-4.5
+    first_k_dense: int = 1  # the leading dense layers
+    dense_intermediate: int = 320  # their MLP width
+    shared_experts: int = 1  # n_shared_experts (the shared MLP is this many expert widths)
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 2.5
 
     def as_json(self) -> dict[str, Any]:
         # not dataclasses.asdict: it would deep-copy a base_weights mapping of tensors

@@ -14,32 +14,59 @@ from typing import Any
 import numpy as np
 
 from . import st_io
-from .archs import ATTN_PROJS, PROJS, Naming
+from .archs import ATTN_PROJS, MLA, NOAUX_ARCHS, PROJS, Naming, moe_layers
 from .oracle import widen
+
+
+def _attention_shapes(arch: str, o: Any) -> dict[str, tuple[int, ...]]:
+    """Per-layer attention tensors (relative to the layer), weights and norms and biases."""
+    h = o.hidden
+    if arch == "deepseek_v3":
+        q_head = MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"]
+        return {"self_attn.q_a_proj.weight": (MLA["q_lora_rank"], h), "self_attn.q_a_layernorm.weight": (MLA["q_lora_rank"],),
+                "self_attn.q_b_proj.weight": (o.heads * q_head, MLA["q_lora_rank"]),
+                "self_attn.kv_a_proj_with_mqa.weight": (MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"], h),
+                "self_attn.kv_a_layernorm.weight": (MLA["kv_lora_rank"],),
+                "self_attn.kv_b_proj.weight": (o.heads * (MLA["qk_nope_head_dim"] + MLA["v_head_dim"]), MLA["kv_lora_rank"]),
+                "self_attn.o_proj.weight": (h, o.heads * MLA["v_head_dim"])}
+    q_out, kv_out = o.heads * o.head_dim, o.kv_heads * o.head_dim
+    attn_shapes = {"q": (q_out, h), "k": (kv_out, h), "v": (kv_out, h), "o": (h, q_out)}
+    shapes = {}
+    for proj in ATTN_PROJS:
+        shapes[f"self_attn.{proj}_proj.weight"] = attn_shapes[proj]
+        if arch == "gpt_oss" or (arch == "glm4_moe" and proj != "o"):
+            shapes[f"self_attn.{proj}_proj.bias"] = attn_shapes[proj][:1]
+    if arch == "qwen3_moe":
+        shapes["self_attn.q_norm.weight"] = (o.head_dim,)
+        shapes["self_attn.k_norm.weight"] = (o.head_dim,)
+    if arch == "gpt_oss":
+        shapes["self_attn.sinks"] = (o.heads,)
+    return shapes
+
+
+def _mlp(prefix: str, width: int, h: int) -> dict[str, tuple[int, ...]]:
+    return {f"{prefix}.{proj}_proj.weight": (h, width) if proj == "down" else (width, h) for proj in PROJS}
 
 
 def expected_shapes(arch: str, o: Any) -> dict[str, tuple[int, ...]]:
     """Canonical name -> shape, in on-disk order."""
     h, i, e = o.hidden, o.intermediate, o.num_experts
-    q_out, kv_out = o.heads * o.head_dim, o.kv_heads * o.head_dim
-    attn_shapes = {"q": (q_out, h), "k": (kv_out, h), "v": (kv_out, h), "o": (h, q_out)}
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (o.vocab, h)}
+    sparse = set(moe_layers(arch, o))
     for layer in range(o.num_layers):
         p = f"model.layers.{layer}"
         shapes[f"{p}.input_layernorm.weight"] = (h,)
-        for proj in ATTN_PROJS:
-            shapes[f"{p}.self_attn.{proj}_proj.weight"] = attn_shapes[proj]
-            if arch == "gpt_oss":
-                shapes[f"{p}.self_attn.{proj}_proj.bias"] = attn_shapes[proj][:1]
-        if arch == "qwen3_moe":
-            shapes[f"{p}.self_attn.q_norm.weight"] = (o.head_dim,)
-            shapes[f"{p}.self_attn.k_norm.weight"] = (o.head_dim,)
-        if arch == "gpt_oss":
-            shapes[f"{p}.self_attn.sinks"] = (o.heads,)
+        shapes.update({f"{p}.{name}": shape for name, shape in _attention_shapes(arch, o).items()})
         shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
+        if layer not in sparse:
+            shapes.update(_mlp(f"{p}.mlp", o.dense_intermediate, h))
+            continue
         shapes[f"{p}.mlp.gate.weight"] = (e, h)
         if arch == "gpt_oss":
             shapes[f"{p}.mlp.gate.bias"] = (e,)
+        if arch in NOAUX_ARCHS:
+            shapes[f"{p}.mlp.gate.e_score_correction_bias"] = (e,)
+            shapes.update(_mlp(f"{p}.mlp.shared_experts", i * o.shared_experts, h))
         for expert in range(e):
             for proj in PROJS:
                 shape = (h, i) if proj == "down" else (i, h)
@@ -52,8 +79,10 @@ def expected_shapes(arch: str, o: Any) -> dict[str, tuple[int, ...]]:
 
 
 def is_linear_weight(name: str) -> bool:
-    """The modules a quantizer quantizes: attention projections and expert projections."""
-    return bool(re.search(r"\.(self_attn\.[qkvo]_proj|experts\.\d+\.(\w+_proj|w[123]))\.weight$", name))
+    """The modules a quantizer quantizes: attention projections (MLA's too), expert projections,
+    and the shared experts and dense MLPs of DeepSeek-V3 / GLM-4.5."""
+    return bool(re.search(r"\.(self_attn\.(?:[qkvo]_proj|q_[ab]_proj|kv_a_proj_with_mqa|kv_b_proj)"
+                          r"|experts\.\d+\.(\w+_proj|w[123])|mlp\.(?:shared_experts\.)?(?:gate|up|down)_proj)\.weight$", name))
 
 
 def random_model(arch: str, o: Any) -> dict[str, np.ndarray]:

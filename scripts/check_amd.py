@@ -46,6 +46,11 @@ MODELS = {
                      Activation("swiglu_oai", 1.702, 7.0), True, 32),
     "mixtral-8x7b": ("w4a16_preshuffle", 8, 4096, 14336, Routing("softmax_topk", 2, True), Activation("silu"), False, 32),
     "gpt-oss-mxfp4_moe": ("mxfp4_moe", 8, 2048, 768, Routing("topk_softmax", 4, False), Activation("swiglu_oai"), True, 32),
+    # the families of ARCHITECTURES.md; DeepSeek's routing kernel with its group limit (8 groups, the best 4)
+    "qwen3.5-35b-a3b": ("w4a16_preshuffle", 16, 2048, 512, Routing("softmax_topk", 8, True), Activation("silu"), False, 32),
+    "deepseek-v3": ("w4a16_preshuffle", 16, 7168, 2048, Routing("noaux_tc", 8, True, n_group=8, topk_group=4, scaling=2.5),
+                    Activation("silu"), False, 32),
+    "glm-4.5": ("w4a16_preshuffle_zp", 16, 5120, 1536, Routing("noaux_tc", 8, True, scaling=2.5), Activation("silu"), False, 32),
 }
 
 

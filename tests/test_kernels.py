@@ -122,6 +122,40 @@ def test_routing_fp32_logits_with_distinct_values():
         assert_same_routing(route_kernel(logits, routing, 32), logits, routing)
 
 
+NOAUX = [Routing("noaux_tc", 2, True, scaling=2.827), Routing("noaux_tc", 4, True, n_group=8, topk_group=4, scaling=2.5),
+         Routing("noaux_tc", 3, False, n_group=4, topk_group=1)]
+
+
+@pytest.mark.parametrize("routing", NOAUX, ids=lambda r: f"k{r.top_k}-groups{r.n_group}of{r.topk_group}-renorm{int(r.renormalize)}")
+@pytest.mark.parametrize("T,fused_max", [(5, 64), (70, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_noaux_tc_routing_in_the_kernel_matches_torch(routing, T, fused_max, dtype):
+    """DeepSeek/GLM routing in the routing kernel: sigmoid scores, the correction bias in the choice
+    only, the group limit, the unbiased scores as weights (renormalised), the scaling factor."""
+    E, block_m = 64, 16
+    g = torch.Generator().manual_seed(T)
+    logits = torch.randn(T, E, generator=g).to(DEVICE, dtype)
+    bias = (torch.randn(E, generator=g) * 0.3).to(DEVICE)
+    r = route_kernel(logits, routing, block_m, fused_max_tokens=fused_max, correction_bias=bias)
+    weights, ids = route(logits, routing, bias)
+    order, want = r.topk_ids.long().sort(dim=1), ids.sort(dim=1)
+    assert torch.equal(order.values, want.values), "different experts"
+    torch.testing.assert_close(r.topk_weights.gather(1, order.indices), weights.float().gather(1, want.indices),
+                               rtol=1e-5, atol=1e-6)
+    sorted_ids, expert_ids, padded = align_reference(r.topk_ids, E, block_m)
+    assert int(r.num_padded) == padded and torch.equal(r.sorted_ids[:padded].cpu(), sorted_ids)
+
+
+def test_noaux_tc_groups_over_an_expert_count_that_is_not_a_power_of_two_route_in_torch():
+    from moeprep import kernels
+
+    grouped = Routing("noaux_tc", 2, True, n_group=4, topk_group=2)
+    assert kernels.routes(grouped, 64) and not kernels.routes(grouped, 160)
+    assert kernels.routes(Routing("noaux_tc", 8, True), 160)  # GLM-4.5: one group
+    with pytest.raises(MoeprepError, match="does not compute noaux_tc routing over 160 experts"):
+        route_kernel(torch.zeros(3, 160, device=DEVICE), grouped, 16)
+
+
 # ---- fused MoE ------------------------------------------------------------------------------
 CASES = [  # target, E, H, I, routing, activation, group, bias, desc_act, T, dtype
     ("w4a16_preshuffle", 8, 128, 64, QWEN3, SILU, 32, False, False, 1, torch.bfloat16),
@@ -312,12 +346,13 @@ def test_moe_block_triton_backend_matches_reference_backend():
     assert rel_err(fast(x.to(DEVICE)).cpu(), slow(x)) <= TOL
 
 
-def test_moe_block_triton_backend_takes_torchs_routing_where_the_kernel_has_none():
-    """noaux_tc (DeepSeek, GLM): torch routes with the correction bias and group limit, the fused
-    GEMMs compute the experts."""
-    layer, _ = random_layer("w4a16_preshuffle_zp", 8, 128, 64)
+@pytest.mark.parametrize("E", [8, 12])
+def test_moe_block_triton_backend_routes_noaux_tc(E):
+    """noaux_tc (DeepSeek, GLM) with groups: the routing kernel over 8 experts; over 12 (groups
+    that do not tile a power of two) torch routes and the fused GEMMs compute the experts."""
+    layer, _ = random_layer("w4a16_preshuffle_zp", E, 128, 64)
     routing = Routing("noaux_tc", 2, True, n_group=4, topk_group=2, scaling=2.5)
-    router, bias = torch.randn(8, 128) * 0.1, torch.randn(8) * 0.1
+    router, bias = torch.randn(E, 128) * 0.1, torch.randn(E) * 0.1
     x = torch.randn(11, 128).to(torch.bfloat16)
     fast = MoEBlock(layer_to(layer, DEVICE), router.to(DEVICE), None, routing, SILU, torch.bfloat16, backend="triton",
                     correction_bias=bias.to(DEVICE))

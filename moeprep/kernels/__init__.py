@@ -32,13 +32,13 @@ def available() -> bool:
     return _have_triton() and torch.cuda.is_available()
 
 
-def routes(routing) -> bool:
-    """Whether the routing kernel computes this routing."""
+def routes(routing, num_experts: int) -> bool:
+    """Whether the routing kernel computes this routing over ``num_experts`` experts."""
     if not _have_triton():
         return False
-    from .routing import SCORINGS
+    from .routing import kernel_routes
 
-    return routing.scoring in SCORINGS
+    return kernel_routes(routing, num_experts)
 
 
 def supports(experts) -> bool:
@@ -57,12 +57,12 @@ def _check_device(hidden) -> None:
         raise MoeprepError(f"the fused MoE kernels run on a GPU; hidden states are on {hidden.device}")
 
 
-def fused_moe(hidden, router_logits, routing, experts, activation, config=None) -> torch.Tensor:
+def fused_moe(hidden, router_logits, routing, experts, activation, config=None, correction_bias=None) -> torch.Tensor:
     """See :func:`moeprep.kernels.fused.fused_moe`."""
     _check_device(hidden)
     from .fused import fused_moe as run
 
-    return run(hidden, router_logits, routing, experts, activation, config)
+    return run(hidden, router_logits, routing, experts, activation, config, correction_bias)
 
 
 def fused_experts(hidden, topk_weights, topk_ids, experts, activation, config=None) -> torch.Tensor:

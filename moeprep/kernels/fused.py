@@ -26,9 +26,11 @@ def fused_moe(
     experts: ExpertWeights,
     activation: Activation,
     config: Optional[configs.MoEConfig] = None,
+    correction_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The MoE block's output ``[T, H]`` in ``hidden.dtype``: ``sum_j w[t, j] * expert_j(hidden[t])``
-    over the top-k experts of ``router_logits`` (routing as in :func:`moeprep.moe.route`).
+    over the top-k experts of ``router_logits`` (routing as in :func:`moeprep.moe.route`, with
+    noaux_tc's ``correction_bias``).
 
     ``config`` overrides the configuration (it is still fitted to the shapes, and its backend still
     falls back to Triton where it cannot run the call).
@@ -37,7 +39,8 @@ def fused_moe(
     T = _check(layer, hidden, activation)
     if router_logits.shape != (T, layer.experts):
         raise MoeprepError(f"expected router logits [{T}, {layer.experts}], got {list(router_logits.shape)}")
-    return _run(layer, hidden, routing.top_k, activation, config, lambda block_m: route_tokens(router_logits, routing, block_m))
+    return _run(layer, hidden, routing.top_k, activation, config,
+                lambda block_m: route_tokens(router_logits, routing, block_m, correction_bias=correction_bias))
 
 
 def fused_experts(

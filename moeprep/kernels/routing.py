@@ -29,7 +29,7 @@ from ._triton import INTERPRET, launch_dependents, rounded
 
 FUSED_MAX_TOKENS = 64
 _SPLIT_BLOCK_T = 64
-SCORINGS = {"softmax_topk": 0, "topk_softmax": 1}
+SCORINGS = {"softmax_topk": 0, "topk_softmax": 1, "noaux_tc": 2}
 
 
 @dataclass
@@ -50,13 +50,43 @@ def max_padded(pairs: int, num_experts: int, block_m: int) -> int:
 
 # ---- the stages, as functions on register tensors ---------------------------------------------
 @triton.jit
-def _topk(logits_ptr, stride_t, t0, T, E, TOP_K: tl.constexpr, SCORING: tl.constexpr, RENORM: tl.constexpr,
-          ROUND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+def _noaux_choice(x, s, bias_ptr, col_ok, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr):
+    """noaux_tc's choice scores: sigmoid scores plus the correction bias, -inf outside the
+    TOPK_GROUP groups (of BLOCK_E / N_GROUP contiguous experts) whose two best scores sum highest."""
+    offs_e = tl.arange(0, BLOCK_E)
+    c = s
+    if HAS_BIAS:
+        c = c + tl.load(bias_ptr + offs_e, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    c = tl.where(col_ok[None, :], c, float("-inf"))
+    if N_GROUP > 1:
+        GE: tl.constexpr = BLOCK_E // N_GROUP
+        g = tl.reshape(c, (BLOCK_T, N_GROUP, GE))
+        pos = tl.arange(0, GE)
+        m1 = tl.max(g, axis=2)
+        first = tl.min(tl.where(g == m1[:, :, None], pos[None, None, :], GE), axis=2)
+        m2 = tl.max(tl.where(pos[None, None, :] == first[:, :, None], float("-inf"), g), axis=2)
+        score = m1 + m2
+        offs_g = tl.arange(0, N_GROUP)
+        keep = tl.zeros((BLOCK_T, N_GROUP), tl.int32)
+        for _ in tl.static_range(TOPK_GROUP):
+            left = tl.where(keep == 0, score, float("-inf"))
+            best = tl.max(left, axis=1)
+            gi = tl.min(tl.where((keep == 0) & (left == best[:, None]), offs_g[None, :], N_GROUP), axis=1)
+            keep = tl.where(offs_g[None, :] == gi[:, None], 1, keep)
+        c = tl.reshape(tl.where(keep[:, :, None] != 0, g, float("-inf")), (BLOCK_T, BLOCK_E))
+    return c
+
+
+@triton.jit
+def _topk(logits_ptr, stride_t, t0, T, E, bias_ptr, scale, TOP_K: tl.constexpr, SCORING: tl.constexpr,
+          RENORM: tl.constexpr, ROUND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+          BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr):
     """Top-k of BLOCK_T rows of logits: (ids int32, weights fp32, valid) of shape [BLOCK_T, BLOCK_K],
     and which experts each row chose, int32 [BLOCK_T, BLOCK_E].
 
-    Selection runs on the logits, which order the experts exactly as their softmax does; ties
-    go to the lower expert index.
+    Selection runs on the logits, which order the experts exactly as their softmax does, or for
+    noaux_tc on the biased, group-limited sigmoid scores; ties go to the lower expert index.
     """
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)
@@ -65,15 +95,23 @@ def _topk(logits_ptr, stride_t, t0, T, E, TOP_K: tl.constexpr, SCORING: tl.const
     col_ok = offs_e < E
     x = tl.load(logits_ptr + offs_t[:, None].to(tl.int64) * stride_t + offs_e[None, :],
                 mask=row_ok[:, None] & col_ok[None, :], other=float("-inf")).to(tl.float32)
+    if SCORING == 2:
+        s = tl.sigmoid(x)
+        sel = _noaux_choice(x, s, bias_ptr, col_ok, BLOCK_T, BLOCK_E, HAS_BIAS, N_GROUP, TOPK_GROUP)
+    else:
+        s = x
+        sel = x
     avail = tl.broadcast_to(col_ok[None, :], (BLOCK_T, BLOCK_E))
     ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     vals = tl.full((BLOCK_T, BLOCK_K), float("-inf"), tl.float32)
     for j in tl.static_range(TOP_K):
-        xm = tl.where(avail, x, float("-inf"))
+        xm = tl.where(avail, sel, float("-inf"))
         m = tl.max(xm, axis=1)
         idx = tl.min(tl.where(avail & (xm == m[:, None]), offs_e[None, :], BLOCK_E), axis=1)
         avail = avail & (offs_e[None, :] != idx[:, None])
         ids = tl.where(kk[None, :] == j, idx[:, None], ids)
+        if SCORING == 2:  # the weight is the unbiased score
+            m = tl.sum(tl.where(offs_e[None, :] == idx[:, None], s, 0.0), axis=1)
         vals = tl.where(kk[None, :] == j, m[:, None], vals)
     in_k = kk[None, :] < TOP_K
     if SCORING == 0:  # softmax over all experts (fp32), then the chosen ones
@@ -82,10 +120,15 @@ def _topk(logits_ptr, stride_t, t0, T, E, TOP_K: tl.constexpr, SCORING: tl.const
         w = tl.where(in_k, tl.exp(vals - mx[:, None]), 0.0) / tl.maximum(denom, 1.0)[:, None]  # >= 1 in used rows
         if RENORM:
             w = w / tl.where(row_ok, tl.sum(w, axis=1), 1.0)[:, None]
-    else:  # softmax over the k chosen logits
+    elif SCORING == 1:  # softmax over the k chosen logits
         top = tl.where(row_ok, tl.max(vals, axis=1), 0.0)
         p = tl.where(in_k, tl.exp(vals - top[:, None]), 0.0)
         w = p / tl.maximum(tl.sum(p, axis=1), 1.0)[:, None]  # >= 1 in used rows
+    else:  # noaux_tc: the sigmoid scores of the chosen, renormalised if asked, scaled
+        w = tl.where(in_k, vals, 0.0)
+        if RENORM:
+            w = w / (tl.sum(w, axis=1) + 1e-20)[:, None]
+        w = w * scale
     if ROUND:  # the architecture hands the weights over in the logits' dtype
         w = rounded(w, logits_ptr.dtype.element_ty).to(tl.float32)
     chosen = (col_ok[None, :] & row_ok[:, None] & ~avail).to(tl.int32)
@@ -121,13 +164,15 @@ def _padding_and_blocks(sorted_ptr, expert_ids_ptr, num_padded_ptr, counts, pad_
 
 # ---- decode: everything in one program ----------------------------------------------------
 @triton.jit
-def _route_fused_kernel(logits_ptr, stride_t, T, E, weights_ptr, ids_ptr, sorted_ptr, expert_ids_ptr, num_padded_ptr,
-                        TOP_K: tl.constexpr, SCORING: tl.constexpr, RENORM: tl.constexpr, ROUND: tl.constexpr,
+def _route_fused_kernel(logits_ptr, stride_t, T, E, bias_ptr, scale, weights_ptr, ids_ptr, sorted_ptr, expert_ids_ptr,
+                        num_padded_ptr, TOP_K: tl.constexpr, SCORING: tl.constexpr, RENORM: tl.constexpr,
+                        ROUND: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                         CHUNK_B: tl.constexpr, EARLY_NEXT: tl.constexpr):
     if EARLY_NEXT:
         launch_dependents()
-    ids, w, ok, chosen = _topk(logits_ptr, stride_t, 0, T, E, TOP_K, SCORING, RENORM, ROUND, BLOCK_T, BLOCK_E, BLOCK_K)
+    ids, w, ok, chosen = _topk(logits_ptr, stride_t, 0, T, E, bias_ptr, scale, TOP_K, SCORING, RENORM, ROUND, BLOCK_T,
+                               BLOCK_E, BLOCK_K, HAS_BIAS, N_GROUP, TOPK_GROUP)
     flat = tl.arange(0, BLOCK_T)[:, None] * TOP_K + tl.arange(0, BLOCK_K)[None, :]
     tl.store(weights_ptr + flat, w, mask=ok)
     tl.store(ids_ptr + flat, ids, mask=ok)
@@ -141,12 +186,14 @@ def _route_fused_kernel(logits_ptr, stride_t, T, E, weights_ptr, ids_ptr, sorted
 
 # ---- prefill: three launches ------------------------------------------------------------
 @triton.jit
-def _topk_hist_kernel(logits_ptr, stride_t, T, E, weights_ptr, ids_ptr, hist_ptr,
+def _topk_hist_kernel(logits_ptr, stride_t, T, E, bias_ptr, scale, weights_ptr, ids_ptr, hist_ptr,
                       TOP_K: tl.constexpr, SCORING: tl.constexpr, RENORM: tl.constexpr, ROUND: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     t0 = pid * BLOCK_T
-    ids, w, ok, chosen = _topk(logits_ptr, stride_t, t0, T, E, TOP_K, SCORING, RENORM, ROUND, BLOCK_T, BLOCK_E, BLOCK_K)
+    ids, w, ok, chosen = _topk(logits_ptr, stride_t, t0, T, E, bias_ptr, scale, TOP_K, SCORING, RENORM, ROUND, BLOCK_T,
+                               BLOCK_E, BLOCK_K, HAS_BIAS, N_GROUP, TOPK_GROUP)
     flat = (t0 + tl.arange(0, BLOCK_T))[:, None] * TOP_K + tl.arange(0, BLOCK_K)[None, :]
     tl.store(weights_ptr + flat, w, mask=ok)
     tl.store(ids_ptr + flat, ids, mask=ok)
@@ -232,13 +279,26 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def route_tokens(logits: torch.Tensor, routing: Routing, block_m: int, fused_max_tokens: int = FUSED_MAX_TOKENS) -> RoutedTokens:
-    """Router logits ``[T, E]`` -> top-k weights and ids, and the expert-sorted, block-padded ids."""
+def kernel_routes(routing: Routing, num_experts: int) -> bool:
+    """Whether the routing kernel computes ``routing`` over ``num_experts`` experts: noaux_tc's
+    group limit needs the groups to tile a power-of-two expert count."""
     if routing.scoring not in SCORINGS:
-        raise MoeprepError(f"unknown routing scoring {routing.scoring!r} (choose from {', '.join(SCORINGS)})")
+        return False
+    if routing.scoring == "noaux_tc" and routing.n_group > 1:
+        return num_experts == _pow2(num_experts) and num_experts % routing.n_group == 0
+    return True
+
+
+def route_tokens(logits: torch.Tensor, routing: Routing, block_m: int, fused_max_tokens: int = FUSED_MAX_TOKENS,
+                 correction_bias: torch.Tensor | None = None) -> RoutedTokens:
+    """Router logits ``[T, E]`` -> top-k weights and ids, and the expert-sorted, block-padded ids
+    (``correction_bias``: noaux_tc's, for the choice only)."""
     if logits.dim() != 2:
         raise MoeprepError(f"router logits must be [T, E], got shape {list(logits.shape)}")
     T, E = logits.shape
+    if not kernel_routes(routing, E):
+        raise MoeprepError(f"the routing kernel does not compute {routing.scoring} routing over {E} experts "
+                           f"({routing.n_group} groups)")
     k = routing.top_k
     if not 0 < k <= E:
         raise MoeprepError(f"top_k={k} does not fit {E} experts")
@@ -254,25 +314,31 @@ def route_tokens(logits: torch.Tensor, routing: Routing, block_m: int, fused_max
         torch.empty((1,), dtype=torch.int32, device=dev),
         block_m,
     )
+    noaux = routing.scoring == "noaux_tc"
+    bias = correction_bias.float().contiguous() if noaux and correction_bias is not None else logits
     meta = dict(
         TOP_K=k,
         SCORING=SCORINGS[routing.scoring],
-        RENORM=routing.scoring == "softmax_topk" and routing.renormalize,
+        RENORM=routing.scoring in ("softmax_topk", "noaux_tc") and routing.renormalize,
         ROUND=routing.scoring == "topk_softmax" or routing.weights_in_logits_dtype,
+        HAS_BIAS=noaux and correction_bias is not None,
+        N_GROUP=routing.n_group if noaux else 1,
+        TOPK_GROUP=routing.topk_group if noaux else 1,
         BLOCK_E=_pow2(E),
         BLOCK_K=_pow2(k),
     )
+    scale = float(routing.scaling) if noaux else 1.0
     if T <= fused_max_tokens:
         block_t = _pow2(T)
         _route_fused_kernel[(1,)](
-            logits, logits.stride(0), T, E, out.topk_weights, out.topk_ids, out.sorted_ids, out.expert_ids, out.num_padded,
+            logits, logits.stride(0), T, E, bias, scale, out.topk_weights, out.topk_ids, out.sorted_ids, out.expert_ids, out.num_padded,
             BLOCK_M=block_m, BLOCK_T=block_t, CHUNK_B=_pow2(triton.cdiv(block_t, block_m)),
             EARLY_NEXT=_early_next(dev), num_warps=_fused_warps(block_t, meta["BLOCK_E"]), **meta,
         )
         return out
     chunks = triton.cdiv(T, _SPLIT_BLOCK_T)
     hist = torch.empty((chunks, meta["BLOCK_E"]), dtype=torch.int32, device=dev)
-    _topk_hist_kernel[(chunks,)](logits, logits.stride(0), T, E, out.topk_weights, out.topk_ids, hist,
+    _topk_hist_kernel[(chunks,)](logits, logits.stride(0), T, E, bias, scale, out.topk_weights, out.topk_ids, hist,
                                  BLOCK_T=_SPLIT_BLOCK_T, num_warps=_warps(_SPLIT_BLOCK_T * meta["BLOCK_E"]), **meta)
     _align(out, hist, T, k, meta["BLOCK_E"])
     return out

@@ -27,7 +27,8 @@ class MoEBlock(nn.Module):
     expert on each call; ``triton`` (the name is kept for compatibility) runs the fused kernels on
     the stored layout directly: whichever GPU backend each call's configuration names, the Triton
     GEMMs or the CUDA ones (moeprep.kernels.backend), after the routing kernel, or after torch's
-    routing for what the routing kernel does not compute (``noaux_tc``).
+    routing for what the routing kernel does not compute (``noaux_tc`` groups over an expert count
+    that is not a power of two).
     """
 
     def __init__(
@@ -82,8 +83,8 @@ class MoEBlock(nn.Module):
             raise MoeprepError(f"expected hidden_states [T, {self.expert_weights.hidden_size}], got {list(hidden_states.shape)}")
         x = hidden_states.to(self.dtype)
         logits = F.linear(x, self.router_weight, self.router_bias)
-        if self.backend == "triton" and kernels.routes(self.routing):
-            out = kernels.fused_moe(x, logits, self.routing, self.stored(), self.activation)
+        if self.backend == "triton" and kernels.routes(self.routing, self.expert_weights.num_experts):
+            out = kernels.fused_moe(x, logits, self.routing, self.stored(), self.activation, correction_bias=self.correction_bias)
         elif self.backend == "triton":  # a routing the routing kernel does not compute: torch routes
             weights, ids = route(logits, self.routing, self.correction_bias)
             out = kernels.fused_experts(x, weights, ids, self.stored(), self.activation)

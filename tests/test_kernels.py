@@ -402,6 +402,12 @@ MODELS = {  # name: (target, E, H, I, routing, activation, bias, Ts)
     "qwen3-30b-a3b-mxfp4_moe": ("mxfp4_moe", 128, 2048, 768, QWEN3, SILU, False, (1, 2048)),
     "gpt-oss-120b": ("mxfp4_preshuffle", 128, 2880, 2880, GPT_OSS, SWIGLU, True, ALL_T),
     "mixtral-8x7b": ("w4a16_preshuffle", 8, 4096, 14336, MIXTRAL, SILU, False, ALL_T),
+    # ARCHITECTURES.md's families (DeepSeek-V3 with 32 of its 256 experts: the expert count only
+    # changes the routing, whose group limit of 8 groups then has 4 experts each)
+    "qwen3.5-35b-a3b": ("w4a16_preshuffle", 256, 2048, 512, Routing("softmax_topk", 8, True), SILU, False, (1, 64, 2048)),
+    "deepseek-v3": ("w4a16_preshuffle", 32, 7168, 2048, Routing("noaux_tc", 8, True, n_group=8, topk_group=4, scaling=2.5),
+                    SILU, False, (1, 64, 2048)),
+    "glm-4.5": ("w4a16_preshuffle_zp", 160, 5120, 1536, Routing("noaux_tc", 8, True, scaling=2.5), SILU, False, (1, 64, 2048)),
 }
 
 

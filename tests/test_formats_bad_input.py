@@ -115,3 +115,23 @@ def test_a_list_or_object_where_the_config_holds_a_value_is_refused_cleanly(fixt
             assert proc.returncode in (0, 2), (path, proc.stderr)
             if proc.returncode == 2:
                 assert_clean_error(proc, "config.json")
+
+
+def test_a_shard_cut_short_after_opening_is_refused_not_a_crash(tmp_path, fixtures_dir):
+    """Truncated after its header was read (another process rewriting it): the next tensor read
+    is a clean refusal naming the file and tensor, not SIGBUS on a page that no longer exists."""
+    import os
+    import shutil
+
+    from moeprep.errors import BadInputError
+    from moeprep.io.checkpoint import Checkpoint
+
+    src = tmp_path / "src"
+    shutil.copytree(fixtures_dir / "awq_gemm_g32_qwen3moe", src)
+    ckpt = Checkpoint(src)
+    name = ckpt.names()[-1]
+    shard = ckpt.file_of(name)
+    os.truncate(shard, shard.stat().st_size // 2)
+    with pytest.raises(BadInputError, match="cut short while being read") as e:
+        ckpt.get_tensor(name)
+    assert shard.name in str(e.value) and name in str(e.value)

@@ -264,6 +264,7 @@ class Checkpoint:
         if fname is None:
             raise BadInputError("missing tensor", path=str(self.root), tensor=name)
         dtype = getattr(torch, info.torch_dtype_name)
+        self._check_still_whole(fname, name)
         try:
             if info.begin % dtype.itemsize == 0:
                 t = torch.empty(0, dtype=dtype)
@@ -271,6 +272,19 @@ class Checkpoint:
             return self._handle(fname).get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise BadInputError(f"cannot read tensor data: {e}", path=str(self.root / fname), tensor=name) from None
+
+    def _check_still_whole(self, fname: str, name: str) -> None:
+        """A shard cut short after its header was read would kill the process on the first read
+        of a missing page (SIGBUS) instead of failing cleanly: its size is checked before each
+        tensor is handed out (a cut that lands between this check and the read still does)."""
+        path = self.root / fname
+        try:
+            size = os.stat(path).st_size
+        except OSError as e:
+            raise BadInputError(f"cannot read: {e.strerror or e}", path=str(path), tensor=name) from None
+        if size < self.headers[fname].file_size:
+            raise BadInputError(f"the file was cut short while being read ({size} of {self.headers[fname].file_size} bytes)",
+                                path=str(path), tensor=name)
 
     def get_expert(self, name: str, expert: int) -> torch.Tensor:
         """``tensor[expert]`` of a stacked-experts tensor, reading only that slice."""

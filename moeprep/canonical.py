@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-import torch
+from .lazy import torch
 
 Kind = Literal["int4", "mxfp4"]
 
@@ -26,10 +26,7 @@ SYMMETRIC_ZERO = 8
 MXFP4_GROUP = 32
 
 # OCP MX E2M1 code points; bit 3 is the sign.
-E2M1_VALUES = torch.tensor(
-    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
-    dtype=torch.float32,
-)
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 @dataclass
@@ -101,11 +98,11 @@ def invalid_scales(kind: Kind, scales: torch.Tensor) -> tuple[int, float]:
     return count, (float(values[bad][0]) if count else 0.0)
 
 
-def dequantize(ql: QuantLinear, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The exact float32 weight ``[N, K]`` (then cast to ``dtype``)."""
+def dequantize(ql: QuantLinear, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The exact float32 weight ``[N, K]`` (then cast to ``dtype``, if given)."""
     q = unpack_codes(ql.codes)
     if ql.kind == "mxfp4":
-        values = E2M1_VALUES.to(q.device)[q.to(torch.int64)]
+        values = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=q.device)[q.to(torch.int64)]
         scale = e8m0_to_float(ql.scales).repeat_interleave(MXFP4_GROUP, dim=1)
         w = values * scale
     else:
@@ -116,4 +113,4 @@ def dequantize(ql: QuantLinear, dtype: torch.dtype = torch.float32) -> torch.Ten
         else:
             z = ql.zeros.to(torch.int32)[:, g]
         w = (q.to(torch.int32) - z).to(torch.float32) * scale
-    return w.to(dtype)
+    return w if dtype is None else w.to(dtype)

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-import torch
+from .lazy import torch
 
 from .errors import BadInputError, MoeprepError, OutputError, TargetError, UnsupportedError
-from .formats.base import torch_dtype
 from .io import strict_json
 from .io.checkpoint import INDEX_NAME, Checkpoint, check_outside
 from .io.outputs import check_replaceable, published, sigterm_as_interrupt
@@ -111,7 +110,7 @@ def plan_conversion(model: ModelMap, target: Target, max_shard_size: int = DEFAU
         if name in consumed:
             continue
         info = model.ckpt.info(name)
-        spec = TensorSpec(name, torch_dtype(info.torch_dtype_name), tuple(info.shape))
+        spec = TensorSpec(name, info.torch_dtype_name, tuple(info.shape))
         items.append((_order_key(name, 0), OutputTensor(spec, source=name)))
     for i, plan in enumerate(layers):
         for j, (spec, meta) in enumerate(target.plan_layer(plan)):
@@ -190,8 +189,7 @@ def describe_plan(plan: ConversionPlan) -> str:
         lines.append(f"{shard.file}  {len(shard.tensors)} tensors, {size / 1e6:.1f} MB")
         for t in shard.tensors:
             how = "convert" if t.meta else "copy"
-            dtype = str(t.spec.dtype).removeprefix("torch.")
-            lines.append(f"  {how:<7} {t.spec.name}  {dtype} {list(t.spec.shape)}")
+            lines.append(f"  {how:<7} {t.spec.name}  {t.spec.dtype} {list(t.spec.shape)}")
     return "\n".join(lines)
 
 

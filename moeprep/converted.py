@@ -12,12 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
+from .lazy import torch
 
 from .canonical import QuantLinear
 from .errors import BadInputError, UnsupportedError
 from .formats import LinearFacts, LinearRef, QuantParams, RawLinear, SourceFormat, detect
-from .formats.base import torch_dtype
 from .formats.registry import register
 from .io.checkpoint import Checkpoint
 from .io.names import layer_of
@@ -101,11 +100,11 @@ class Converted(SourceFormat):
             shapes[proj] = ProjShape(e, n, kb * 2, groups)
             bias = tensors.get(f"{proj}_bias")
             facts[proj] = LinearFacts(
-                scale_dtype=torch_dtype(ckpt.info(scale).torch_dtype_name),
+                scale_dtype=ckpt.info(scale).torch_dtype_name,
                 has_zeros=f"{proj}_weight_zero_point" in tensors,
                 has_g_idx="w13_input_perm" in tensors or f"{proj}_g_idx" in tensors,
                 has_bias=bias is not None,
-                bias_dtype=torch_dtype(ckpt.info(bias).torch_dtype_name) if bias else None,
+                bias_dtype=ckpt.info(bias).torch_dtype_name if bias else None,
             )
         desc_act = facts["w13"].has_g_idx
         index = layer_of(prefix + ".")
@@ -119,9 +118,9 @@ class Converted(SourceFormat):
                 raise BadInputError(f"missing tensor (target {self.target.name} writes it)", path=str(ckpt.root), tensor=name)
             info = ckpt.info(name)
             where = dict(path=str(ckpt.file_of(name)), tensor=name)
-            if info.torch_dtype_name != str(spec.dtype).removeprefix("torch.") or tuple(info.shape) != spec.shape:
+            if info.torch_dtype_name != spec.dtype or tuple(info.shape) != spec.shape:
                 raise BadInputError(
-                    f"stored as {info.dtype} {list(info.shape)} but its metadata implies {str(spec.dtype).removeprefix('torch.')} {list(spec.shape)}",
+                    f"stored as {info.dtype} {list(info.shape)} but its metadata implies {spec.dtype} {list(spec.shape)}",
                     **where,
                 )
             stored = self._meta(ckpt, name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
+from .lazy import torch
 
 from . import converted  # noqa: F401  (importing registers the reader of converted checkpoints)
 from .canonical import QuantLinear, invalid_scales

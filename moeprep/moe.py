@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
+from .lazy import torch
 
 from .arch import Architecture
 from .errors import UnsupportedError

@@ -67,12 +67,13 @@ def fill(spec: TensorSpec, rng: np.random.Generator, n: int, k: int) -> torch.Te
         return torch.tensor([n, k], dtype=torch.int64)
     if name.endswith("qzeros") and "gptq" in name:
         return torch.full(spec.shape, 0x77777777, dtype=torch.int32)
-    if spec.dtype in (torch.float16, torch.bfloat16):
-        return (torch.from_numpy(rng.random(spec.shape, dtype=np.float32)) * 0.01 + 1e-3).to(spec.dtype)
-    if spec.dtype == torch.uint8 and name.endswith("weight_scale"):
+    dtype = getattr(torch, spec.dtype)
+    if dtype in (torch.float16, torch.bfloat16):
+        return (torch.from_numpy(rng.random(spec.shape, dtype=np.float32)) * 0.01 + 1e-3).to(dtype)
+    if dtype == torch.uint8 and name.endswith("weight_scale"):
         return torch.from_numpy(rng.integers(118, 130, spec.shape, dtype=np.uint8))
     nbytes = spec.nbytes
-    return torch.from_numpy(np.frombuffer(rng.bytes(nbytes), dtype=np.uint8).copy()).view(spec.dtype).reshape(spec.shape)
+    return torch.from_numpy(np.frombuffer(rng.bytes(nbytes), dtype=np.uint8).copy()).view(dtype).reshape(spec.shape)
 
 
 def build(root: Path, fmt: str, layers: int, experts: int, hidden: int, inter: int, seed: int = 0) -> Path:

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "moeprep"
 
 # Lower layers never import higher ones: a module may import its own layer and those below it.
 LAYERS = [
-    {"errors", "canonical", "arch", "io", "hooks", "_C", "_C_cuda"},
+    {"errors", "lazy", "canonical", "arch", "io", "hooks", "_C", "_C_cuda"},
     {"formats"},
     {"ops"},
     {"targets"},

@@ -5,7 +5,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Mapping, Optional
 
-import torch
+from ..lazy import torch
 
 from ..canonical import Kind, QuantLinear
 from ..errors import BadInputError, UnsupportedError
@@ -37,11 +37,11 @@ class LinearRef:
 class LinearFacts:
     """What the canonical form of one linear will hold, known from headers alone."""
 
-    scale_dtype: torch.dtype
+    scale_dtype: str  # torch's dtype names: header facts need no torch
     has_zeros: bool
     has_g_idx: bool
     has_bias: bool
-    bias_dtype: Optional[torch.dtype] = None
+    bias_dtype: Optional[str] = None
 
 
 @dataclass
@@ -135,11 +135,11 @@ class SourceFormat(ABC):
         scale = ckpt.info(require(ckpt, ref, self.scale_role))
         bias = ref.parts.get("bias")
         return LinearFacts(
-            scale_dtype=torch_dtype(scale.torch_dtype_name),
+            scale_dtype=scale.torch_dtype_name,
             has_zeros=self.zeros_role is not None and self.zeros_role in ref.parts,
             has_g_idx=self.g_idx_role is not None and self.g_idx_role in ref.parts,
             has_bias=bias is not None,
-            bias_dtype=torch_dtype(ckpt.info(bias).torch_dtype_name) if bias else None,
+            bias_dtype=ckpt.info(bias).torch_dtype_name if bias else None,
         )
 
     @abstractmethod
@@ -236,10 +236,6 @@ def checked_g_idx(ckpt: Checkpoint, names: list[str], in_features: int, group_si
 def stacked(ckpt: Checkpoint, refs: list[LinearRef], role: str) -> torch.Tensor:
     """One tensor role of several linears of one shape (the experts of a projection), stacked."""
     return torch.stack([ckpt.get_tensor(ref.parts[role]) for ref in refs])
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
 
 
 def param(qcfg: dict, *keys: str, default=None):

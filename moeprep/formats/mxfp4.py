@@ -5,7 +5,7 @@ E8M0 scale byte per 32 input elements.
 """
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 from ..canonical import MXFP4_GROUP
 from ..errors import BadInputError

@@ -5,7 +5,7 @@ itself uses the fused C++ path (``moeprep.ops.repack_into``) with the same packi
 """
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 from ..canonical import pack_codes, unpack_codes
 

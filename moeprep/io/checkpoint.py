@@ -15,14 +15,16 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import BadInputError
 from . import strict_json
 from .safetensors_header import Header, TensorInfo, read_header
+
+if TYPE_CHECKING:  # torch is imported where tensor data is read: header-only work never loads it
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -224,6 +226,8 @@ class Checkpoint:
     def _storage(self, fname: str) -> torch.UntypedStorage:
         """The shard as one private (copy-on-write) memory map: tensors are views into it, so
         nothing is read until touched, and nothing written through a view reaches the file."""
+        import torch
+
         storage = self._maps.get(fname)
         if storage is None:
             path = self.root / fname
@@ -247,6 +251,8 @@ class Checkpoint:
     def supply(self, tensors: dict[str, torch.Tensor]) -> None:
         """Tensors an engine's own loader has already read from this checkpoint's files: they answer
         ``get_tensor`` from now on, so nothing is read twice. Each must be what its header says."""
+        import torch
+
         for name, t in tensors.items():
             info = self.info(name)
             if tuple(t.shape) != tuple(info.shape) or t.dtype != getattr(torch, info.torch_dtype_name):
@@ -257,6 +263,8 @@ class Checkpoint:
     def get_tensor(self, name: str) -> torch.Tensor:
         """One tensor, read lazily: a zero-copy view of the shard's memory map (safetensors'
         ``safe_open`` for a tensor whose offset does not suit its dtype's alignment)."""
+        import torch
+
         supplied = self._supplied.get(name)
         if supplied is not None:
             return supplied

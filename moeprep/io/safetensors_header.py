@@ -33,6 +33,13 @@ DTYPES: dict[str, tuple[str, int]] = {
     "F64": ("float64", 8),
 }
 TORCH_TO_ST = {torch_name: st for st, (torch_name, _) in DTYPES.items()}
+ITEMSIZE = {torch_name: size for torch_name, size in DTYPES.values()}
+
+
+def dtype_name(dtype) -> str:
+    """A torch dtype's name (``"bfloat16"``); a name is returned as it is. Header-level facts keep
+    dtypes as names, so that work on headers alone never needs torch."""
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
 
 # safetensors refuses headers above 100 MB; anything larger is corrupt, not big.
 MAX_HEADER_BYTES = 100 * 1024 * 1024

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import torch
+from ..lazy import torch
 
 from ..errors import OutputError
-from .safetensors_header import TORCH_TO_ST
+from .safetensors_header import ITEMSIZE, TORCH_TO_ST, dtype_name
 
 _ALIGN = 8
 # Writes of a few hundred KB run at memory speed here; single writes of hundreds of MB are
@@ -28,16 +28,19 @@ _WRITE_CHUNK = 256 << 10
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: torch.dtype
+    dtype: str  # torch's name of it ("bfloat16"); a torch dtype given here is turned into its name
     shape: tuple[int, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
     @property
     def st_dtype(self) -> str:
-        return TORCH_TO_ST[str(self.dtype).removeprefix("torch.")]
+        return TORCH_TO_ST[self.dtype]
 
 
 def header_bytes(specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
@@ -91,7 +94,7 @@ class SafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """One whole planned tensor."""
         spec = self._expect(name)
-        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+        if dtype_name(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise RuntimeError(f"{self.path}: planned {name} {spec.dtype} {list(spec.shape)}, got {tensor.dtype} {list(tensor.shape)}")
         self._write_bytes(tensor_bytes(tensor))
         self._next += 1
@@ -101,7 +104,7 @@ class SafetensorsWriter:
         spec = self._expect(name)
         total = 0
         for piece in pieces:
-            if piece.dtype != spec.dtype:
+            if dtype_name(piece.dtype) != spec.dtype:
                 raise RuntimeError(f"{self.path}: planned {name} {spec.dtype}, got a {piece.dtype} piece")
             data = tensor_bytes(piece)
             total += len(data)

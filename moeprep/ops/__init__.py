@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+from ..lazy import torch
 
 from ..errors import MoeprepError, TargetError
 

@@ -18,7 +18,7 @@ from abc import ABC
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterator, Optional, Protocol, Sequence
 
-import torch
+from ..lazy import torch
 
 from .. import ops
 from ..canonical import QuantLinear, explicit_zeros, pack_codes, unpack_codes
@@ -145,17 +145,17 @@ class Target(ABC):
         for proj in PROJS:
             s, f = plan.shapes[proj], plan.facts[proj]
             entries = [
-                (f"{proj}_weight", torch.uint8, (s.experts, s.rows, s.cols // 2), (s.experts, s.rows, s.cols // 2)),
+                (f"{proj}_weight", "uint8", (s.experts, s.rows, s.cols // 2), (s.experts, s.rows, s.cols // 2)),
                 (f"{proj}_weight_scale", f.scale_dtype, self.scale_stored_shape(proj, s), (s.experts, s.rows, s.groups)),
             ]
             if self.has_zeros(plan, proj):
-                entries.append((f"{proj}_weight_zero_point", torch.uint8, self.scale_stored_shape(proj, s), (s.experts, s.rows, s.groups)))
+                entries.append((f"{proj}_weight_zero_point", "uint8", self.scale_stored_shape(proj, s), (s.experts, s.rows, s.groups)))
             if f.has_bias:
                 entries.append((f"{proj}_bias", f.bias_dtype, (s.experts, s.rows), (s.experts, s.rows)))
             if plan.desc_act and self.keeps_g_idx:
-                entries.append((f"{proj}_g_idx", torch.int32, (s.experts, s.cols), (s.experts, s.cols)))
+                entries.append((f"{proj}_g_idx", "int32", (s.experts, s.cols), (s.experts, s.cols)))
             elif plan.desc_act and proj == "w13":
-                entries.append(("w13_input_perm", torch.int32, (s.experts, s.cols), (s.experts, s.cols)))
+                entries.append(("w13_input_perm", "int32", (s.experts, s.cols), (s.experts, s.cols)))
             for role, dtype, stored, logical in entries:
                 meta = {
                     "shuffle_kind": self.name,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
+from ..lazy import torch
 
 from .. import ops
 from ..canonical import SYMMETRIC_ZERO
@@ -87,8 +87,8 @@ class W4A16Preshuffle(_W4A16):
 
     def shape_problems(self, proj, shape, facts):
         found = super().shape_problems(proj, shape, facts)
-        if facts.scale_dtype != torch.bfloat16:
-            found.append(f"scales are {str(facts.scale_dtype).removeprefix('torch.')}, this target holds bfloat16 only")
+        if facts.scale_dtype != "bfloat16":
+            found.append(f"scales are {facts.scale_dtype}, this target holds bfloat16 only")
         return found
 
     def has_zeros(self, plan, proj):

@@ -3,6 +3,7 @@ and plain tensors: the map every command works from (built from headers alone), 
 layer's plan and on-demand reading for a target to encode."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -165,6 +166,7 @@ def build_model_map(ckpt: Checkpoint, fmt: SourceFormat | None = None, any_archi
         if e.path != "config.json":
             raise
         raise e.at(str(ckpt.root / "config.json")) from None
+    _refuse_fused_3d_experts(ckpt)
     layers: dict[int, tuple[str, dict[int, dict[str, LinearRef]]]] = {}
     others: list[LinearRef] = []
     for ref in fmt.linears(ckpt):
@@ -187,6 +189,20 @@ def build_model_map(ckpt: Checkpoint, fmt: SourceFormat | None = None, any_archi
     plain = sorted((n for n in ckpt.names() if n not in consumed), key=natural_key)
     arch = arch or unknown_architecture(ckpt.config)
     return ModelMap(ckpt, arch, fmt, moe_layers, sorted(others, key=lambda r: natural_key(r.module)), plain)
+
+
+# llm-compressor's optional repack_moe: every expert of a layer in one 3-D tensor per projection
+FUSED_EXPERTS = re.compile(r"\.experts\.(?:gate_up_proj|down_proj)\.")
+
+
+def _refuse_fused_3d_experts(ckpt: Checkpoint) -> None:
+    """Experts quantized as fused 3-D tensors are not a layout moeprep reads (it could not be pinned
+    down from compressed-tensors' own code here): refused by name, not misread."""
+    for name in ckpt.names():
+        if FUSED_EXPERTS.search(name) and len(ckpt.info(name).shape) == 3:
+            raise UnsupportedError("experts stored fused in 3-D (llm-compressor's repack_moe layout): moeprep reads "
+                                   "quantized experts one 2-D module per expert; save the model without repack_moe",
+                                   path=str(ckpt.file_of(name)), tensor=name)
 
 
 def _check_layer(ckpt: Checkpoint, index: int, prefix: str, experts: dict, n_experts: int) -> MoELayer:

@@ -214,3 +214,28 @@ def test_the_multimodal_qwen35_layout(arch_fixtures_dir, tmp_path):
     assert run_cli("verify", str(src), str(out)).returncode == 0
     assert any(n.startswith("model.language_model.layers.1.mlp.experts.w13")
                for n in json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
+
+
+def test_experts_fused_in_3d_are_refused_by_name(fixtures_dir, tmp_path):
+    """llm-compressor's repack_moe writes each layer's experts as one 3-D tensor per projection
+    (ARCHITECTURES.md): every command refuses it in one line naming a fused tensor, none misreads it."""
+    src = tmp_path / "repacked"
+    shutil.copytree(fixtures_dir / "ct_w4a16_g32_sym_qwen3moe", src)
+    tensors = load_file(src / "model.safetensors")
+    for layer in range(2):
+        p = f"model.layers.{layer}.mlp.experts"
+        for part in ("weight_packed", "weight_scale"):
+            experts = range(8)
+            tensors[f"{p}.gate_up_proj.{part}"] = torch.stack(
+                [torch.cat([tensors.pop(f"{p}.{e}.gate_proj.{part}"), tensors.pop(f"{p}.{e}.up_proj.{part}")]) for e in experts])
+            tensors[f"{p}.down_proj.{part}"] = torch.stack([tensors.pop(f"{p}.{e}.down_proj.{part}") for e in experts])
+        for e in range(8):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                tensors.pop(f"{p}.{e}.{proj}.weight_shape")
+    from safetensors.torch import save_file
+
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    for args in (["inspect", str(src)], ["dequant", str(src), str(tmp_path / "w.safetensors")],
+                 ["convert", str(src), str(tmp_path / "out")]):
+        assert_clean_error(run_cli(*args), "repack_moe", ".experts.")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "w.safetensors").exists()

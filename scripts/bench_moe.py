@@ -101,6 +101,7 @@ MODELS.update({
     "qwen3.5-35b-a3b": Model("w4a16_preshuffle", 256, 2048, 512, Routing("softmax_topk", 8, True), Activation("silu")),
     "deepseek-v3": Model("w4a16_preshuffle", 256, 7168, 2048, Routing("noaux_tc", 8, True, n_group=8, topk_group=4, scaling=2.5),
                          Activation("silu")),
+    "kimi-k2": Model("w4a16_preshuffle", 384, 7168, 2048, Routing("noaux_tc", 8, True, scaling=2.827), Activation("silu")),
     "glm-4.5": Model("w4a16_preshuffle_zp", 160, 5120, 1536, Routing("noaux_tc", 8, True, scaling=2.5), Activation("silu")),
 })
 TOKENS = (1, 4, 16, 64, 512, 2048, 8192)

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..lazy import torch
-
 from .. import ops
 from ..canonical import SYMMETRIC_ZERO
 from ..formats import LinearFacts, QuantParams, RawLinear

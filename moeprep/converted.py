@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .lazy import torch
+import numpy as np
 
 from .canonical import QuantLinear
 from .errors import BadInputError, UnsupportedError
@@ -20,6 +20,7 @@ from .formats import LinearFacts, LinearRef, QuantParams, RawLinear, SourceForma
 from .formats.registry import register
 from .io.checkpoint import Checkpoint
 from .io.names import layer_of
+from .lazy import torch
 from .targets import TARGETS, LayerPlan, ProjShape
 from .targets.base import int32_from_b64
 
@@ -33,7 +34,11 @@ class _Layer:
     index: int
     plan: LayerPlan
     tensors: dict[str, str]  # role -> tensor name
-    row_perm: Optional[torch.Tensor]
+    row_order: Optional[np.ndarray]  # act-order checkpoints: the folded row order, checked from the header
+
+    @property
+    def row_perm(self) -> Optional[torch.Tensor]:
+        return None if self.row_order is None else torch.from_numpy(self.row_order)
 
 
 @register
@@ -144,14 +149,14 @@ class Converted(SourceFormat):
             )
         return meta
 
-    def _row_perm(self, ckpt: Checkpoint, name: str, shapes) -> torch.Tensor:
+    def _row_perm(self, ckpt: Checkpoint, name: str, shapes) -> np.ndarray:
         text = self._meta(ckpt, name).get("row_perm")
         e, inter = shapes["w13"].experts, shapes["w13"].rows // 2
         try:
             perm = int32_from_b64(text, (e, inter))
         except Exception:
             raise BadInputError("metadata row_perm is missing or not [E, I] int32", path=str(ckpt.file_of(name)), tensor=name) from None
-        if not bool((torch.sort(perm.to(torch.int64), dim=1).values == torch.arange(inter)).all()):
+        if not bool((np.sort(perm, axis=1) == np.arange(inter)).all()):
             raise BadInputError("metadata row_perm is not a permutation per expert", path=str(ckpt.file_of(name)), tensor=name)
         return perm
 

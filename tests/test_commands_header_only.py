@@ -45,8 +45,13 @@ def test_inspect_and_dry_run_of_a_source(fixtures_dir, tmp_path, name):
     assert not (tmp_path / "out").exists()
 
 
-def test_inspect_of_a_conversion(fixtures_dir, tmp_path):
+@pytest.mark.parametrize("source, target", [("quark_mxfp4_qwen3moe", "mxfp4_moe"),
+                                            ("gptq_v1_asym_descact_mixtral_sharded", "w4a16_preshuffle_zp")])
+def test_inspect_of_a_conversion(fixtures_dir, packed, tmp_path, source, target):
+    """An act-order conversion too: its folded row order is checked from the header with numpy."""
+    from conftest import source_dir
+
     out = tmp_path / "out"
-    assert run_cli("convert", str(fixtures_dir / "quark_mxfp4_qwen3moe"), str(out), "--target", "mxfp4_moe", "-q").returncode == 0
+    assert run_cli("convert", str(source_dir(fixtures_dir, packed, source)), str(out), "--target", target, "-q").returncode == 0
     loaded, text = _torch_loaded("inspect", "--json", str(out))
-    assert not loaded and '"target": "mxfp4_moe"' in text
+    assert not loaded and f'"target": "{target}"' in text

@@ -18,13 +18,14 @@ from abc import ABC
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterator, Optional, Protocol, Sequence
 
-from ..lazy import torch
+import numpy as np
 
 from .. import ops
 from ..canonical import QuantLinear, explicit_zeros, pack_codes, unpack_codes
 from ..errors import BadInputError, TargetError
 from ..formats import LinearFacts, QuantParams, RawLinear
 from ..io.safetensors_writer import TensorSpec
+from ..lazy import torch
 
 PROJS = ("w13", "w2")
 FORMAT_VERSION = 1
@@ -83,8 +84,9 @@ def b64_int32(t: torch.Tensor) -> str:
     return base64.b64encode(t.to(torch.int32).contiguous().numpy().tobytes()).decode()
 
 
-def int32_from_b64(text: str, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.int32).reshape(shape).clone()
+def int32_from_b64(text: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Header metadata back to int32 values, with numpy: reading headers needs no torch."""
+    return np.frombuffer(base64.b64decode(text), dtype=np.int32).reshape(shape).copy()
 
 
 def _new_block(shape: tuple[int, ...]) -> torch.Tensor:

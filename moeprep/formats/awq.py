@@ -24,7 +24,7 @@ from .base import (
     shape_2d,
     stacked,
 )
-from .packing import awq_natural_order, unpack_nibbles
+from .packing import awq_natural_words, unpack_nibbles
 from .registry import register
 
 
@@ -64,7 +64,7 @@ class AWQ(SourceFormat):
 
     def read_raw_batch(self, ckpt: Checkpoint, refs: list[LinearRef]) -> list[RawLinear]:
         groups = ckpt.info(refs[0].parts["scales"]).shape[0]
-        zeros = awq_natural_order(unpack_nibbles(stacked(ckpt, refs, "qzeros"))).transpose(1, 2).contiguous()  # [B, N, groups]
+        zeros = unpack_nibbles(awq_natural_words(stacked(ckpt, refs, "qzeros"))).transpose(1, 2).contiguous()  # [B, N, groups]
         scales = stacked(ckpt, refs, "scales").transpose(1, 2).contiguous()
         return [
             RawLinear(

@@ -9,8 +9,9 @@ from ..lazy import torch
 
 from ..canonical import pack_codes, unpack_codes
 
-# AWQ GEMM stores column 8w + (0, 2, 4, 6, 1, 3, 5, 7)[p] in nibble p of word w: nibble 4a + b
-# holds column 2b + a, so the natural order is the (2, 4) -> (4, 2) transpose of each group of 8.
+# AWQ GEMM stores column 8w + (0, 2, 4, 6, 1, 3, 5, 7)[p] in nibble p of word w: column c of a
+# word sits in nibble AWQ_NIBBLE_OF_COLUMN[c].
+AWQ_NIBBLE_OF_COLUMN = (0, 4, 1, 5, 2, 6, 3, 7)
 
 def unpack_nibbles(words: torch.Tensor) -> torch.Tensor:
     """int32 ``[..., W]`` -> uint8 ``[..., 8W]``: nibble i of each word, LSB first.
@@ -21,10 +22,13 @@ def unpack_nibbles(words: torch.Tensor) -> torch.Tensor:
     return unpack_codes(words.contiguous().view(torch.uint8))
 
 
-def awq_natural_order(nibbles: torch.Tensor) -> torch.Tensor:
-    """Undo AWQ's interleave on unpacked nibbles ``[..., 8W]`` (groups of 8 along the last dim)."""
-    shape = nibbles.shape
-    return nibbles.reshape(*shape[:-1], shape[-1] // 8, 2, 4).transpose(-1, -2).reshape(shape)
+def awq_natural_words(words: torch.Tensor) -> torch.Tensor:
+    """AWQ's int32 words with their nibbles moved into column order (nibble c = column 8w + c):
+    shifts and masks on whole words, no strided copy of the unpacked nibbles."""
+    out = torch.zeros_like(words)
+    for column, nibble in enumerate(AWQ_NIBBLE_OF_COLUMN):
+        out |= ((words >> (4 * nibble)) & 0xF) << (4 * column)
+    return out
 
 
 def _bytes_of_words(words: torch.Tensor) -> torch.Tensor:
@@ -40,6 +44,6 @@ def to_canonical(packed: torch.Tensor, packing: str) -> torch.Tensor:
     if packing == "gptq_int32":  # [K/8, N]: each word holds 8 consecutive k of one column
         return _bytes_of_words(packed.t())
     if packing == "awq_int32":  # [K, N/8], interleaved along N
-        q = awq_natural_order(unpack_nibbles(packed))  # [K, N]
+        q = unpack_nibbles(awq_natural_words(packed))  # [K, N]
         return pack_codes(q.t())
     raise ValueError(f"unknown packing {packing!r}")

@@ -21,6 +21,7 @@ tensor-parallel size 1 only. A refusal names the sizes that work.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -57,15 +58,8 @@ def _tp_unit(target: str, plan: LayerPlan) -> int:
     if target == "canonical":
         return g2 if g2 % 2 == 0 else 2 * g2
     if target in ("w4a16_preshuffle", "w4a16_preshuffle_zp"):
-        unit = 2 * g2
-        return unit * 32 // _gcd(unit, 32)
+        return math.lcm(2 * g2, 32)
     return 0
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
 
 
 def tp_sizes(target: str, plan: LayerPlan, roles, row_perm: bool, limit: int = 64) -> list[int]:

@@ -48,8 +48,6 @@ class MoeprepConfig(QuantizationConfig):
         self.path: Optional[str] = None
         self.revision: Optional[str] = None
         self.hf_config = None
-        # per MoE layer index: the checkpoint's block prefix and its stored expert tensors
-        self.layers: dict[int, tuple[str, dict[str, tuple[tuple[int, ...], str]]]] = {}
         self._loaded: Optional[LoadedCheckpoint] = None
 
     def __getstate__(self):  # the open checkpoint and vLLM's source config stay in the process that made them
@@ -74,16 +72,9 @@ class MoeprepConfig(QuantizationConfig):
         return cls(config)
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: Optional[str] = None):
-        """Read the converted checkpoint's headers: each MoE layer's stored expert tensors."""
-        self.path, self.revision = model_name, revision
-        loaded = self.checkpoint()
-        ckpt = loaded.model.ckpt
-        for layer in loaded.model.moe_layers:
-            info = loaded.fmt.layer(ckpt, layer.prefix)
-            stored = {name.rsplit(".", 1)[1]: (tuple(ckpt.info(name).shape), ckpt.info(name).torch_dtype_name)
-                      for name in info.tensors.values()}
-            self.layers[layer.index] = (layer.prefix, stored)
-        self.hf_config = hf_config
+        """The converted checkpoint, opened (headers checked) before vLLM builds the model."""
+        self.path, self.revision, self.hf_config = model_name, revision, hf_config
+        self.checkpoint()
 
     def checkpoint(self) -> LoadedCheckpoint:
         if self._loaded is None:
@@ -139,14 +130,15 @@ class MoeprepConfig(QuantizationConfig):
         parent, _, name = prefix.rpartition(".")
         return [f"{parent}.{m}" if parent else m for m in self.packed_modules_mapping.get(name, [name])]
 
-    def moe_layer(self, prefix: str) -> tuple[str, dict[str, tuple[tuple[int, ...], str]]]:
-        """The checkpoint's MoE layer behind vLLM's experts module ``prefix`` (by decoder layer index:
+    def moe_layer(self, prefix: str) -> str:
+        """The checkpoint's MoE block behind vLLM's experts module ``prefix`` (by decoder layer index:
         vLLM may name the modules above it differently)."""
+        blocks = {layer.index: layer.prefix for layer in self.checkpoint().model.moe_layers}
         m = LAYER_INDEX.search(prefix)
-        if m is None or int(m.group(1)) not in self.layers:
+        if m is None or int(m.group(1)) not in blocks:
             raise BadInputError(f"vLLM asks for MoE experts at {prefix}, which the checkpoint does not have "
-                                f"(its MoE layers: {sorted(self.layers)})", path=str(self.path))
-        return self.layers[int(m.group(1))]
+                                f"(its MoE layers: {sorted(blocks)})", path=str(self.path))
+        return blocks[int(m.group(1))]
 
 
 class MoeprepDequantLinearMethod(LinearMethodBase):
@@ -211,7 +203,7 @@ class MoeprepMoEMethod(FusedMoEMethodBase):
         super().__init__(layer.moe_config)
         self.config = config
         self.prefix = prefix
-        self.ckpt_prefix, self.stored = config.moe_layer(prefix)
+        self.ckpt_prefix = config.moe_layer(prefix)
         parallel = layer.moe_config.moe_parallel_config
         self.partition = Partition(tp_size=parallel.tp_size, tp_rank=parallel.tp_rank,
                                    ep_size=parallel.ep_size, ep_rank=parallel.ep_rank, use_ep=parallel.use_ep)
@@ -222,16 +214,17 @@ class MoeprepMoEMethod(FusedMoEMethodBase):
     def create_weights(self, layer: RoutedExperts, num_experts: int, hidden_size: int,
                        intermediate_size_per_partition: int, params_dtype: torch.dtype, **extra: Any) -> None:
         loaded = self.config.checkpoint()
-        info = loaded.fmt.layer(loaded.model.ckpt, self.ckpt_prefix)
+        ckpt = loaded.model.ckpt
+        info = loaded.fmt.layer(ckpt, self.ckpt_prefix)
         self.target, self.full_plan, where = loaded.target.name, info.plan, f"{self.ckpt_prefix}.experts"
-        check_partition(self.partition, self.target, info.plan, self.stored, info.row_perm is not None, where)
+        check_partition(self.partition, self.target, info.plan, info.tensors, info.row_perm is not None, where)
         self.plan = local_plan(info.plan, self.partition)
-        for role, (shape, dtype_name) in self.stored.items():
-            dtype = getattr(torch, dtype_name)
-            local = self.share(torch.empty(shape, dtype=dtype, device="meta"), role)
+        for role, name in info.tensors.items():
+            dtype = getattr(torch, ckpt.info(name).torch_dtype_name)
+            local = self.share(torch.empty(ckpt.info(name).shape, dtype=dtype, device="meta"), role)
             param = torch.nn.Parameter(torch.empty(local.shape, dtype=dtype), requires_grad=False)
             param.is_shuffled = True
-            param.shuffle_kind = loaded.target.name
+            param.shuffle_kind = self.target
             layer.register_parameter(role, param)
             self.expected[role] = (tuple(local.shape), dtype)
         mine = self.partition.experts(info.plan.shapes["w13"].experts)

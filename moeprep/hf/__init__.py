@@ -33,9 +33,8 @@ def load_model(
     """``AutoModelForCausalLM.from_pretrained`` of a converted checkpoint (a directory or a hub id,
     resolved as every moeprep command resolves it), its MoE blocks computing with ``backend``."""
     transformers = _transformers()
-    from .quantizer import moe_blocks, register
+    from .quantizer import moe_blocks  # importing it registers the quantization method
 
-    register()
     ckpt = Checkpoint(path, hub)
     device = torch.device(device)
     # transformers places a model on a device through accelerate (the extra `hf` brings it)

@@ -14,9 +14,14 @@ from .. import kernels
 from ..errors import BadInputError, MoeprepError
 from ..moe import Activation, ExpertWeights, Routing, route
 from .loader import LoadedCheckpoint, load
-from .torch_moe import experts_reference as moe_experts, moe_reference
+from .torch_moe import experts_reference, moe_reference
 
 BACKENDS = ("auto", "reference", "triton")
+
+
+def _fused_here(tensor: torch.Tensor, experts: ExpertWeights) -> bool:
+    """Whether the fused kernels compute these experts on ``tensor``'s device."""
+    return tensor.is_cuda and kernels.available() and kernels.supports(experts)
 
 
 class MoEBlock(nn.Module):
@@ -64,8 +69,7 @@ class MoEBlock(nn.Module):
         if backend not in BACKENDS:
             raise MoeprepError(f"unknown MoE backend {backend!r} (choose from {', '.join(BACKENDS)})")
         if backend == "auto":
-            fused = self.router_weight.is_cuda and kernels.available() and kernels.supports(self.expert_weights)
-            backend = "triton" if fused else "reference"
+            backend = "triton" if _fused_here(self.router_weight, self.expert_weights) else "reference"
         self.backend = backend
 
     def stored(self) -> ExpertWeights:
@@ -107,11 +111,11 @@ class ChosenExperts:
         self._canonical = None
 
     def __call__(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        if hidden.is_cuda and kernels.available() and kernels.supports(self.experts):
+        if _fused_here(hidden, self.experts):
             return kernels.fused_experts(hidden, topk_weights, topk_ids, self.experts, self.activation)
         if self._canonical is None:
             self._canonical = self.experts.canonical()
-        return moe_experts(hidden, topk_weights, topk_ids, self._canonical, self.activation).to(hidden.dtype)
+        return experts_reference(hidden, topk_weights, topk_ids, self._canonical, self.activation).to(hidden.dtype)
 
 
 class DenseMLP(nn.Module):

@@ -89,7 +89,8 @@ def test_the_fused_kernels_take_a_ranks_share():
         part, expert_map = _rank(layer, Partition(ep_size=2, ep_rank=rank, use_ep=True))
         w, i = local_choices(weights, expert_map[ids], part.num_experts)
         total += fused_experts(x.to(device), w.to(device), i.to(device), layer_to(part, device), SILU).float().cpu()
-    assert float((total - want).norm() / want.norm()) <= 1e-5
+    # the interpreter computes in fp32; a GPU's tensor cores take bf16 operands, as in tests/test_serve_gpu.py
+    assert float((total - want).norm() / want.norm()) <= (1e-2 if device == "cuda" else 1e-5)
 
 
 def test_a_layout_over_all_experts_is_refused_by_name():

@@ -17,7 +17,7 @@ from .errors import MoeprepError
 
 def _hub_options(fn):
     """--revision, --cache-dir and --token for the commands that open checkpoints by hub repo id;
-    the command receives them as ``hub`` (a moeprep.io.checkpoint.HubOptions)."""
+    the command receives them as ``hub`` (a moeprep.io.hub.HubOptions)."""
 
     @click.option("--revision", default=None, help="Hub repo ids: a branch, tag or commit (default: main).")
     @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
@@ -25,7 +25,7 @@ def _hub_options(fn):
     @click.option("--token", default=None, help="Hub repo ids: an access token (default: HF_TOKEN or a saved login).")
     @functools.wraps(fn)
     def wrapper(*args, revision=None, cache_dir=None, token=None, **kwargs):
-        from .io.checkpoint import HubOptions
+        from .io.hub import HubOptions
 
         return fn(*args, hub=HubOptions(revision, cache_dir, token), **kwargs)
 
@@ -93,7 +93,7 @@ def inspect(ckpt: str, as_json: bool, all_tensors: bool, hub) -> None:
     from .io.checkpoint import Checkpoint
     from .model import build_model_map
 
-    info = describe(build_model_map(Checkpoint(ckpt, hub)))
+    info = describe(build_model_map(Checkpoint(ckpt, hub, headers_only=True)))
     click.echo(json.dumps(info, indent=1) if as_json else render_text(info, all_tensors))
 
 
@@ -176,7 +176,7 @@ def convert(src: str, out: str, target: str | None, max_shard_size: str, overwri
     from .progress import Progress
 
     limit = parse_size(max_shard_size)
-    model = build_model_map(Checkpoint(src, hub))
+    model = build_model_map(Checkpoint(src, hub, headers_only=dry_run))
     model.allow_invalid_scales = allow_invalid_scales
     chosen = choose_target(model, target)
     out_path = Path(out)

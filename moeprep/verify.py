@@ -22,7 +22,8 @@ from .canonical import QuantLinear, explicit_zeros
 from .convert import copied_files
 from .errors import MoeprepError, UnsupportedError
 from .converted import Converted
-from .io.checkpoint import INDEX_NAME, Checkpoint, HubOptions
+from .io.checkpoint import INDEX_NAME, Checkpoint
+from .io.hub import HubOptions
 from .model import ModelMap, build_model_map
 
 _CHUNK = 16 << 20

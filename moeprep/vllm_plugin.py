@@ -26,7 +26,7 @@ from vllm.platforms import current_platform
 
 from .canonical import dequantize
 from .errors import BadInputError, MoeprepError, UnsupportedError
-from .io.checkpoint import HubOptions
+from .io.hub import HubOptions
 from .moe import Activation, ExpertWeights
 from .partition import Partition, check_partition, local_choices, local_plan, slice_stored
 from .serve.loader import LoadedCheckpoint, load

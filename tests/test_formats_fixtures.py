@@ -109,10 +109,10 @@ def test_hub_repo_id_from_offline_cache(fixtures_dir, tmp_path):
     ("ConnectError", "could not be reached"), ("SomethingElse", "could not be fetched (SomethingElse)"),
 ])
 def test_hub_failures_are_said_in_words(monkeypatch, exc, words):
-    from moeprep.io.checkpoint import _hub_failure
+    from moeprep.io.hub import explain
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    assert words in _hub_failure(type(exc, (Exception,), {})())
+    assert words in explain(type(exc, (Exception,), {})())
 
 
 def test_hub_revision_and_cache_dir(fixtures_dir, tmp_path):

@@ -12,7 +12,8 @@ import torch
 
 from ..arch import detect_architecture
 from ..errors import BadInputError, MoeprepError, UnsupportedError
-from ..io.checkpoint import Checkpoint, HubOptions
+from ..io.checkpoint import Checkpoint
+from ..io.hub import HubOptions
 
 
 def _transformers():

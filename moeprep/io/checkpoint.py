@@ -11,7 +11,6 @@ is working on.
 from __future__ import annotations
 
 import os
-import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,67 +20,29 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import BadInputError
 from . import strict_json
+from .hub import INDEX_NAME, HubOptions, RemoteShards, check_repo_id, describe_only, download
 from .safetensors_header import Header, TensorInfo, read_header
 
 if TYPE_CHECKING:  # torch is imported where tensor data is read: header-only work never loads it
     import torch
 
-INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-# Hub repos often carry other copies of the weights (PyTorch bins, gpt-oss's original/ and metal/).
-_HUB_IGNORE = ["*.bin", "*.pt", "*.pth", "*.gguf", "*.onnx", "*.msgpack", "*.h5", "original/*", "metal/*"]
 
 
-@dataclass(frozen=True)
-class HubOptions:
-    """Where a hub repo id is fetched from: a branch, tag or commit, a cache folder other than the
-    hub's default, a token (else the hub library's own: HF_TOKEN or a saved login)."""
-
-    revision: Optional[str] = None
-    cache_dir: Optional[str] = None
-    token: Optional[str] = None
-
-
-def resolve(source: str | os.PathLike, hub: HubOptions = HubOptions()) -> Path:
-    """A local checkpoint directory, or a hub repo id fetched (or found in the cache when offline)."""
+def resolve(source: str | os.PathLike, hub: HubOptions = HubOptions(),
+            headers_only: bool = False) -> tuple[Path, Optional[RemoteShards]]:
+    """A local checkpoint directory, or a hub repo id: fetched whole, or with ``headers_only``
+    just what describing it reads (its shards then read remotely, unless cached)."""
     path = Path(source)
     if path.exists():
         if not path.is_dir():
             raise BadInputError("not a checkpoint directory (give the directory that holds config.json)", path=str(path))
-        return path
+        return path, None
     text = os.fspath(source)
-    if not _REPO_ID.match(text) or text.startswith((".", "/")):
-        raise BadInputError("no such directory", path=text)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        return Path(snapshot_download(text, revision=hub.revision, cache_dir=hub.cache_dir, token=hub.token,
-                                      ignore_patterns=_HUB_IGNORE))
-    except HFValidationError as e:
-        raise BadInputError(f"not a directory, nor a valid hub repo id ({e})", path=text) from None
-    except Exception as e:  # hub errors come in many classes: offline, missing, gated, network
-        raise BadInputError(f"no such directory, and {_hub_failure(e)}", path=text) from None
-
-
-def _hub_failure(exc: Exception) -> str:
-    """What a failed hub download means, in words (the hub's exceptions, by class name, most
-    specific first: they subclass one another)."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    if "LocalEntryNotFoundError" in names or offline:
-        where = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
-        return f"the hub repo is not in the local hub cache ({where}: only the cache was searched)"
-    if "GatedRepoError" in names:
-        return "the hub repo is gated: accept its terms on the hub, then give a token (HF_TOKEN)"
-    if "RevisionNotFoundError" in names:
-        return "the hub repo has no such revision"
-    if "RepositoryNotFoundError" in names:
-        return "there is no such hub repo (or it is private: give a token, HF_TOKEN)"
-    if names & {"ConnectionError", "ConnectError", "TimeoutError", "Timeout", "ConnectTimeout"}:
-        return "the hub could not be reached (no network?)"
-    return f"the hub repo could not be fetched ({type(exc).__name__})"
+    check_repo_id(text)
+    if headers_only:
+        return describe_only(text, hub)
+    return download(text, hub), None
 
 
 def _homes(root: Path) -> list[Path]:
@@ -115,8 +76,8 @@ def _load_json(path: Path) -> dict:
 class Checkpoint:
     """Read-only view of one checkpoint directory."""
 
-    def __init__(self, source: str | os.PathLike, hub: HubOptions = HubOptions()):
-        self.root = resolve(source, hub)
+    def __init__(self, source: str | os.PathLike, hub: HubOptions = HubOptions(), headers_only: bool = False):
+        self.root, self._remote = resolve(source, hub, headers_only)
         self._homes = _homes(self.root)
         config_path = self.root / "config.json"
         if not config_path.exists():
@@ -125,7 +86,7 @@ class Checkpoint:
         qc_path = self.root / "quantize_config.json"
         self.quantize_config = _load_json(self.inside(qc_path)) if qc_path.exists() else None
         self.shard_files = self._find_shards()
-        self.headers: dict[str, Header] = {f: read_header(self.inside(self.root / f)) for f in self.shard_files}
+        self.headers: dict[str, Header] = {f: self._read_header(f) for f in self.shard_files}
         self.tensors: dict[str, tuple[str, TensorInfo]] = {}
         for fname, header in self.headers.items():
             for name, info in header.tensors.items():
@@ -161,18 +122,29 @@ class Checkpoint:
             for f in files:
                 if Path(f).name != f:
                     raise BadInputError(f"invalid index: shard name {f!r} is not a plain file name", path=str(index_path))
-                if not (self.root / f).exists():  # read_header refuses what is not a regular file
+                if not self._has(f):  # read_header refuses what is not a regular file
                     first = next(name for name, shard in weight_map.items() if shard == f)
                     raise BadInputError(f"shard listed in the index is missing: {f}", path=str(index_path), tensor=first)
             return files
-        if (self.root / SINGLE_NAME).exists():
+        if self._has(SINGLE_NAME):
             return [SINGLE_NAME]
-        found = sorted(p.name for p in self.root.glob("*.safetensors"))
+        found = sorted({p.name for p in self.root.glob("*.safetensors")}
+                       | {f for f in (self._remote.files if self._remote else ()) if "/" not in f and f.endswith(".safetensors")})
         if len(found) == 1:
             return found
         if found:
             raise BadInputError(f"{len(found)} safetensors files but no {INDEX_NAME}", path=str(self.root))
         raise BadInputError("not a checkpoint: no *.safetensors weights", path=str(self.root))
+
+    def _has(self, fname: str) -> bool:
+        return (self.root / fname).exists() or (self._remote is not None and fname in self._remote.files)
+
+    def _read_header(self, fname: str) -> Header:
+        """A shard's header, from the file, or over HTTP for a hub repo opened for its headers."""
+        local = self.root / fname
+        if self._remote is not None and not local.exists():
+            return self._remote.header(fname)
+        return read_header(self.inside(local))
 
     def _check_index(self) -> None:
         index_path = str(self.root / INDEX_NAME)

@@ -79,25 +79,35 @@ def read_header(path: str | os.PathLike) -> Header:
             raise BadInputError("not a regular file", path=path)
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise BadInputError(f"not a safetensors file: {size} bytes, too short for a header", path=path)
-            n = int.from_bytes(f.read(8), "little")
-            if n > MAX_HEADER_BYTES:
-                raise BadInputError(f"corrupt safetensors header: declared length {n} is over 100 MB", path=path)
-            if 8 + n > size:
-                raise BadInputError(
-                    f"truncated safetensors file: header needs {8 + n} bytes but the file has {size}", path=path
-                )
+            n = header_length(path, f.read(8), size)
             raw = f.read(n)
     except OSError as e:
         raise BadInputError(f"cannot read: {e.strerror or e}", path=path) from None
+    return parse_header(path, raw, size)
+
+
+def header_length(path: str, prefix: bytes, size: int) -> int:
+    """The JSON header's length from a file's first 8 bytes, checked against the file's size."""
+    if size < 8 or len(prefix) < 8:
+        raise BadInputError(f"not a safetensors file: {size} bytes, too short for a header", path=path)
+    n = int.from_bytes(prefix[:8], "little")
+    if n > MAX_HEADER_BYTES:
+        raise BadInputError(f"corrupt safetensors header: declared length {n} is over 100 MB", path=path)
+    if 8 + n > size:
+        raise BadInputError(f"truncated safetensors file: header needs {8 + n} bytes but the file has {size}", path=path)
+    return n
+
+
+def parse_header(path: str, raw: bytes, size: int) -> Header:
+    """Validate the JSON header ``raw`` (the bytes after the length) of a file of ``size`` bytes;
+    ``path`` names the file in errors (a local path or a hub file)."""
     try:
         obj = strict_json.loads(raw)
     except ValueError as e:  # UnicodeDecodeError and JSONDecodeError included
         raise BadInputError(f"invalid safetensors header JSON: {e}", path=path) from None
     if not isinstance(obj, dict):
         raise BadInputError("invalid safetensors header: not a JSON object", path=path)
-    return _validate(path, obj, 8 + n, size)
+    return _validate(path, obj, 8 + len(raw), size)
 
 
 def _validate(path: str, obj: dict, data_start: int, size: int) -> Header:

@@ -15,7 +15,8 @@ import torch
 from ..canonical import dequantize
 from ..converted import Converted
 from ..errors import BadInputError, UnsupportedError
-from ..io.checkpoint import Checkpoint, HubOptions
+from ..io.checkpoint import Checkpoint
+from ..io.hub import HubOptions
 from ..model import ModelMap, build_model_map
 from ..moe import ExpertWeights
 from .tags import tag

@@ -8,6 +8,9 @@ write, never losing the old output, and never leaving anything behind for long.
 - Where the file system cannot exchange, the swap takes two renames (OUT aside, the new one in).
   The folder set aside records which OUT it was; any later run on that OUT, finding OUT missing
   and that folder's run gone, puts it back.
+- What is published is on disk first (every file and folder under the temporary synced before
+  the rename, the folder holding OUT after it): a crash after publishing finds the whole new
+  output, never a renamed folder of files the kernel had not written yet.
 - Every temporary holds an exclusive ``flock`` for as long as its run lives. Leftovers of dead
   runs are the temporaries whose lock can be taken: they are removed (or restored) by the next run
   in that folder. The kernel drops a dead process's locks, whatever PID namespace it ran in.
@@ -63,16 +66,29 @@ def published(out: Path, kind: str) -> Iterator[Path]:
     lock = _locked(tmp)
     try:
         yield tmp
+        _sync_tree(tmp)
         if kind == "file" or not out.exists():
             os.replace(tmp, out)  # atomic for a file; a directory lands where there is none
         elif not _exchange(tmp, out):
             _swap_by_renames(tmp, out)
+        _sync_tree(out.parent, recurse=False)
         _remove(tmp)  # after an exchange: the old output
     except BaseException:
         _remove(tmp)
         raise
     finally:
         os.close(lock)
+
+
+def _sync_tree(path: Path, recurse: bool = True) -> None:
+    """fsync ``path`` and, with ``recurse``, everything under it (folders after their contents)."""
+    paths = sorted(path.rglob("*"), reverse=True) if recurse and path.is_dir() else []
+    for p in [*paths, path]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def clean_leftovers(out: Path) -> None:

@@ -64,7 +64,7 @@ def _extensions() -> list:
     headers = sorted(str(p) for p in Path("csrc").glob("*.h*"))  # rebuild triggers, and shipped in the sdist
     exts = [
         cpp_extension.CppExtension(
-            CPU_EXT, ["csrc/cpu_ops.cpp"], depends=headers, extra_compile_args={"cxx": cxx}, extra_link_args=link
+            CPU_EXT, ["csrc/cpu_ops.cpp", "csrc/mapped_guard.cpp"], depends=headers, extra_compile_args={"cxx": cxx}, extra_link_args=link
         )
     ]
     if _want_cuda():

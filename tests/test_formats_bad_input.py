@@ -135,3 +135,31 @@ def test_a_shard_cut_short_after_opening_is_refused_not_a_crash(tmp_path, fixtur
     with pytest.raises(BadInputError, match="cut short while being read") as e:
         ckpt.get_tensor(name)
     assert shard.name in str(e.value) and name in str(e.value)
+
+
+def test_a_shard_cut_short_while_a_tensor_of_it_is_read_exits_2_naming_the_file(tmp_path, fixtures_dir):
+    """Cut between the size check and the read: the page fault (SIGBUS) ends the process with one
+    line naming the file and exit code 2, not a signal death (exit 135)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("moeprep._C")
+    src = tmp_path / "src"
+    shutil.copytree(fixtures_dir / "awq_gemm_g32_qwen3moe", src)
+    script = (
+        "import os, sys\n"
+        "from moeprep.io.checkpoint import Checkpoint\n"
+        "ckpt = Checkpoint(sys.argv[1])\n"
+        "name = max(ckpt.names(), key=lambda n: ckpt.info(n).end)\n"
+        "t = ckpt.get_tensor(name)\n"
+        "os.truncate(ckpt.file_of(name), 4096)\n"
+        "print(float(t.float().sum()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(src)], capture_output=True, text=True)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert proc.stderr.count("\n") == 1 and "cut short while being read" in proc.stderr
+    assert "model" in proc.stderr and str(src) in proc.stderr and proc.stdout == ""
+    # a SIGBUS that is not in a shard keeps its own action
+    other = subprocess.run([sys.executable, "-c", script.replace("print(", "import signal; signal.raise_signal(signal.SIGBUS); print(")
+                            .replace("os.truncate(ckpt.file_of(name), 4096)\n", ""), str(src)], capture_output=True, text=True)
+    assert other.returncode != 2

@@ -45,6 +45,27 @@ def resolve(source: str | os.PathLike, hub: HubOptions = HubOptions(),
     return download(text, hub), None
 
 
+def _guard(storage: torch.UntypedStorage, path: Path) -> None:
+    """A shard cut short while mapped faults (SIGBUS) on the next read past its new end, which
+    ``_check_still_whole`` cannot see coming: the compiled guard (csrc/mapped_guard.cpp) turns that
+    into one line naming the file and exit code 2. Without the compiled ops it reads unguarded."""
+    try:
+        from .. import _C  # noqa: F401  (registers the guard op)
+    except ImportError:
+        return
+    import torch
+
+    message = f"moeprep: error: {path}: the file was cut short while being read (a page past its new end)"
+    torch.ops.moeprep.guard_mapping(storage.data_ptr(), storage.nbytes(), message)
+
+
+def _unguard(storage: torch.UntypedStorage) -> None:
+    import torch
+
+    if hasattr(torch.ops.moeprep, "unguard_mapping"):
+        torch.ops.moeprep.unguard_mapping(storage.data_ptr())
+
+
 def _homes(root: Path) -> list[Path]:
     """Where a checkpoint's files may live: its folder, and the hub cache repo of a snapshot."""
     real = root.resolve()
@@ -208,6 +229,7 @@ class Checkpoint:
             except (OSError, RuntimeError) as e:
                 raise BadInputError(f"cannot map: {e}", path=str(path)) from None
             self._maps[fname] = storage
+            _guard(storage, path)
         return storage
 
     def _handle(self, fname: str):
@@ -272,6 +294,8 @@ class Checkpoint:
 
     def release(self) -> None:
         """Drop the memory maps of all shards (tensors already returned keep theirs alive)."""
+        for storage in self._maps.values():
+            _unguard(storage)
         self._handles.clear()
         self._maps.clear()
         self._supplied.clear()

@@ -29,15 +29,20 @@ def is_dequant_output(path: Path) -> bool:
 
 
 def _cast(w: torch.Tensor, dtype: torch.dtype, model: ModelMap, ref) -> torch.Tensor:
-    """The exact fp32 weight in ``dtype``, refused where a finite value would not fit it."""
+    """The exact fp32 weight in ``dtype``, refused where a finite value would not fit it: too large
+    (it would be infinite) or too small (a nonzero weight would be 0)."""
     if dtype == torch.float32:
         return w
-    over = int((torch.isfinite(w) & (w.abs() > torch.finfo(dtype).max)).sum())
-    if over:
+    out = w.to(dtype)
+    over = int((torch.isfinite(w) & torch.isinf(out)).sum())
+    under = int(((w != 0) & (out == 0)).sum())
+    if over or under:
         name = next(iter(ref.parts.values()))
-        raise BadInputError(f"{over} weight(s) of {ref.module} exceed {str(dtype).removeprefix('torch.')}'s range; "
-                            "dequantize to float32", path=str(model.ckpt.file_of(name)), tensor=ref.module)
-    return w.to(dtype)
+        what = f"{over} weight(s) of {ref.module} exceed" if over else \
+            f"{under} nonzero weight(s) of {ref.module} are below"
+        raise BadInputError(f"{what} {str(dtype).removeprefix('torch.')}'s range; dequantize to float32",
+                            path=str(model.ckpt.file_of(name)), tensor=ref.module)
+    return out
 
 
 def dequantize_checkpoint(

@@ -61,3 +61,19 @@ def test_a_weight_beyond_the_dtype_is_refused(packed, tmp_path, dtype):
     proc = run_cli("dequant", str(bad), str(tmp_path / "w.safetensors"), "--dtype", dtype)
     assert_clean_error(proc, "exceed float16's range", "model.layers.0.mlp.experts.1.gate_proj")
     assert run_cli("dequant", str(bad), str(tmp_path / "w32.safetensors"), "-q").returncode == 0
+
+
+def test_a_nonzero_weight_that_float16_would_round_to_zero_is_refused(packed, tmp_path):
+    src = packed("ct_int4_asym")  # bf16 scales: 1e-12 x (q - z) is far below fp16's smallest subnormal
+    name = "model.layers.0.mlp.experts.2.up_proj.weight_scale"
+
+    def tiny(t):
+        t.view(-1)[0] = 1e-12
+        return t
+
+    bad = _with(src, tmp_path / "bad", name, tiny)
+    proc = run_cli("dequant", str(bad), str(tmp_path / "w.safetensors"), "--dtype", "float16")
+    assert_clean_error(proc, "below float16's range", "model.layers.0.mlp.experts.2.up_proj")
+    assert not (tmp_path / "w.safetensors").exists()
+    for dtype in ("float32", "bfloat16"):
+        assert run_cli("dequant", str(bad), str(tmp_path / f"{dtype}.safetensors"), "--dtype", dtype, "-q").returncode == 0

@@ -23,12 +23,17 @@ def unpack_nibbles(words: torch.Tensor) -> torch.Tensor:
 
 
 def awq_natural_words(words: torch.Tensor) -> torch.Tensor:
-    """AWQ's int32 words with their nibbles moved into column order (nibble c = column 8w + c):
-    shifts and masks on whole words, no strided copy of the unpacked nibbles."""
-    out = torch.zeros_like(words)
-    for column, nibble in enumerate(AWQ_NIBBLE_OF_COLUMN):
-        out |= ((words >> (4 * nibble)) & 0xF) << (4 * column)
-    return out
+    """AWQ's int32 words with their nibbles moved into column order (nibble c = column 8w + c).
+
+    Nibbles (0..7) hold columns (0, 2, 4, 6, 1, 3, 5, 7): column order interleaves the low four
+    nibbles with the high four, a perfect shuffle, done as two swaps of bit fields on whole words
+    (nibbles 2-3 with 4-5, then 1 with 2 and 5 with 6). No intermediate leaves bits 0-27 of a
+    shift, so the signed int32 arithmetic never overflows."""
+    x = words
+    for shift, mask in ((8, 0x0000FF00), (4, 0x00F000F0)):
+        t = ((x >> shift) ^ x) & mask
+        x = x ^ t ^ (t << shift)
+    return x
 
 
 def _bytes_of_words(words: torch.Tensor) -> torch.Tensor:

@@ -126,8 +126,6 @@ class SafetensorsWriter:
     def close(self) -> None:
         if self._next != len(self.specs):
             raise RuntimeError(f"{self.path}: {len(self.specs) - self._next} planned tensors were not written")
-        self._f.flush()
-        os.fsync(self._f.fileno())  # on disk now, while the next shard is being made, not all at the end
         self._f.close()
 
     def abort(self) -> None:

@@ -159,13 +159,15 @@ class _ConvertCommand(click.Command):
 @click.option("--force", is_flag=True, help="Replace OUT even if moeprep did not write it.")
 @click.option("--dry-run", is_flag=True, help="Print what would be written, write nothing.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="MoE layers converted in parallel.")
+@click.option("--fuse-shared-experts", is_flag=True,
+              help="Append each layer's shared expert to its stacked experts as one more expert (same format and shape only).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (no progress bar).")
 @_allow_invalid_scales
 @_hub_options
 @_clean_errors
 def convert(src: str, out: str, target: str | None, max_shard_size: str, overwrite: bool, force: bool, dry_run: bool,
-            workers: int, quiet: bool, as_json: bool, allow_invalid_scales: bool, hub) -> None:
+            workers: int, fuse_shared_experts: bool, quiet: bool, as_json: bool, allow_invalid_scales: bool, hub) -> None:
     """Convert the quantized MoE checkpoint SRC (directory or hub repo id) into OUT."""
     import time
     from pathlib import Path
@@ -177,6 +179,8 @@ def convert(src: str, out: str, target: str | None, max_shard_size: str, overwri
 
     limit = parse_size(max_shard_size)
     model = build_model_map(Checkpoint(src, hub, headers_only=dry_run))
+    if fuse_shared_experts:
+        model = model.fuse_shared_experts()
     model.allow_invalid_scales = allow_invalid_scales
     chosen = choose_target(model, target)
     out_path = Path(out)
@@ -184,7 +188,7 @@ def convert(src: str, out: str, target: str | None, max_shard_size: str, overwri
     plan = plan_conversion(model, chosen, limit)
     result = {"source": str(model.ckpt.root), "source_format": model.fmt.name, "out": str(out_path),
               "target": chosen.name, "moe_layers": len(plan.layers), "shards": len(plan.shards),
-              "bytes": plan.total_bytes, "dry_run": dry_run}
+              "bytes": plan.total_bytes, "fused_shared_experts": bool(model.fused_shared), "dry_run": dry_run}
     if dry_run:
         click.echo(json.dumps(result) if as_json else describe_plan(plan) + "\ndry run: nothing was written")
         return

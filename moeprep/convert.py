@@ -160,6 +160,8 @@ def converted_config(model: ModelMap, target: Target) -> dict:
         "expert_names": {role: ref.module.rsplit(".", 1)[1] for role, ref in first.items()},
         "source_quantization_config": source_qc,
     }
+    if model.fused_shared:  # the stacked tensors hold num_experts routed experts, then this module
+        config["quantization_config"]["fused_shared_experts"] = model.arch.shared_experts
     return config
 
 
@@ -410,10 +412,14 @@ def convert(
     overwrite: bool = False,
     force: bool = False,
     workers: int = 1,
+    fuse_shared_experts: bool = False,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> ConversionPlan:
-    """Convert ``src`` (directory or hub repo id) into ``out``. Returns the executed plan."""
+    """Convert ``src`` (directory or hub repo id) into ``out``; ``fuse_shared_experts`` appends
+    each layer's shared expert to its stacked experts. Returns the executed plan."""
     model = build_model_map(Checkpoint(src))
+    if fuse_shared_experts:
+        model = model.fuse_shared_experts()
     chosen = choose_target(model, target)
     out = Path(out)
     check_paths(model.ckpt.root, out, overwrite, force)

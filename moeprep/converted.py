@@ -62,6 +62,13 @@ class Converted(SourceFormat):
         if set(names) != {"gate", "up", "down"}:
             raise UnsupportedError("moeprep quantization_config has no expert_names for gate, up and down", path="config.json")
         self.expert_names = names
+        self.fused_shared = qcfg.get("fused_shared_experts")  # the shared expert module stacked last, if any
+        routed = qcfg.get("num_experts")
+        if self.fused_shared is not None and not (isinstance(self.fused_shared, str) and self.fused_shared.isidentifier()
+                                                  and isinstance(routed, int) and not isinstance(routed, bool) and routed > 0):
+            raise UnsupportedError("moeprep quantization_config: fused_shared_experts needs a module name and num_experts",
+                                   path="config.json")
+        self.routed = routed
         self._layers: dict[str, _Layer] = {}
         self._cache: tuple[str, list] | None = None
 
@@ -72,6 +79,7 @@ class Converted(SourceFormat):
             "target": self.target.name,
             "shuffle_kind": self.target.name,
             "source_format": self.source.name,
+            **({"fused_shared_experts": self.fused_shared} if self.fused_shared is not None else {}),
         }
 
     # --- discovery and validation (headers only) -----------------------------------------------
@@ -83,11 +91,16 @@ class Converted(SourceFormat):
                 continue
             layer = self.layer(ckpt, name[: -len(".experts.w13_weight")])
             shapes = layer.plan.shapes
-            for e in range(shapes["w13"].experts):
+            stored = shapes["w13"].experts
+            if self.fused_shared is not None and stored != self.routed + 1:
+                raise BadInputError(f"holds {stored} experts; with the shared expert fused it should hold {self.routed} + 1",
+                                    path=str(ckpt.file_of(name)), tensor=name)
+            for e in range(stored):
                 for role, proj, half in _ROLE_OF_PROJ:
                     s = shapes[proj]
                     rows = s.rows // 2 if half is not None else s.rows
-                    module = f"{layer.prefix}.experts.{e}.{self.expert_names[role]}"
+                    block = f"experts.{e}" if self.fused_shared is None or e < self.routed else self.fused_shared
+                    module = f"{layer.prefix}.{block}.{self.expert_names[role]}"
                     refs.append(LinearRef(module, layer.tensors, rows, s.cols, expert=e, role=role))
         return refs
 
@@ -180,8 +193,7 @@ class Converted(SourceFormat):
     def read(self, ckpt: Checkpoint, ref: LinearRef) -> QuantLinear:
         if ref.expert is None:
             return self.source.read(ckpt, ref)
-        prefix = ref.module.rsplit(".experts.", 1)[0]
-        return self.read_layer(ckpt, prefix)[ref.expert][ref.role]
+        return self.read_layer(ckpt, ref.parts["w13_weight"][: -len(".experts.w13_weight")])[ref.expert][ref.role]
 
     def read_raw_batch(self, ckpt: Checkpoint, refs: list[LinearRef]) -> list[RawLinear]:
         if all(ref.expert is None for ref in refs):

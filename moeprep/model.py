@@ -4,7 +4,7 @@ layer's plan and on-demand reading for a target to encode."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from .lazy import torch
@@ -53,6 +53,8 @@ class ModelMap:
     other_linears: list[LinearRef]
     plain: list[str] = field(default_factory=list)
     allow_invalid_scales: bool = False  # carry NaN, infinite, zero or negative scales through as they are
+    # MoE block prefix -> the shared expert module appended to its experts (``fuse_shared_experts``)
+    fused_shared: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_experts(self) -> int:
@@ -103,6 +105,48 @@ class ModelMap:
 
     def other_linear_tensors(self) -> list[str]:
         return sorted({t for r in self.other_linears for t in r.parts.values()}, key=natural_key)
+
+    def shared_expert(self, layer: MoELayer) -> Optional[dict[str, LinearRef]]:
+        """The quantized shared expert of a layer (role -> linear), where its family has one."""
+        if not self.arch.shared_experts:
+            return None
+        module = f"{layer.prefix}.{self.arch.shared_experts}"
+        found = {PROJ_ROLE[ref.module.rsplit(".", 1)[1]]: ref for ref in self.other_linears
+                 if ref.module.rsplit(".", 1)[0] == module and ref.module.rsplit(".", 1)[1] in PROJ_ROLE}
+        return found or None
+
+    def fuse_shared_experts(self) -> "ModelMap":
+        """The map with each layer's shared expert appended to its routed experts as one more
+        expert (aiter's fused-shared-expert convention), so a target stacks and encodes it with
+        them. Refused, naming the layer, where a shared expert is missing, unquantized, or not
+        quantized and shaped like the routed experts."""
+        where = dict(path=str(self.ckpt.root))
+        if not self.arch.shared_experts:
+            raise UnsupportedError(f"--fuse-shared-experts: {self.arch.name} has no shared experts", **where)
+        layers, fused, taken = [], {}, set()
+        for layer in self.moe_layers:
+            module = f"{layer.prefix}.{self.arch.shared_experts}"
+            shared = self.shared_expert(layer)
+            if shared is None or set(shared) != set(ROLES):
+                raise UnsupportedError(f"--fuse-shared-experts: layer {layer.index} has no shared expert quantized like its "
+                                       "experts (it is stored unquantized, or missing)", **where, tensor=module)
+            for role in ROLES:
+                a, b = layer.experts[0][role], shared[role]
+                if self._stored_as(a) != self._stored_as(b):
+                    raise UnsupportedError(
+                        f"--fuse-shared-experts: the shared {role} projection is stored as {self._stored_as(b)}, the "
+                        f"experts' as {self._stored_as(a)}", **where, tensor=b.module)
+            layers.append(MoELayer(layer.index, layer.prefix, [*layer.experts, shared]))
+            fused[layer.prefix] = self.arch.shared_experts
+            taken |= {ref.module for ref in shared.values()}
+        others = [ref for ref in self.other_linears if ref.module not in taken]
+        return replace(self, moe_layers=layers, other_linears=others, fused_shared=fused)
+
+    def _stored_as(self, ref: LinearRef) -> str:
+        """A linear's shape and each stored part's dtype and shape (group size and packing with them)."""
+        parts = ", ".join(f"{role} {self.ckpt.info(name).dtype} {list(self.ckpt.info(name).shape)}"
+                          for role, name in sorted(ref.parts.items()))
+        return f"[{ref.out_features}, {ref.in_features}] ({parts})"
 
     def plan(self, layer: MoELayer) -> LayerPlan:
         """The layer's stacked shapes and header facts, as a target plans its output."""

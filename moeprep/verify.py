@@ -129,7 +129,8 @@ def check_pair(source: ModelMap, converted: ModelMap, progress: Optional[Callabl
     check_index(converted.ckpt, report)
     _check_config(source, converted, report)
     _check_experts(source, converted, report, progress)
-    _check_copied(source, converted, report, progress)
+    fused = _check_fused_shared(source, converted, report)
+    _check_copied(source, converted, report, progress, fused)
     _check_files(source, converted, report)
     return report
 
@@ -224,8 +225,26 @@ def _check_reencoding(converted: ModelMap, prefix: str, experts: list[dict[str, 
                 report.fail(f"{name}: stored bytes are not the {target.name} encoding: {_first_diff(expected, stored)}")
 
 
-def _check_copied(source: ModelMap, converted: ModelMap, report: Report, progress=None) -> None:
-    expert_tensors = set(source.expert_tensors())
+def _check_fused_shared(source: ModelMap, converted: ModelMap, report: Report) -> set[str]:
+    """Shared experts that OUT stacks after the routed ones (``convert --fuse-shared-experts``):
+    each is SRC's linear exactly, read canonically on both sides. Returns SRC's tensors they hold."""
+    src = {ref.module: ref for ref in source.other_linears}
+    held: set[str] = set()
+    for out_ref in converted.other_linears:
+        if out_ref.expert is None:
+            continue
+        ref = src.get(out_ref.module)
+        if ref is None:
+            report.fail(f"{out_ref.module}: stacked with OUT's experts but not a quantized linear of SRC")
+            continue
+        compare_linear(source.read(ref), converted.read(out_ref), f"{out_ref.module}:", report)
+        report.checked += 1
+        held |= set(ref.parts.values())
+    return held
+
+
+def _check_copied(source: ModelMap, converted: ModelMap, report: Report, progress=None, fused: frozenset = frozenset()) -> None:
+    expert_tensors = set(source.expert_tensors()) | set(fused)
     out_expert_tensors = set(converted.expert_tensors())
     for name in source.ckpt.names():
         if name in expert_tensors:

@@ -69,6 +69,10 @@ class MoeprepConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "MoeprepConfig":
+        if config.get("fused_shared_experts"):  # vLLM's models compute shared experts in modules of their own
+            raise UnsupportedError("converted with --fuse-shared-experts: vLLM's models load shared experts as modules "
+                                   "of their own, which this checkpoint stacks with the routed experts; convert "
+                                   "without --fuse-shared-experts to serve it with vLLM", path="config.json")
         return cls(config)
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: Optional[str] = None):

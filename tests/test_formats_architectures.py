@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from conftest import assert_clean_error, run_cli
 from test_commands_convert import accepting_targets
@@ -239,3 +240,78 @@ def test_experts_fused_in_3d_are_refused_by_name(fixtures_dir, tmp_path):
                  ["convert", str(src), str(tmp_path / "out")]):
         assert_clean_error(run_cli(*args), "repack_moe", ".experts.")
     assert not (tmp_path / "out").exists() and not (tmp_path / "w.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", sorted(PACKED))
+def test_fused_shared_experts_are_stacked_last_and_undone_exactly(family, tmp_path, name):
+    """convert --fuse-shared-experts: the shared expert is expert E of the stacked tensors, the
+    metadata says so, verify and dequant undo it exactly, and the served layer is unchanged."""
+    import moeprep
+
+    src = family(name)
+    ref = load_file(src / "ref_dequant.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    w = _weights(src)
+    x = torch.randn(9, cfg["hidden_size"], generator=torch.Generator().manual_seed(0))
+    layers = FAMILIES[name][1]
+    for target in accepting_targets(src):
+        out = tmp_path / target
+        assert run_cli("convert", str(src), str(out), "--target", target, "--fuse-shared-experts", "-q").returncode == 0
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert qc["fused_shared_experts"] == "shared_experts" and qc["num_experts"] == 8
+        index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        assert not [n for n in index if ".shared_experts." in n]  # no copy beside the stacked one
+        with safe_open(str(out / index[f"model.layers.{layers[0]}.mlp.experts.w13_weight"]), "pt") as f:
+            assert f.get_slice(f"model.layers.{layers[0]}.mlp.experts.w13_weight").get_shape()[0] == 9
+        assert run_cli("verify", str(src), str(out)).returncode == 0, target
+        assert run_cli("dequant", str(out), str(tmp_path / f"{target}.safetensors"), "-q").returncode == 0
+        assert_bit_equal(load_file(tmp_path / f"{target}.safetensors"), ref)
+        loaded = moeprep.load(str(out))
+        for layer in layers:
+            got = moeprep.load_moe_layer(loaded, layer)(x)
+            want = _reference_layer(w, cfg, layer, x)
+            assert float((got - want).norm() / want.norm()) <= 1e-5, (target, layer)
+
+
+def test_verify_finds_a_changed_byte_of_a_fused_shared_expert(family, tmp_path):
+    src = family("packed_ct_int4_asym_glm45")
+    out = tmp_path / "out"
+    assert run_cli("convert", str(src), str(out), "--target", "canonical", "--fuse-shared-experts", "-q").returncode == 0
+    name = "model.layers.1.mlp.experts.w13_weight"
+    shard = out / json.loads((out / "model.safetensors.index.json").read_text())["weight_map"][name]
+    with safe_open(str(shard), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors[name][8].view(-1)[0] ^= 0x11  # expert 8: the shared expert's gate codes
+    save_file(tensors, str(shard), metadata=meta)
+    proc = run_cli("verify", str(src), str(out))
+    assert proc.returncode == 1 and "model.layers.1.mlp.shared_experts.gate_proj: codes differ" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name, words", [
+    ("ct_w4a16_g32_sym_kimik2_deepseekv3", "no shared expert quantized like its experts"),  # stored in bf16
+    ("gptq_g32_descact0_qwen35moe_text", "the shared gate projection is stored as [64, 256]"),  # half the width
+])
+def test_shared_experts_that_cannot_be_fused_are_refused_by_name(family, tmp_path, name, words):
+    proc = run_cli("convert", str(family(name)), str(tmp_path / "out"), "--fuse-shared-experts")
+    assert_clean_error(proc, words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_family_without_shared_experts_refuses_to_fuse_them(fixtures_dir, tmp_path):
+    proc = run_cli("convert", str(fixtures_dir / "awq_gemm_g32_qwen3moe"), str(tmp_path / "out"), "--fuse-shared-experts")
+    assert_clean_error(proc, "qwen3_moe has no shared experts")
+
+
+def test_transformers_serves_a_fused_conversion_as_the_unfused_one(family, tmp_path):
+    pytest.importorskip("transformers")
+    from moeprep.hf import load_model
+
+    src = family("packed_ct_int4_asym_glm45")
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    logits = []
+    for flags in ([], ["--fuse-shared-experts"]):
+        out = tmp_path / f"out{len(flags)}"
+        assert run_cli("convert", str(src), str(out), "--target", "canonical", "-q", *flags).returncode == 0
+        with torch.no_grad():
+            logits.append(load_model(str(out), dtype=torch.float32)(ids).logits)
+    assert torch.equal(logits[0], logits[1])

@@ -160,3 +160,18 @@ def test_the_openai_server_serves_the_demo(tmp_path):
     prompt = transformers.AutoTokenizer.from_pretrained(str(out))("Return the").input_ids
     want = transformers_tokens(out, [prompt])[0]
     assert choice["token_ids"] == want, (choice, want)
+
+
+def test_a_conversion_with_fused_shared_experts_is_refused_by_name(tmp_path):
+    """vLLM's models load shared experts as modules of their own: a checkpoint that stacks them with
+    the routed experts would leave those modules unloaded, so the plugin refuses it."""
+    from moeprep.errors import UnsupportedError
+    from moeprep.vllm_plugin import MoeprepConfig
+    from packers import build_checkpoint
+
+    src = build_checkpoint(tmp_path / "glm", "ct_int4", "glm4_moe", sym=False)
+    out = tmp_path / "fused"
+    assert run_cli("convert", str(src), str(out), "--fuse-shared-experts", "-q").returncode == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    with pytest.raises(UnsupportedError, match="--fuse-shared-experts"):
+        MoeprepConfig.from_config(qc)

@@ -48,8 +48,12 @@ class MoEBlock(nn.Module):
         correction_bias: Optional[torch.Tensor] = None,
         shared: Optional["DenseMLP"] = None,
         shared_gate: Optional[torch.Tensor] = None,
+        fused_shared: bool = False,
     ):
         super().__init__()
+        # the shared expert stored as the last of the experts (convert --fuse-shared-experts): every
+        # token chooses it too, at weight 1 (or its gate's), so the same GEMM launches compute it
+        self.fused_shared = fused_shared
         self.routing, self.activation, self.dtype = routing, activation, dtype
         self.router_weight = nn.Parameter(router_weight.to(dtype), requires_grad=False)
         self.router_bias = None if router_bias is None else nn.Parameter(router_bias.to(dtype), requires_grad=False)
@@ -87,19 +91,32 @@ class MoEBlock(nn.Module):
             raise MoeprepError(f"expected hidden_states [T, {self.expert_weights.hidden_size}], got {list(hidden_states.shape)}")
         x = hidden_states.to(self.dtype)
         logits = F.linear(x, self.router_weight, self.router_bias)
-        if self.backend == "triton" and kernels.routes(self.routing, self.expert_weights.num_experts):
+        if self.fused_shared:
+            out = self._with_fused_shared(x, logits)
+        elif self.backend == "triton" and kernels.routes(self.routing, self.expert_weights.num_experts):
             out = kernels.fused_moe(x, logits, self.routing, self.stored(), self.activation, correction_bias=self.correction_bias)
         elif self.backend == "triton":  # a routing the routing kernel does not compute: torch routes
             weights, ids = route(logits, self.routing, self.correction_bias)
             out = kernels.fused_experts(x, weights, ids, self.stored(), self.activation)
         else:
             out = moe_reference(x, logits, self.routing, self.canonical(), self.activation, self.correction_bias)
-        if self.shared is not None:
+        if self.shared is not None and not self.fused_shared:
             s = self.shared(x)
             if self.shared_gate is not None:
                 s = torch.sigmoid(F.linear(x, self.shared_gate)) * s
             out = out + s.to(out.dtype)
         return out
+
+
+    def _with_fused_shared(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(logits, self.routing, self.correction_bias)
+        shared_id = torch.full_like(ids[:, :1], logits.shape[1])
+        shared_weight = torch.ones_like(weights[:, :1]) if self.shared_gate is None else \
+            torch.sigmoid(F.linear(x, self.shared_gate)).to(weights.dtype)
+        weights, ids = torch.cat([weights, shared_weight], dim=1), torch.cat([ids, shared_id], dim=1)
+        if self.backend == "triton":
+            return kernels.fused_experts(x, weights, ids, self.stored(), self.activation)
+        return experts_reference(x, weights, ids, self.canonical(), self.activation).to(x.dtype)
 
 
 class ChosenExperts:
@@ -152,23 +169,26 @@ def build_moe_block(loaded: LoadedCheckpoint, layer_idx: int, dtype: torch.dtype
         if dense is not None:
             return dense
     experts = loaded.experts(layer_idx)
+    fused = loaded.fmt.fused_shared is not None
+    routed = experts.num_experts - fused  # a fused shared expert is stored last, never routed to
     router = f"{experts.prefix}.{arch.router_names[0]}"
     if f"{router}.weight" not in loaded:
         raise BadInputError("missing router weight", path=str(loaded.root), tensor=f"{router}.weight")
     weight = loaded[f"{router}.weight"]
     bias = loaded[f"{router}.bias"] if f"{router}.bias" in loaded else None
     where = dict(path=str(loaded.model.ckpt.file_of(f"{router}.weight")), tensor=f"{router}.weight")
-    if tuple(weight.shape) != (experts.num_experts, experts.hidden_size):
-        raise BadInputError(f"router is {list(weight.shape)}, the layer has {experts.num_experts} experts of hidden size "
+    if tuple(weight.shape) != (routed, experts.hidden_size):
+        raise BadInputError(f"router is {list(weight.shape)}, the layer has {routed} routed experts of hidden size "
                             f"{experts.hidden_size}", **where)
-    if bias is not None and tuple(bias.shape) != (experts.num_experts,):
-        raise BadInputError(f"router bias is {list(bias.shape)}, the layer has {experts.num_experts} experts", **where)
+    if bias is not None and tuple(bias.shape) != (routed,):
+        raise BadInputError(f"router bias is {list(bias.shape)}, the layer has {routed} routed experts", **where)
     routing = Routing.for_arch(arch, loaded.config)
-    if routing.top_k > experts.num_experts:
-        raise BadInputError(f"config.json routes each token to {routing.top_k} experts, the layer has {experts.num_experts}",
+    if routing.top_k > routed:
+        raise BadInputError(f"config.json routes each token to {routing.top_k} experts, the layer has {routed}",
                             path=str(loaded.root / "config.json"))
     correction = f"{router}.e_score_correction_bias"
-    shared = _dense_mlp(loaded, f"{experts.prefix}.{arch.shared_experts}", dtype) if arch.shared_experts else None
+    shared = _dense_mlp(loaded, f"{experts.prefix}.{arch.shared_experts}", dtype) \
+        if arch.shared_experts and not fused else None
     gate = f"{experts.prefix}.{arch.shared_expert_gate}.weight" if arch.shared_expert_gate else None
     return MoEBlock(
         experts,
@@ -180,7 +200,8 @@ def build_moe_block(loaded: LoadedCheckpoint, layer_idx: int, dtype: torch.dtype
         backend,
         correction_bias=loaded[correction] if routing.scoring == "noaux_tc" and correction in loaded else None,
         shared=shared,
-        shared_gate=loaded[gate] if shared is not None and gate and gate in loaded else None,
+        shared_gate=loaded[gate] if (shared is not None or fused) and gate and gate in loaded else None,
+        fused_shared=fused,
     )
 
 

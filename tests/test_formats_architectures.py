@@ -315,3 +315,26 @@ def test_transformers_serves_a_fused_conversion_as_the_unfused_one(family, tmp_p
         with torch.no_grad():
             logits.append(load_model(str(out), dtype=torch.float32)(ids).logits)
     assert torch.equal(logits[0], logits[1])
+
+
+@pytest.mark.parametrize("name, target", [("packed_ct_int4_asym_glm45", "w4a16_preshuffle_zp"),
+                                          ("packed_quark_mxfp4_deepseekr1", "mxfp4_preshuffle")])
+def test_the_fused_kernels_compute_a_fused_shared_expert_with_the_routed_ones(family, tmp_path, name, target):
+    """One fused_experts call on top-k + 1 choices (the shared expert last, at weight 1) gives the
+    reference's routed experts plus shared expert."""
+    import os
+
+    import moeprep
+
+    pytest.importorskip("triton")
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs the kernels")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = tmp_path / "out"
+    assert run_cli("convert", str(family(name)), str(out), "--target", target, "--fuse-shared-experts", "-q").returncode == 0
+    loaded = moeprep.load(str(out), device)
+    x = torch.randn(5, loaded.config["hidden_size"], generator=torch.Generator().manual_seed(0)).to(device)
+    layer = FAMILIES[name][1][-1]
+    want = moeprep.load_moe_layer(loaded, layer, device, backend="reference")(x)
+    got = moeprep.load_moe_layer(loaded, layer, device, backend="triton")(x)
+    assert float((got - want).norm() / want.norm()) <= (1e-2 if device == "cuda" else 1e-5)

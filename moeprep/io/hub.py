@@ -5,11 +5,12 @@ failure means in words.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from ..errors import BadInputError
 from .safetensors_header import Header, header_length, parse_header
@@ -96,9 +97,10 @@ def describe_only(repo_id: str, hub: HubOptions) -> tuple[Path, Optional[RemoteS
     try:
         info = HfApi(token=hub.token).model_info(repo_id, revision=hub.revision)
     except Exception as e:  # noqa: BLE001 - the hub's error classes are many; only these fall back
-        if not _unreachable(e):
-            raise BadInputError(f"no such directory, and {explain(e)}", path=repo_id) from None
-        return download(repo_id, hub), None
+        if _unreachable(e):
+            return download(repo_id, hub), None
+        with _explained(repo_id):
+            raise
     files = frozenset(s.rfilename for s in info.siblings or ())
     root: Optional[Path] = None
     with _explained(repo_id):
@@ -117,23 +119,19 @@ def _unreachable(exc: Exception) -> bool:
                          "TimeoutError", "ConnectTimeout"})
 
 
-class _explained:
+@contextlib.contextmanager
+def _explained(repo_id: str) -> Iterator[None]:
     """Re-raise a hub failure as a one-line error that says what happened."""
+    from huggingface_hub.errors import HFValidationError
 
-    def __init__(self, repo_id: str):
-        self.repo_id = repo_id
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        if exc is None or isinstance(exc, BadInputError) or not isinstance(exc, Exception):
-            return False
-        from huggingface_hub.errors import HFValidationError
-
-        if isinstance(exc, HFValidationError):
-            raise BadInputError(f"not a directory, nor a valid hub repo id ({exc})", path=self.repo_id) from None
-        raise BadInputError(f"no such directory, and {explain(exc)}", path=self.repo_id) from None
+    try:
+        yield
+    except BadInputError:
+        raise
+    except HFValidationError as e:
+        raise BadInputError(f"not a directory, nor a valid hub repo id ({e})", path=repo_id) from None
+    except Exception as e:  # noqa: BLE001 - hub errors come in many classes: offline, missing, gated, network
+        raise BadInputError(f"no such directory, and {explain(e)}", path=repo_id) from None
 
 
 def explain(exc: Exception) -> str:

@@ -71,7 +71,8 @@ def published(out: Path, kind: str) -> Iterator[Path]:
             os.replace(tmp, out)  # atomic for a file; a directory lands where there is none
         elif not _exchange(tmp, out):
             _swap_by_renames(tmp, out)
-        _sync_tree(out.parent, recurse=False)
+        with contextlib.suppress(OSError):  # a folder that may be written but not read cannot be synced
+            _sync_tree(out.parent, recurse=False)
         _remove(tmp)  # after an exchange: the old output
     except BaseException:
         _remove(tmp)

@@ -186,9 +186,11 @@ def _check_experts(source: ModelMap, converted: ModelMap, report: Report, progre
         out_experts = converted.fmt.read_layer(converted.ckpt, layer.prefix)
         stored = list(converted.fmt.layer(converted.ckpt, layer.prefix).tensors.values())
         layer_bytes = sum(converted.ckpt.info(name).nbytes for name in stored)
+        # each projection of every expert read in one batch: small tensors decoded together, codes per expert
+        raws = {role: source.read_raw_batch([expert[role] for expert in layer.experts]) for role in layer.experts[0]}
         for e, expert in enumerate(layer.experts):
             for role, ref in expert.items():
-                compare_linear(source.read(ref), out_experts[e][role], f"{ref.module}:", report)
+                compare_linear(raws[role][e].to_canonical(), out_experts[e][role], f"{ref.module}:", report)
                 report.checked += 1
             if progress:  # the layer's bytes, an expert's share at a time
                 progress(layer_bytes * (e + 1) // len(layer.experts) - layer_bytes * e // len(layer.experts), 0)

@@ -188,7 +188,7 @@ def convert(src: str, out: str, target: str | None, max_shard_size: str, overwri
     plan = plan_conversion(model, chosen, limit)
     result = {"source": str(model.ckpt.root), "source_format": model.fmt.name, "out": str(out_path),
               "target": chosen.name, "moe_layers": len(plan.layers), "shards": len(plan.shards),
-              "bytes": plan.total_bytes, "fused_shared_experts": bool(model.fused_shared), "dry_run": dry_run}
+              "bytes": plan.total_bytes, "fused_shared_experts": model.fused_shared, "dry_run": dry_run}
     if dry_run:
         click.echo(json.dumps(result) if as_json else describe_plan(plan) + "\ndry run: nothing was written")
         return

@@ -53,8 +53,7 @@ class ModelMap:
     other_linears: list[LinearRef]
     plain: list[str] = field(default_factory=list)
     allow_invalid_scales: bool = False  # carry NaN, infinite, zero or negative scales through as they are
-    # MoE block prefix -> the shared expert module appended to its experts (``fuse_shared_experts``)
-    fused_shared: dict[str, str] = field(default_factory=dict)
+    fused_shared: bool = False  # each layer's shared expert appended to its experts (``fuse_shared_experts``)
 
     @property
     def num_experts(self) -> int:
@@ -111,8 +110,11 @@ class ModelMap:
         if not self.arch.shared_experts:
             return None
         module = f"{layer.prefix}.{self.arch.shared_experts}"
-        found = {PROJ_ROLE[ref.module.rsplit(".", 1)[1]]: ref for ref in self.other_linears
-                 if ref.module.rsplit(".", 1)[0] == module and ref.module.rsplit(".", 1)[1] in PROJ_ROLE}
+        found = {}
+        for ref in self.other_linears:
+            block, _, proj = ref.module.rpartition(".")
+            if block == module and proj in PROJ_ROLE:
+                found[PROJ_ROLE[proj]] = ref
         return found or None
 
     def fuse_shared_experts(self) -> "ModelMap":
@@ -123,7 +125,7 @@ class ModelMap:
         where = dict(path=str(self.ckpt.root))
         if not self.arch.shared_experts:
             raise UnsupportedError(f"--fuse-shared-experts: {self.arch.name} has no shared experts", **where)
-        layers, fused, taken = [], {}, set()
+        layers, taken = [], set()
         for layer in self.moe_layers:
             module = f"{layer.prefix}.{self.arch.shared_experts}"
             shared = self.shared_expert(layer)
@@ -137,10 +139,9 @@ class ModelMap:
                         f"--fuse-shared-experts: the shared {role} projection is stored as {self._stored_as(b)}, the "
                         f"experts' as {self._stored_as(a)}", **where, tensor=b.module)
             layers.append(MoELayer(layer.index, layer.prefix, [*layer.experts, shared]))
-            fused[layer.prefix] = self.arch.shared_experts
             taken |= {ref.module for ref in shared.values()}
         others = [ref for ref in self.other_linears if ref.module not in taken]
-        return replace(self, moe_layers=layers, other_linears=others, fused_shared=fused)
+        return replace(self, moe_layers=layers, other_linears=others, fused_shared=True)
 
     def _stored_as(self, ref: LinearRef) -> str:
         """A linear's shape and each stored part's dtype and shape (group size and packing with them)."""

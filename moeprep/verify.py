@@ -227,7 +227,7 @@ def _check_reencoding(converted: ModelMap, prefix: str, experts: list[dict[str, 
                 report.fail(f"{name}: stored bytes are not the {target.name} encoding: {_first_diff(expected, stored)}")
 
 
-def _check_fused_shared(source: ModelMap, converted: ModelMap, report: Report) -> set[str]:
+def _check_fused_shared(source: ModelMap, converted: ModelMap, report: Report) -> frozenset[str]:
     """Shared experts that OUT stacks after the routed ones (``convert --fuse-shared-experts``):
     each is SRC's linear exactly, read canonically on both sides. Returns SRC's tensors they hold."""
     src = {ref.module: ref for ref in source.other_linears}
@@ -242,11 +242,12 @@ def _check_fused_shared(source: ModelMap, converted: ModelMap, report: Report) -
         compare_linear(source.read(ref), converted.read(out_ref), f"{out_ref.module}:", report)
         report.checked += 1
         held |= set(ref.parts.values())
-    return held
+    return frozenset(held)
 
 
-def _check_copied(source: ModelMap, converted: ModelMap, report: Report, progress=None, fused: frozenset = frozenset()) -> None:
-    expert_tensors = set(source.expert_tensors()) | set(fused)
+def _check_copied(source: ModelMap, converted: ModelMap, report: Report, progress=None,
+                  fused: frozenset[str] = frozenset()) -> None:
+    expert_tensors = set(source.expert_tensors()) | fused
     out_expert_tensors = set(converted.expert_tensors())
     for name in source.ckpt.names():
         if name in expert_tensors:

@@ -1,5 +1,5 @@
 """Pure-torch reference of the routing kernels' block alignment (the MoE math itself is
-:func:`moeprep.serve.torch_moe.moe_reference`)."""
+:func:`moeprep.moe.route` then :func:`moeprep.serve.torch_moe.experts_reference`)."""
 from __future__ import annotations
 
 import torch

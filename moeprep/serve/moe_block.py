@@ -14,7 +14,7 @@ from .. import kernels
 from ..errors import BadInputError, MoeprepError
 from ..moe import Activation, ExpertWeights, Routing, route
 from .loader import LoadedCheckpoint, load
-from .torch_moe import experts_reference, moe_reference
+from .torch_moe import experts_reference
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -91,15 +91,14 @@ class MoEBlock(nn.Module):
             raise MoeprepError(f"expected hidden_states [T, {self.expert_weights.hidden_size}], got {list(hidden_states.shape)}")
         x = hidden_states.to(self.dtype)
         logits = F.linear(x, self.router_weight, self.router_bias)
-        if self.fused_shared:
-            out = self._with_fused_shared(x, logits)
-        elif self.backend == "triton" and kernels.routes(self.routing, self.expert_weights.num_experts):
+        if self.backend == "triton" and not self.fused_shared and kernels.routes(self.routing, self.expert_weights.num_experts):
             out = kernels.fused_moe(x, logits, self.routing, self.stored(), self.activation, correction_bias=self.correction_bias)
-        elif self.backend == "triton":  # a routing the routing kernel does not compute: torch routes
-            weights, ids = route(logits, self.routing, self.correction_bias)
-            out = kernels.fused_experts(x, weights, ids, self.stored(), self.activation)
-        else:
-            out = moe_reference(x, logits, self.routing, self.canonical(), self.activation, self.correction_bias)
+        else:  # torch routes: the reference, a routing the routing kernel does not compute, a fused shared expert
+            weights, ids = self._choices(x, logits)
+            if self.backend == "triton":
+                out = kernels.fused_experts(x, weights, ids, self.stored(), self.activation)
+            else:
+                out = experts_reference(x, weights, ids, self.canonical(), self.activation)
         if self.shared is not None and not self.fused_shared:
             s = self.shared(x)
             if self.shared_gate is not None:
@@ -107,16 +106,16 @@ class MoEBlock(nn.Module):
             out = out + s.to(out.dtype)
         return out
 
-
-    def _with_fused_shared(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def _choices(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routing's top-k weights and ids; with a fused shared expert, that expert (stored last)
+        chosen by every token too, at weight 1 or at its gate's sigmoid."""
         weights, ids = route(logits, self.routing, self.correction_bias)
+        if not self.fused_shared:
+            return weights, ids
         shared_id = torch.full_like(ids[:, :1], logits.shape[1])
         shared_weight = torch.ones_like(weights[:, :1]) if self.shared_gate is None else \
             torch.sigmoid(F.linear(x, self.shared_gate)).to(weights.dtype)
-        weights, ids = torch.cat([weights, shared_weight], dim=1), torch.cat([ids, shared_id], dim=1)
-        if self.backend == "triton":
-            return kernels.fused_experts(x, weights, ids, self.stored(), self.activation)
-        return experts_reference(x, weights, ids, self.canonical(), self.activation).to(x.dtype)
+        return torch.cat([weights, shared_weight], dim=1), torch.cat([ids, shared_id], dim=1)
 
 
 class ChosenExperts:

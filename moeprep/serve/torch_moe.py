@@ -6,13 +6,11 @@ what the fused kernels are tested against.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 from ..canonical import QuantLinear, dequantize
-from ..moe import Activation, Routing, route
+from ..moe import Activation
 
 
 def _linear(x: torch.Tensor, ql: QuantLinear) -> torch.Tensor:
@@ -54,14 +52,3 @@ def experts_reference(
         out.index_add_(0, tokens, y.to(out.dtype))
     return out
 
-
-def moe_reference(
-    hidden: torch.Tensor,
-    router_logits: torch.Tensor,
-    routing: Routing,
-    experts: list[dict[str, QuantLinear]],
-    act: Activation,
-    correction_bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    weights, ids = route(router_logits, routing, correction_bias)
-    return experts_reference(hidden, weights, ids, experts, act)

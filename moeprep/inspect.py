@@ -16,7 +16,7 @@ def describe(model: ModelMap) -> dict:
         "architecture": model.arch.name,
         "routing": model.arch.routing,
         "shared_expert_layers": _shared_expert_layers(model),
-        "model_type": cfg.get("model_type"),
+        "model_type": model.ckpt.config.get("model_type"),  # config.json's own, multimodal or not
         "num_hidden_layers": cfg.get("num_hidden_layers"),
         "moe_layers": len(layers),
         "moe_layer_indices": [layer.index for layer in layers],

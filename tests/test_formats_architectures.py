@@ -21,14 +21,22 @@ FAMILIES = {  # fixture: (architecture, MoE layers, routed experts)
     "ct_w4a16_g32_sym_kimik2_deepseekv3": ("deepseek_v3", [1], 8),
     "packed_ct_int4_asym_glm45": ("glm4_moe", [1], 8),
     "packed_quark_mxfp4_deepseekr1": ("deepseek_v3", [1, 2], 8),
+    "packed_ct_int4_qwen35moe_text": ("qwen3_5_moe", [0, 1], 8),
+    "packed_ct_int4_qwen35moe_multimodal": ("qwen3_5_moe", [0, 1], 8),
+    "packed_gptq_asym_descact_qwen35moe_multimodal": ("qwen3_5_moe", [0, 1], 8),
 }
 # The layouts without a real fixture, written by tests/packers from ARCHITECTURES.md: GLM-4.5 in
 # llm-compressor's asymmetric int4 (attention biases, quantized dense layer and shared experts),
 # DeepSeek-R1 in AMD Quark's MXFP4 (MLA, dense layer and shared experts quantized too) with
-# group-limited routing.
+# group-limited routing; Qwen3.5-MoE in llm-compressor's int4 (text and the published multimodal
+# layout) and in GPTQModel's asymmetric act-order GPTQ (multimodal).
 PACKED = {
     "packed_ct_int4_asym_glm45": ("ct_int4", "glm4_moe", {"sym": False}),
     "packed_quark_mxfp4_deepseekr1": ("quark_mxfp4", "deepseek_v3", {"num_layers": 3, "n_group": 4, "topk_group": 2}),
+    "packed_ct_int4_qwen35moe_text": ("ct_int4", "qwen3_5_moe", {"shared_intermediate": 128}),  # the real models' widths
+    "packed_ct_int4_qwen35moe_multimodal": ("ct_int4", "qwen3_5_moe", {"multimodal": True}),
+    "packed_gptq_asym_descact_qwen35moe_multimodal": ("gptq", "qwen3_5_moe",
+                                                      {"multimodal": True, "sym": False, "desc_act": True}),
 }
 
 
@@ -60,8 +68,10 @@ def test_dequant_matches_the_quantizers_reference(family, tmp_path, name):
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_inspect_reports_the_family(family, name):
-    info = json.loads(run_cli("inspect", str(family(name)), "--json").stdout)
+    src = family(name)
+    info = json.loads(run_cli("inspect", str(src), "--json").stdout)
     arch, layers, experts = FAMILIES[name]
+    assert info["model_type"] == json.loads((src / "config.json").read_text())["model_type"]
     assert (info["architecture"], info["moe_layer_indices"], info["num_experts"]) == (arch, layers, experts)
     assert info["moe_layers"] == len(layers) and info["top_k"] == 2
     assert info["shared_expert_layers"] == layers  # every MoE layer of both families has them
@@ -87,14 +97,22 @@ def test_convert_verify_and_dequant_the_conversion(family, tmp_path, name):
 
 def _weights(src):
     """Every weight of a fixture as fp32 [out, in]: the quantizer's own dequantization of what it
-    quantized, the stored tensors of the rest."""
+    quantized, the stored tensors of the rest; the multimodal layout's language model under the
+    text layout's names (ARCHITECTURES.md)."""
     from safetensors import safe_open
 
     plain = {}
     for f in src.glob("model*.safetensors"):
         with safe_open(str(f), "pt") as h:
             plain.update({k: h.get_tensor(k).float() for k in h.keys()})
-    return {**plain, **load_file(src / "ref_dequant.safetensors")}
+    weights = {**plain, **load_file(src / "ref_dequant.safetensors")}
+    return {k.replace("model.language_model.", "model.", 1): v for k, v in weights.items()}
+
+
+def _text_config(src):
+    """The language model's config: the top level, or text_config in the multimodal layout."""
+    cfg = json.loads((src / "config.json").read_text())
+    return cfg.get("text_config", cfg)
 
 
 def _mlp(w, module, x):
@@ -143,7 +161,7 @@ def test_every_layer_matches_a_dense_reference(family, tmp_path, name):
     import moeprep
 
     src = family(name)
-    w, cfg = _weights(src), json.loads((src / "config.json").read_text())
+    w, cfg = _weights(src), _text_config(src)
     x = torch.randn(9, cfg["hidden_size"], generator=torch.Generator().manual_seed(0))
     for target in accepting_targets(src):
         out = tmp_path / target
@@ -242,7 +260,12 @@ def test_experts_fused_in_3d_are_refused_by_name(fixtures_dir, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "w.safetensors").exists()
 
 
-@pytest.mark.parametrize("name", sorted(PACKED))
+# the packed checkpoints whose shared experts are as wide as a routed expert: their shared module
+FUSABLE = {"packed_ct_int4_asym_glm45": "shared_experts", "packed_quark_mxfp4_deepseekr1": "shared_experts",
+           "packed_ct_int4_qwen35moe_text": "shared_expert"}
+
+
+@pytest.mark.parametrize("name", sorted(FUSABLE))
 def test_fused_shared_experts_are_stacked_last_and_undone_exactly(family, tmp_path, name):
     """convert --fuse-shared-experts: the shared expert is expert E of the stacked tensors, the
     metadata says so, verify and dequant undo it exactly, and the served layer is unchanged."""
@@ -250,7 +273,7 @@ def test_fused_shared_experts_are_stacked_last_and_undone_exactly(family, tmp_pa
 
     src = family(name)
     ref = load_file(src / "ref_dequant.safetensors")
-    cfg = json.loads((src / "config.json").read_text())
+    cfg = _text_config(src)
     w = _weights(src)
     x = torch.randn(9, cfg["hidden_size"], generator=torch.Generator().manual_seed(0))
     layers = FAMILIES[name][1]
@@ -258,9 +281,9 @@ def test_fused_shared_experts_are_stacked_last_and_undone_exactly(family, tmp_pa
         out = tmp_path / target
         assert run_cli("convert", str(src), str(out), "--target", target, "--fuse-shared-experts", "-q").returncode == 0
         qc = json.loads((out / "config.json").read_text())["quantization_config"]
-        assert qc["fused_shared_experts"] == "shared_experts" and qc["num_experts"] == 8
+        assert qc["fused_shared_experts"] == FUSABLE[name] and qc["num_experts"] == 8
         index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
-        assert not [n for n in index if ".shared_experts." in n]  # no copy beside the stacked one
+        assert not [n for n in index if f".{FUSABLE[name]}." in n]  # no copy beside the stacked one
         with safe_open(str(out / index[f"model.layers.{layers[0]}.mlp.experts.w13_weight"]), "pt") as f:
             assert f.get_slice(f"model.layers.{layers[0]}.mlp.experts.w13_weight").get_shape()[0] == 9
         assert run_cli("verify", str(src), str(out)).returncode == 0, target

@@ -37,9 +37,13 @@ def transformers_reference(src: Path):
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     ref = load_file(src / "ref_dequant.safetensors")
     old, new_name = RENAMES.get(config.model_type, (".mlp.", ".mlp."))
+    # the multimodal layout keeps the language model under model.language_model (ARCHITECTURES.md)
+    text_prefix = "model.language_model." if "text_config" in json.loads((src / "config.json").read_text()) else "model."
     state = {}
     for name, param in model.state_dict().items():
         stored = name.replace(old, new_name)
+        if stored.startswith("model."):
+            stored = text_prefix + stored[len("model."):]
         if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
             q = stored.rsplit(".", 1)[0]
             names = ("w1", "w3", "w2") if f"{q}.0.w1.weight" in ref else ("gate_proj", "up_proj", "down_proj")
@@ -84,7 +88,10 @@ def test_logits_match_transformers(converted, source, target):
 @pytest.mark.parametrize("name, target", [("gptq_g32_descact0_qwen35moe_text", "w4a16_preshuffle_zp"),
                                           ("ct_w4a16_g32_sym_kimik2_deepseekv3", "w4a16_preshuffle"),
                                           ("packed_ct_int4_asym_glm45", "w4a16_preshuffle_zp"),
-                                          ("packed_quark_mxfp4_deepseekr1", "mxfp4_moe")])
+                                          ("packed_quark_mxfp4_deepseekr1", "mxfp4_moe"),
+                                          ("packed_ct_int4_qwen35moe_text", "w4a16_preshuffle"),
+                                          ("packed_ct_int4_qwen35moe_multimodal", "w4a16_preshuffle"),
+                                          ("packed_gptq_asym_descact_qwen35moe_multimodal", "w4a16_preshuffle_zp")])
 def test_logits_match_transformers_for_the_new_families(family, tmp_path, name, target):
     src, out = family(name), tmp_path / "out"
     assert run_cli("convert", str(src), str(out), "--target", target, "-q").returncode == 0

@@ -432,21 +432,36 @@ def _load(transformers, path: Path, **kw):
     return model
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss"])
-def test_transformers_loads_bf16_build(tmp_path, fixtures_dir, arch):
+def _subset(loaded: dict, written: dict) -> dict:
+    """The keys of a loaded config that the written one has (sub-configs likewise), but the
+    version: a loaded config carries the loading library's."""
+    return {k: _subset(v, written[k]) if isinstance(v, dict) and isinstance(written[k], dict) and k.endswith("_config")
+            else v for k, v in loaded.items() if k in written and k != "transformers_version"}
+
+
+@pytest.mark.parametrize("arch,kw", [("qwen3_moe", {}), ("mixtral", {}), ("gpt_oss", {}), ("qwen3_5_moe", {}),
+                                     ("qwen3_5_moe", {"multimodal": True})], ids=_case_id)
+def test_transformers_loads_bf16_build(tmp_path, fixtures_dir, arch, kw):
+    """Every tensor name and shape, and the config, as transformers' own classes have them; the
+    multimodal Qwen3.5 layout through the text class, as transformers loads it for text."""
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
-    built = _build(tmp_path, "bf16", arch, tokenizer_dir=fixtures_dir / "base_qwen3moe_bf16")
+    built = _build(tmp_path, "bf16", arch, tokenizer_dir=fixtures_dir / "base_qwen3moe_bf16", **kw)
     model = _load(transformers, built)
     config = transformers.AutoConfig.from_pretrained(str(built))
     written = json.loads((built / "config.json").read_text())
-    written.pop("transformers_version")  # a loaded config carries the loading library's version
-    assert {k: v for k, v in config.to_dict().items() if k in written} == written
+    loaded = _subset(config.to_dict(), written)
+    for cfg in (written, written.get("text_config", {})):
+        cfg.pop("transformers_version", None)
+    if "vision_config" in written:  # published configs name the tower's type as the model's; transformers renames it
+        assert loaded["vision_config"].pop("model_type") == "qwen3_5_moe_vision"
+        assert written["vision_config"].pop("model_type") == "qwen3_5_moe"
+    assert loaded == written
     fresh = transformers.AutoModelForCausalLM.from_config(config).state_dict()
     state = model.state_dict()
     assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in fresh.items()}
     ref = _ref(built)
-    naming = Naming(arch, "original")
+    naming = Naming(arch, "original", kw.get("multimodal", False))
     for layer in range(2):
         gate_up = state[f"model.layers.{layer}.mlp.experts.gate_up_proj"].float().numpy()
         down = state[f"model.layers.{layer}.mlp.experts.down_proj"].float().numpy()

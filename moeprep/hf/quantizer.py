@@ -25,8 +25,11 @@ from ..serve.moe_block import MoEBlock, build_moe_block
 
 QUANT_METHOD = "moeprep"
 
-# Checkpoint module names that transformers renames on load (its conversion mapping).
-LEGACY_RENAMES = {"mixtral": ((".block_sparse_moe.", ".mlp."),)}
+# Checkpoint module names that transformers renames on load (its conversion mapping): Mixtral's
+# original block name, and the language model of Qwen3.5's multimodal layout, which its text class
+# loads without the language_model prefix.
+LEGACY_RENAMES = {"mixtral": ((".block_sparse_moe.", ".mlp."),),
+                  "qwen3_5_moe": (("model.language_model.", "model."),)}
 
 
 class MoeprepConfig(QuantizationConfigMixin):

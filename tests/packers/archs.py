@@ -12,12 +12,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-ARCHS = ("qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3", "glm4_moe")
+ARCHS = ("qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3", "glm4_moe", "qwen3_5_moe")
 # DeepSeek-V3 and GLM-4.5 (ARCHITECTURES.md): dense layers first, then MoE layers with shared
 # experts and a sigmoid router with a correction bias (noaux_tc)
 NOAUX_ARCHS = ("deepseek_v3", "glm4_moe")
 # DeepSeek-V3's multi-head latent attention, at the Kimi-K2 fixture's sizes
 MLA = {"q_lora_rank": 64, "kv_lora_rank": 32, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 32}
+# Qwen3.5-MoE's gated delta-net layers, at the Qwen3.5 fixture's sizes; every second layer is full attention
+LINEAR_ATTN = {"linear_conv_kernel_dim": 4, "linear_key_head_dim": 16, "linear_num_key_heads": 2,
+               "linear_num_value_heads": 4, "linear_value_head_dim": 16}
+FULL_ATTENTION_INTERVAL = 2
+VISION_WIDTH = 64  # the multimodal layout's vision tower, whose tensors a text server carries and ignores
 MIXTRAL_NAMINGS = ("original", "llmcompressor", "gptqmodel")
 PROJS = ("gate", "up", "down")
 ATTN_PROJS = ("q", "k", "v", "o")
@@ -34,12 +39,20 @@ class Naming:
 
     arch: str
     mixtral_naming: str = "original"
+    multimodal: bool = False  # Qwen3.5's published layout: the language model under model.language_model
 
     def moe_prefix(self, layer: int) -> str:
         block = "block_sparse_moe" if (
             self.arch == "mixtral" and self.mixtral_naming in ("original", "llmcompressor")
         ) else "mlp"
-        return f"model.layers.{layer}.{block}"
+        return self._placed(f"model.layers.{layer}.{block}")
+
+    def _placed(self, canonical: str) -> str:
+        """The language model's tensors move under model.language_model in the multimodal layout;
+        lm_head and the vision tower's model.visual stay where they are."""
+        if self.multimodal and re.match(r"model\.(layers|embed_tokens|norm)\.", canonical):
+            return "model.language_model." + canonical[len("model."):]
+        return canonical
 
     def expert(self, layer: int, expert: int, proj: str) -> str:
         if self.arch == "mixtral" and self.mixtral_naming == "original":
@@ -60,10 +73,15 @@ class Naming:
         m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.gate\.(\w+)", canonical)
         if m:
             return f"{self.router(int(m[1]))}.{m[2]}"
-        return canonical
+        return self._placed(canonical)
+
+    def module(self, canonical_module: str) -> str:
+        """Canonical module name -> on-disk module name."""
+        return self.rename(canonical_module + ".weight")[: -len(".weight")]
 
     def canonical(self, name: str) -> str:
-        """On-disk name (any Mixtral naming, gpt-oss router) -> canonical name."""
+        """On-disk name (any Mixtral naming, gpt-oss router, the multimodal layout) -> canonical name."""
+        name = re.sub(r"^model\.language_model\.", "model.", name)
         name = re.sub(r"\.block_sparse_moe\.", ".mlp.", name)
         name = re.sub(r"\.mlp\.router\.", ".mlp.gate.", name)
         for proj, w in _MIXTRAL_ORIGINAL_PROJ.items():
@@ -71,16 +89,18 @@ class Naming:
         return name
 
 
-def attention_projs(arch: str) -> tuple[str, ...]:
-    """The attention projections of one layer (module leaf names without `_proj` where it has one)."""
-    if arch == "deepseek_v3":
-        return ("q_a", "q_b", "kv_a_proj_with_mqa", "kv_b", "o")
-    return ATTN_PROJS
+def is_linear_attention(arch: str, layer: int) -> bool:
+    """Qwen3.5's gated delta-net layers (layer_types "linear_attention")."""
+    return arch == "qwen3_5_moe" and (layer + 1) % FULL_ATTENTION_INTERVAL != 0
 
 
-def attention_module(layer: int, proj: str) -> str:
-    leaf = proj if proj.endswith("_mqa") else f"{proj}_proj"
-    return f"model.layers.{layer}.self_attn.{leaf}"
+def attention_modules(arch: str, layer: int) -> list[str]:
+    """The attention projections of one layer that a quantizer quantizes (canonical module names)."""
+    if is_linear_attention(arch, layer):
+        return [f"model.layers.{layer}.linear_attn.{leaf}" for leaf in ("in_proj_qkv", "in_proj_z", "out_proj")]
+    leaves = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj") if arch == "deepseek_v3" else \
+        tuple(f"{p}_proj" for p in ATTN_PROJS)
+    return [f"model.layers.{layer}.self_attn.{leaf}" for leaf in leaves]
 
 
 def moe_layers(arch: str, o: Any) -> list[int]:
@@ -171,6 +191,8 @@ def model_config(arch: str, o: Any, dtype: str) -> dict[str, Any]:
             cfg.update({"architectures": ["Glm4MoeForCausalLM"], "attention_bias": True, "model_type": "glm4_moe",
                         "rope_parameters": {"partial_rotary_factor": 0.5, "rope_theta": 10000.0, "rope_type": "default"},
                         "use_qk_norm": False})
+    elif arch == "qwen3_5_moe":
+        return _qwen3_5_config(o, cfg)
     elif arch == "gpt_oss":
         cfg.update({
             "architectures": ["GptOssForCausalLM"],
@@ -196,6 +218,38 @@ def model_config(arch: str, o: Any, dtype: str) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
     return cfg
+
+
+def _qwen3_5_config(o: Any, common: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3.5-MoE as transformers saves it (the Qwen3.5 fixture's keys): the text class, or the
+    published multimodal class with every text key inside text_config (ARCHITECTURES.md)."""
+    text = {k: v for k, v in common.items() if k != "num_local_experts"}
+    text.update({
+        "architectures": ["Qwen3_5MoeForCausalLM"],
+        "attention_bias": False,
+        "full_attention_interval": FULL_ATTENTION_INTERVAL,
+        "layer_types": ["linear_attention" if is_linear_attention("qwen3_5_moe", i) else "full_attention"
+                        for i in range(o.num_layers)],
+        "max_position_embeddings": 512,
+        "model_type": "qwen3_5_moe_text",
+        "moe_intermediate_size": o.intermediate,
+        "num_experts": o.num_experts,
+        "rms_norm_eps": 1e-06,
+        "rope_parameters": {"partial_rotary_factor": 0.25, "rope_theta": 10000.0, "rope_type": "default"},
+        "shared_expert_intermediate_size": o.shared_intermediate,
+        **LINEAR_ATTN,
+    })
+    if not o.multimodal:
+        return text
+    outer_keys = ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings", "transformers_version")
+    return {
+        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+        "model_type": "qwen3_5_moe",
+        "text_config": {k: v for k, v in text.items() if k != "architectures"},
+        "vision_config": {"model_type": "qwen3_5_moe", "depth": 1, "hidden_size": VISION_WIDTH,
+                          "out_hidden_size": o.hidden, "num_heads": 2},
+        **{k: text[k] for k in outer_keys},
+    }
 
 
 def generation_config(sampling: bool) -> dict[str, Any]:

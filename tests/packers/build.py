@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from . import qconfigs, st_io
-from .archs import PROJS, Naming, attention_module, attention_projs, generation_config, model_config, moe_layers
+from .archs import (PROJS, Naming, attention_modules, generation_config, is_linear_attention, model_config,
+                    moe_layers)
 from .floats import to_stored
 from .formats import (interleave, pack_awq, pack_ct_int4, pack_ct_mxfp4, pack_gptoss_experts,
                       pack_gptq, pack_quark_mxfp4)
@@ -146,10 +147,16 @@ def _ignored_modules(fmt: str, arch: str, o: Options, naming: Naming) -> list[st
     sparse = moe_layers(arch, o)
     for layer in range(o.num_layers):
         if not o.quantize_attention:
-            names += [attention_module(layer, p) for p in attention_projs(arch)]
+            names += [naming.module(m) for m in attention_modules(arch, layer)]
+        if is_linear_attention(arch, layer):  # the delta-net's 4-row projections stay bf16
+            names += [naming.module(f"model.layers.{layer}.linear_attn.in_proj_{x}") for x in ("b", "a")]
         # Quark only lists the Mixtral router when it is an nn.Linear, which it is not there.
         if layer in sparse and not (fmt == "quark_mxfp4" and arch == "mixtral"):
             names.append(naming.router(layer))
+        if layer in sparse and arch == "qwen3_5_moe":
+            names.append(naming.module(f"model.layers.{layer}.mlp.shared_expert_gate"))
+    if o.multimodal:
+        names += ["model.visual.blocks.0.attn.qkv", "model.visual.merger.linear_fc2"]
     return names + ["lm_head"]
 
 
@@ -231,7 +238,7 @@ def build_checkpoint(out_dir: str | Path, fmt: str, arch: str = "qwen3_moe", **o
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     floats = random_model(arch, o) if o.base_weights is None else base_model(arch, o, o.base_weights)
-    naming = Naming(arch, o.mixtral_naming or "original")
+    naming = Naming(arch, o.mixtral_naming or "original", o.multimodal)
     packed = (_pack_gptoss if arch == "gpt_oss" else _pack_per_module)(fmt, o, floats, naming)
     files = write_weights(out, packed.tensors, o.shards)
 
@@ -262,7 +269,7 @@ def build_checkpoint(out_dir: str | Path, fmt: str, arch: str = "qwen3_moe", **o
         "model_dtype": dtype,
         "quantized_modules": packed.quantized,
         "reference_modules": [k[: -len(".weight")] for k in reference],
-        "attention_modules": [attention_module(layer, p) for layer in range(o.num_layers) for p in attention_projs(arch)],
+        "attention_modules": [naming.module(m) for layer in range(o.num_layers) for m in attention_modules(arch, layer)],
         "routers": [naming.router(layer) for layer in moe_layers(arch, o)],
         "moe_blocks": _moe_blocks(fmt, arch, o, naming),
         "zero_points_forced_to_zero": packed.zero_points_forced,

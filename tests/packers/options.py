@@ -59,6 +59,9 @@ class Options:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 2.5
+    # Qwen3.5-MoE
+    shared_intermediate: int = 64  # shared_expert_intermediate_size (the fixture's: half an expert's width)
+    multimodal: bool = False  # the published layout: text_config, model.language_model.*, model.visual.*
 
     def as_json(self) -> dict[str, Any]:
         # not dataclasses.asdict: it would deep-copy a base_weights mapping of tensors
@@ -134,5 +137,9 @@ def _validate(fmt: str, arch: str, given: Mapping[str, Any], o: Options) -> None
         raise ValueError("heads must be a multiple of kv_heads")
     if not 1 <= o.top_k <= o.num_experts:
         raise ValueError("top_k must be in 1..num_experts")
+    if o.multimodal and arch != "qwen3_5_moe":
+        raise ValueError("multimodal applies to arch='qwen3_5_moe' only")
+    if arch == "qwen3_5_moe" and (64 % group or o.shared_intermediate % group):
+        raise ValueError(f"Qwen3.5's delta-net output (64 inputs) and shared expert need group sizes dividing them, not {group}")
     if o.shards < 1:
         raise ValueError("shards must be >= 1")

@@ -14,13 +14,27 @@ from typing import Any
 import numpy as np
 
 from . import st_io
-from .archs import ATTN_PROJS, MLA, NOAUX_ARCHS, PROJS, Naming, moe_layers
+from .archs import ATTN_PROJS, LINEAR_ATTN, MLA, NOAUX_ARCHS, PROJS, VISION_WIDTH, Naming, is_linear_attention, moe_layers
 from .oracle import widen
 
 
-def _attention_shapes(arch: str, o: Any) -> dict[str, tuple[int, ...]]:
+def _linear_attention_shapes(h: int) -> dict[str, tuple[int, ...]]:
+    """Qwen3.5's gated delta-net: the projections in, a causal conv over q/k/v, a gated norm, out."""
+    kh, kd = LINEAR_ATTN["linear_num_key_heads"], LINEAR_ATTN["linear_key_head_dim"]
+    vh, vd = LINEAR_ATTN["linear_num_value_heads"], LINEAR_ATTN["linear_value_head_dim"]
+    conv = 2 * kh * kd + vh * vd
+    return {"linear_attn.dt_bias": (vh,), "linear_attn.A_log": (vh,),
+            "linear_attn.conv1d.weight": (conv, 1, LINEAR_ATTN["linear_conv_kernel_dim"]),
+            "linear_attn.norm.weight": (vd,), "linear_attn.in_proj_qkv.weight": (conv, h),
+            "linear_attn.in_proj_z.weight": (vh * vd, h), "linear_attn.in_proj_b.weight": (vh, h),
+            "linear_attn.in_proj_a.weight": (vh, h), "linear_attn.out_proj.weight": (h, vh * vd)}
+
+
+def _attention_shapes(arch: str, o: Any, layer: int) -> dict[str, tuple[int, ...]]:
     """Per-layer attention tensors (relative to the layer), weights and norms and biases."""
     h = o.hidden
+    if is_linear_attention(arch, layer):
+        return _linear_attention_shapes(h)
     if arch == "deepseek_v3":
         q_head = MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"]
         return {"self_attn.q_a_proj.weight": (MLA["q_lora_rank"], h), "self_attn.q_a_layernorm.weight": (MLA["q_lora_rank"],),
@@ -30,13 +44,15 @@ def _attention_shapes(arch: str, o: Any) -> dict[str, tuple[int, ...]]:
                 "self_attn.kv_b_proj.weight": (o.heads * (MLA["qk_nope_head_dim"] + MLA["v_head_dim"]), MLA["kv_lora_rank"]),
                 "self_attn.o_proj.weight": (h, o.heads * MLA["v_head_dim"])}
     q_out, kv_out = o.heads * o.head_dim, o.kv_heads * o.head_dim
-    attn_shapes = {"q": (q_out, h), "k": (kv_out, h), "v": (kv_out, h), "o": (h, q_out)}
+    # Qwen3.5's full attention gates its output: q_proj writes the queries and the gate
+    attn_shapes = {"q": (2 * q_out if arch == "qwen3_5_moe" else q_out, h), "k": (kv_out, h), "v": (kv_out, h),
+                   "o": (h, q_out)}
     shapes = {}
     for proj in ATTN_PROJS:
         shapes[f"self_attn.{proj}_proj.weight"] = attn_shapes[proj]
         if arch == "gpt_oss" or (arch == "glm4_moe" and proj != "o"):
             shapes[f"self_attn.{proj}_proj.bias"] = attn_shapes[proj][:1]
-    if arch == "qwen3_moe":
+    if arch in ("qwen3_moe", "qwen3_5_moe"):
         shapes["self_attn.q_norm.weight"] = (o.head_dim,)
         shapes["self_attn.k_norm.weight"] = (o.head_dim,)
     if arch == "gpt_oss":
@@ -56,7 +72,7 @@ def expected_shapes(arch: str, o: Any) -> dict[str, tuple[int, ...]]:
     for layer in range(o.num_layers):
         p = f"model.layers.{layer}"
         shapes[f"{p}.input_layernorm.weight"] = (h,)
-        shapes.update({f"{p}.{name}": shape for name, shape in _attention_shapes(arch, o).items()})
+        shapes.update({f"{p}.{name}": shape for name, shape in _attention_shapes(arch, o, layer).items()})
         shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
         if layer not in sparse:
             shapes.update(_mlp(f"{p}.mlp", o.dense_intermediate, h))
@@ -67,6 +83,9 @@ def expected_shapes(arch: str, o: Any) -> dict[str, tuple[int, ...]]:
         if arch in NOAUX_ARCHS:
             shapes[f"{p}.mlp.gate.e_score_correction_bias"] = (e,)
             shapes.update(_mlp(f"{p}.mlp.shared_experts", i * o.shared_experts, h))
+        if arch == "qwen3_5_moe":
+            shapes[f"{p}.mlp.shared_expert_gate.weight"] = (1, h)
+            shapes.update(_mlp(f"{p}.mlp.shared_expert", o.shared_intermediate, h))
         for expert in range(e):
             for proj in PROJS:
                 shape = (h, i) if proj == "down" else (i, h)
@@ -75,14 +94,20 @@ def expected_shapes(arch: str, o: Any) -> dict[str, tuple[int, ...]]:
                     shapes[f"{p}.mlp.experts.{expert}.{proj}_proj.bias"] = shape[:1]
     shapes["model.norm.weight"] = (h,)
     shapes["lm_head.weight"] = (o.vocab, h)
+    if o.multimodal:  # a sliver of the vision tower: tensors a text server carries and ignores
+        shapes.update({"model.visual.patch_embed.proj.weight": (VISION_WIDTH, 3, 2, 16, 16),
+                       "model.visual.blocks.0.attn.qkv.weight": (3 * VISION_WIDTH, VISION_WIDTH),
+                       "model.visual.merger.linear_fc2.weight": (h, 4 * VISION_WIDTH)})
     return shapes
 
 
 def is_linear_weight(name: str) -> bool:
-    """The modules a quantizer quantizes: attention projections (MLA's too), expert projections,
-    and the shared experts and dense MLPs of DeepSeek-V3 / GLM-4.5."""
+    """The modules a quantizer quantizes: attention projections (MLA's and Qwen3.5's delta-net
+    projections too, not its 4-row a/b projections), expert projections, and the shared experts
+    and dense MLPs of DeepSeek-V3 / GLM-4.5 / Qwen3.5."""
     return bool(re.search(r"\.(self_attn\.(?:[qkvo]_proj|q_[ab]_proj|kv_a_proj_with_mqa|kv_b_proj)"
-                          r"|experts\.\d+\.(\w+_proj|w[123])|mlp\.(?:shared_experts\.)?(?:gate|up|down)_proj)\.weight$", name))
+                          r"|linear_attn\.(?:in_proj_qkv|in_proj_z|out_proj)"
+                          r"|experts\.\d+\.(\w+_proj|w[123])|mlp\.(?:shared_experts?\.)?(?:gate|up|down)_proj)\.weight$", name))
 
 
 def random_model(arch: str, o: Any) -> dict[str, np.ndarray]:

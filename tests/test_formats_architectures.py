@@ -41,8 +41,9 @@ PACKED = {
 
 
 @pytest.fixture(scope="module")
-def family(arch_fixtures_dir, tmp_path_factory):
-    """``family(name)``: the real fixture of that name, or the packed checkpoint (built once)."""
+def family(arch_fixtures_dir, fixtures_dir, tmp_path_factory):
+    """``family(name)``: the real fixture of that name, or the packed checkpoint (built once, with
+    the fixtures' tokenizer, as real checkpoints ship one)."""
     from packers import build_checkpoint
 
     root, built = tmp_path_factory.mktemp("families"), {}
@@ -52,7 +53,8 @@ def family(arch_fixtures_dir, tmp_path_factory):
             return arch_fixtures_dir / name
         if name not in built:
             fmt, arch, options = PACKED[name]
-            built[name] = build_checkpoint(root / name, fmt, arch, **options)
+            built[name] = build_checkpoint(root / name, fmt, arch, tokenizer_dir=fixtures_dir / "base_qwen3moe_bf16",
+                                           **options)
         return built[name]
 
     return get

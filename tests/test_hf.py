@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from test_formats_architectures import family  # noqa: F401  (a fixture)
+from test_formats_architectures import FAMILIES, family  # noqa: F401  (family: a fixture)
 from test_serve import converted, read_plain, rel_err  # noqa: F401  (converted: a fixture)
 
 transformers = pytest.importorskip("transformers")
@@ -96,6 +96,16 @@ def test_logits_match_transformers_for_the_new_families(family, tmp_path, name, 
     src, out = family(name), tmp_path / "out"
     assert run_cli("convert", str(src), str(out), "--target", target, "-q").returncode == 0
     assert_logits_match(src, out)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_generate_runs_every_family(family, tmp_path, name):
+    """``moeprep generate`` on a conversion of every family (Qwen3.5 in both layouts, DeepSeek-V3
+    as Kimi-K2 ships it, DeepSeek-R1, GLM-4.5), through the default target it converts to."""
+    out = tmp_path / "out"
+    assert run_cli("convert", str(family(name)), str(out), "-q").returncode == 0
+    proc = run_cli("generate", str(out), "--prompt", "Return the", "--max-new-tokens", "4")
+    assert proc.returncode == 0 and proc.stdout.startswith("Return the") and len(proc.stdout) > len("Return the\n")
 
 
 LOAD = """

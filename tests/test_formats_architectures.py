@@ -343,10 +343,11 @@ def test_transformers_serves_a_fused_conversion_as_the_unfused_one(family, tmp_p
 
 
 @pytest.mark.parametrize("name, target", [("packed_ct_int4_asym_glm45", "w4a16_preshuffle_zp"),
-                                          ("packed_quark_mxfp4_deepseekr1", "mxfp4_preshuffle")])
+                                          ("packed_quark_mxfp4_deepseekr1", "mxfp4_preshuffle"),
+                                          ("packed_ct_int4_qwen35moe_text", "w4a16_preshuffle")])
 def test_the_fused_kernels_compute_a_fused_shared_expert_with_the_routed_ones(family, tmp_path, name, target):
-    """One fused_experts call on top-k + 1 choices (the shared expert last, at weight 1) gives the
-    reference's routed experts plus shared expert."""
+    """One fused_experts call on top-k + 1 choices (the shared expert last, at weight 1 or at
+    Qwen3.5's sigmoid gate) gives the reference's routed experts plus shared expert."""
     import os
 
     import moeprep

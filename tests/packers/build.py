@@ -21,7 +21,7 @@ from .formats import (interleave, pack_awq, pack_ct_int4, pack_ct_mxfp4, pack_gp
 from .options import INT4_FORMATS, Options, resolve
 from .reference import iter_reference, reference_metadata
 from .rtn import act_order_g_idx, quantize_int4, quantize_mxfp4, sequential_g_idx
-from .weights import base_model, is_linear_weight, random_model
+from .weights import base_model, is_linear_weight, random_model, vision_shapes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -156,7 +156,7 @@ def _ignored_modules(fmt: str, arch: str, o: Options, naming: Naming) -> list[st
         if layer in sparse and arch == "qwen3_5_moe":
             names.append(naming.module(f"model.layers.{layer}.mlp.shared_expert_gate"))
     if o.multimodal:
-        names += ["model.visual.blocks.0.attn.qkv", "model.visual.merger.linear_fc2"]
+        names += [n[: -len(".weight")] for n, shape in vision_shapes(o.hidden).items() if len(shape) == 2]
     return names + ["lm_head"]
 
 

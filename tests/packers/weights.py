@@ -94,11 +94,17 @@ def expected_shapes(arch: str, o: Any) -> dict[str, tuple[int, ...]]:
                     shapes[f"{p}.mlp.experts.{expert}.{proj}_proj.bias"] = shape[:1]
     shapes["model.norm.weight"] = (h,)
     shapes["lm_head.weight"] = (o.vocab, h)
-    if o.multimodal:  # a sliver of the vision tower: tensors a text server carries and ignores
-        shapes.update({"model.visual.patch_embed.proj.weight": (VISION_WIDTH, 3, 2, 16, 16),
-                       "model.visual.blocks.0.attn.qkv.weight": (3 * VISION_WIDTH, VISION_WIDTH),
-                       "model.visual.merger.linear_fc2.weight": (h, 4 * VISION_WIDTH)})
+    if o.multimodal:
+        shapes.update(vision_shapes(h))
     return shapes
+
+
+def vision_shapes(hidden: int) -> dict[str, tuple[int, ...]]:
+    """A sliver of the multimodal layout's vision tower: tensors a text server carries and ignores
+    (its patch embedding a convolution, the rest linears)."""
+    return {"model.visual.patch_embed.proj.weight": (VISION_WIDTH, 3, 2, 16, 16),
+            "model.visual.blocks.0.attn.qkv.weight": (3 * VISION_WIDTH, VISION_WIDTH),
+            "model.visual.merger.linear_fc2.weight": (hidden, 4 * VISION_WIDTH)}
 
 
 def is_linear_weight(name: str) -> bool:
